@@ -1,0 +1,61 @@
+"""Command-line entry points shared by train.py and eval.py (absl flags + ml-collections configs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqgan.py:shapes", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
+_SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate (eval.py).")
+
+
+def _setup():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    # Platform plugins (e.g. an installed libtpu) must not grab the CPU-only run.
+    if os.environ.get("JAX_PLATFORMS") is None and not _has_accelerator_env():
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
+def _has_accelerator_env() -> bool:
+    return any(k in os.environ for k in ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "CUDA_VISIBLE_DEVICES"))
+
+
+def _require(flag, name):
+    if flag.value is None:
+        raise app.UsageError(f"--{name} is required")
+
+
+def _train(argv):
+    del argv
+    _require(_CONFIG, "config")
+    _require(_WORKDIR, "workdir")
+    _setup()
+    from jaxunified.train.loop import train
+
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+def _eval(argv):
+    del argv
+    _require(_CONFIG, "config")
+    _require(_WORKDIR, "workdir")
+    _setup()
+    from jaxunified.train.evaluate import evaluate_run
+
+    metrics = evaluate_run(_CONFIG.value, _WORKDIR.value, _SPLIT.value)
+    print(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+def main_train():
+    app.run(_train)
+
+
+def main_eval():
+    app.run(_eval)

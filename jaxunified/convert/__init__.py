@@ -1,0 +1,39 @@
+"""Weight import: ``load(kind, path, **overrides) -> (module, variables)``.
+
+Each kind registers a loader in its own module; this file only dispatches, so importing
+``jaxunified.convert`` stays cheap and never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from jaxunified.convert.common import CheckpointMismatchError, read_state_dict
+
+# kind -> "module:function". The function takes (path, **overrides) and returns (module, variables).
+_LOADERS: dict[str, str] = {
+    "llamagen_vq": "jaxunified.convert.vq:load_llamagen_vq",
+    "star_vq": "jaxunified.convert.vq:load_star_vq",
+    "vgg16": "jaxunified.convert.lpips:load_vgg16",
+    "lpips": "jaxunified.convert.lpips:load_lpips",
+}
+
+
+def kinds() -> list[str]:
+    return sorted(_LOADERS)
+
+
+def _resolve(kind: str) -> Callable[..., Any]:
+    if kind not in _LOADERS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; known kinds: {', '.join(kinds())}")
+    mod, fn = _LOADERS[kind].split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def load(kind: str, path, **overrides):
+    """Loads a local checkpoint of ``kind`` and returns ``(flax_module, variables)``."""
+    return _resolve(kind)(path, **overrides)
+
+
+__all__ = ["load", "kinds", "read_state_dict", "CheckpointMismatchError"]

@@ -1,0 +1,213 @@
+"""The one training loop every task uses: sharded init, resume, jitted step, metrics, eval, checkpoints.
+
+Behaviour a user relies on:
+* re-running the same command in the same workdir resumes from the latest checkpoint (train state
+  and data-iterator position), so an interrupted run ends with the same parameters as an
+  uninterrupted one;
+* SIGTERM (preemption) saves a checkpoint at the current step and exits cleanly;
+* a NaN/Inf loss stops the run naming the step; checkpoints are only ever written from finite
+  states, so the last good one is kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxunified.parallel import mesh as meshlib
+from jaxunified.train import state as statelib
+from jaxunified.train.checkpoint import Checkpointer, abstract_with_shardings
+from jaxunified.train.metrics import MetricWriter
+from jaxunified.train.optim import make_optimizer
+from jaxunified.train.task import get_task
+
+log = logging.getLogger("jaxunified.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Holds the pieces of a run; ``train.py`` calls ``run()``, tests drive the parts directly."""
+
+    def __init__(self, config, workdir: str | pathlib.Path):
+        self.config = config
+        self.workdir = pathlib.Path(workdir)
+        self.mesh = meshlib.make_mesh(tuple(config.mesh_shape))
+        self.rules = meshlib.rules_from_config(config.get("logical_rules"))
+        self.task = get_task(config.task)(config, self.mesh)
+        self.tx = make_optimizer(config.optim, self.task.param_labels, self.task.group_lr())
+        ema = config.optim.get("ema_decay", None)
+        self.ema_decay = float(ema) if ema else None
+        self._build_state_shardings()
+
+    # ---- state ----
+    def _init_fn(self, rng):
+        params, collections = self.task.init_variables(rng, self.task.dummy_batch())
+        return statelib.create(params, collections, self.tx, rng, ema=bool(self.ema_decay))
+
+    def _build_state_shardings(self):
+        key = jax.random.PRNGKey(int(self.config.seed))
+        boxed = jax.eval_shape(self._init_fn, key)
+        self.state_shardings = meshlib.tree_shardings(boxed, self.mesh, self.rules)
+        self.abstract_state = meshlib.unbox(boxed)
+
+    def init_state(self):
+        key = jax.random.PRNGKey(int(self.config.seed))
+        init = jax.jit(lambda k: meshlib.unbox(self._init_fn(k)), out_shardings=self.state_shardings)
+        with jax.set_mesh(self.mesh):
+            return init(key)
+
+    # ---- step ----
+    def batch_shardings(self, batch: dict[str, Any]):
+        return {k: meshlib.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+
+    def make_step(self, batch_example: dict[str, Any]):
+        per_device = self.config.get("step_form", "global") == "per_device"
+        grad_fn = self.task.grad_fn
+        if per_device:
+            axes = meshlib.BATCH_AXES
+            inner = statelib.make_train_step(grad_fn, self.tx, self.ema_decay, axis_name=axes)
+            batch_specs = {k: P(axes) for k in batch_example}
+            fn = jax.shard_map(
+                inner, mesh=self.mesh, in_specs=(P(), batch_specs), out_specs=(P(), P()), check_vma=False
+            )
+        elif self.config.get("step_form", "global") == "global":
+            fn = statelib.make_train_step(grad_fn, self.tx, self.ema_decay, axis_name=None)
+        else:
+            raise ValueError(f"config.step_form={self.config.step_form!r}; use 'global' or 'per_device'")
+        return jax.jit(
+            fn,
+            in_shardings=(self.state_shardings, self.batch_shardings(batch_example)),
+            out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
+            donate_argnums=(0,),
+        )
+
+    # ---- the run ----
+    def run(self) -> Any:
+        from jaxunified.data.pipeline import build_dataset, to_global
+
+        cfg = self.config
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        is_main = jax.process_index() == 0
+        writer = MetricWriter(self.workdir, enabled=is_main)
+        ckpt = Checkpointer(self.workdir / "checkpoints", keep=int(cfg.get("keep_checkpoints", 3)))
+        data_iter = iter(build_dataset(cfg.data, "train", self.mesh))
+
+        if ckpt.latest_step() is not None:
+            target = abstract_with_shardings(self.abstract_state, self.state_shardings)
+            state = ckpt.restore(target, data_iter)
+            log.info("resumed from step %d in %s", int(state.step), ckpt.directory)
+        else:
+            state = self.init_state()
+        start = int(jax.device_get(state.step))
+        total = int(cfg.total_steps)
+
+        stop = {"signal": None}
+
+        def on_term(signum, frame):  # preemption: finish the current step, save, exit cleanly
+            stop["signal"] = signum
+
+        old_handler = signal.signal(signal.SIGTERM, on_term)
+        step_fn = None
+        pending = None  # (step, metrics) of the previous step, checked one step late so dispatch overlaps
+        window: list[dict] = []
+        t0, n0 = time.time(), start
+        progress = _progress(start, total, enabled=is_main and cfg.get("progress", True))
+        try:
+            for step in range(start, total):
+                host_batch = next(data_iter)
+                batch = to_global(host_batch, self.mesh)
+                if step_fn is None:
+                    step_fn = self.make_step(batch)
+                with jax.set_mesh(self.mesh):
+                    state, metrics = step_fn(state, batch)
+                if pending is not None:
+                    window.append(_check_finite(*pending))
+                pending = (step + 1, metrics)
+                done = step + 1
+                if done % int(cfg.log_every) == 0 or done == total:
+                    window.append(_check_finite(*pending))
+                    pending = None
+                    means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                    rate = (done - n0) / max(time.time() - t0, 1e-9)
+                    means["steps_per_sec"] = rate
+                    writer.write(done, means)
+                    progress.update(done, means)
+                    window, t0, n0 = [], time.time(), done
+                if cfg.get("eval_every") and done % int(cfg.eval_every) == 0 and done != total:
+                    self._evaluate(state, done, writer)
+                if done % int(cfg.checkpoint_every) == 0 or done == total or stop["signal"]:
+                    if pending is not None:
+                        window.append(_check_finite(*pending))
+                        pending = None
+                    ckpt.save(done, state, data_iter, force=True)
+                if stop["signal"]:
+                    log.warning("received signal %s: saved step %d, exiting", stop["signal"], done)
+                    break
+            else:
+                if cfg.get("eval_every") is not None and cfg.get("final_eval", True):
+                    self._evaluate(state, int(jax.device_get(state.step)), writer)
+        except NonFiniteLossError:
+            ckpt.wait()
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, old_handler)
+            progress.close()
+            ckpt.close()
+            writer.close()
+        return state
+
+    def _evaluate(self, state, step: int, writer: MetricWriter):
+        metrics = self.task.evaluate(state, "test", self.workdir, step)
+        writer.write(step, metrics, prefix="eval")
+        log.info("eval at step %d: %s", step, {k: round(float(v), 4) for k, v in metrics.items()})
+        return metrics
+
+
+def _check_finite(step: int, metrics) -> dict[str, float]:
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    loss = host.get("loss", 0.0)
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {step}; stopping. The last good checkpoint is kept; "
+            "lower the learning rate or check the data, then re-run to resume from it."
+        )
+    return host
+
+
+class _progress:
+    def __init__(self, start: int, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
+        self.last = start
+
+    def update(self, step: int, metrics: dict):
+        if self.bar is None:
+            return
+        self.bar.update(step - self.last)
+        self.last = step
+        shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "psnr", "usage", "steps_per_sec")}
+        self.bar.set_postfix(shown, refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(config, workdir) -> Any:
+    return Trainer(config, workdir).run()
