@@ -112,7 +112,9 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.data.num_train = 256
         c.data.num_test = 64
         c.data.batch_size = 16
-        c.model.variant = "tiny"
+        c.model.variant = "shapes-S"
+        c.model.overrides = mlc.ConfigDict(dict(ch=32, ch_mult=(1, 2), z_channels=16, codebook_size=64,
+                                                 update="ema", restart=True))
         c.optim.lr = 1e-3
         c.loss.disc_weight = 0.5
         c.loss.adaptive_weight = True

@@ -53,9 +53,20 @@ def _eval(argv):
     print(json.dumps(metrics, indent=1, sort_keys=True))
 
 
+def _run(fn):
+    try:
+        app.run(fn)
+    except (AttributeError, KeyError) as e:
+        # ml-collections reports an overridden key that the config lacks this way, during flag parsing.
+        if "--config." in " ".join(sys.argv) and "Did you mean" in str(e) or "Could not override" in str(e):
+            msg = str(e).replace("\\n", " ").replace("\\'", "").strip("'\" ")
+            sys.exit(f"error: bad --config override: unknown key {msg} (the fields are listed in the config file)")
+        raise
+
+
 def main_train():
-    app.run(_train)
+    _run(_train)
 
 
 def main_eval():
-    app.run(_eval)
+    _run(_eval)

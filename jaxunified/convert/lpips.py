@@ -68,7 +68,7 @@ def _config(cls, overrides: dict[str, Any]):
 
 
 def _expected_params(module, *image_args) -> dict:
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *image_args))
+    abstract = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *image_args)
     return {"params": nn.meta.unbox(abstract["params"])}
 
 

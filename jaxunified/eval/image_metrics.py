@@ -1,7 +1,8 @@
 """PSNR, SSIM and codebook statistics; batched, jit-friendly, float32.
 
 Images are NHWC. The library's images are in [-1, 1] (``data_range=2``); uint8 images need
-``data_range=255`` and [0, 1] images ``data_range=1``.
+``data_range=255`` and [0, 1] images ``data_range=1``. ``data_range``/``low``/window settings are
+Python numbers: under ``jax.jit`` pass them as static arguments (or close over them).
 """
 
 from __future__ import annotations

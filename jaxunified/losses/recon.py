@@ -46,11 +46,16 @@ def vanilla_d_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
 
 
 def generator_loss(fake_logits: jax.Array, kind: str = "hinge") -> jax.Array:
-    """``"hinge"``: −mean D(fake); ``"non_saturating"``: mean softplus(−D(fake)) = BCE(D(fake), 1)."""
+    """``"hinge"``: −mean D(fake); ``"non_saturating"``: mean softplus(−D(fake)) = BCE(D(fake), 1).
+
+    LlamaGen's ``non_saturating_gen_loss`` passes its arguments to ``binary_cross_entropy_with_logits``
+    swapped (input 1, target D(fake)), which makes it −mean D(fake) + const, i.e. the hinge G loss;
+    this is the textbook form. ``"non-saturating"`` (LlamaGen's flag spelling) is accepted too.
+    """
     f = _f32(fake_logits)
     if kind == "hinge":
         return -jnp.mean(f)
-    if kind == "non_saturating":
+    if kind in ("non_saturating", "non-saturating"):
         return jnp.mean(jax.nn.softplus(-f))
     raise ValueError(f"generator_loss kind={kind!r} is not known; use 'hinge' or 'non_saturating'")
 

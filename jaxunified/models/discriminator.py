@@ -44,7 +44,7 @@ def _bn_scale_init(key, shape, dtype=jnp.float32):
 class NLayerDiscriminator(nn.Module):
     """``__call__(x [B, H, W, C] in [-1, 1], train) -> logits [B, h, w, 1]`` (float32)."""
 
-    config: PatchGANConfig = PatchGANConfig()
+    cfg: PatchGANConfig = PatchGANConfig()
 
     def _conv(self, features: int, stride: int, use_bias: bool, name: str) -> nn.Conv:
         return nn.Conv(
@@ -53,7 +53,7 @@ class NLayerDiscriminator(nn.Module):
             strides=(stride, stride),
             padding=((1, 1), (1, 1)),
             use_bias=use_bias,
-            dtype=self.config.dtype,
+            dtype=self.cfg.dtype,
             kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), _CONV_AXES),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
             name=name,
@@ -63,7 +63,7 @@ class NLayerDiscriminator(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"NLayerDiscriminator expects NHWC images [B, H, W, C], got shape {x.shape}")
-        cfg = self.config
+        cfg = self.cfg
         act = lambda h: nn.leaky_relu(h, cfg.negative_slope)  # noqa: E731
         h = act(self._conv(cfg.ndf, 2, True, "conv0")(x.astype(cfg.dtype)))
         for n in range(1, cfg.n_layers + 1):

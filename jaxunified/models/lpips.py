@@ -64,13 +64,13 @@ class LPIPSConfig:
 class VGG16Features(nn.Module):
     """torchvision VGG16 ``features`` (3×3 convs, padding 1, ReLU, 2×2 max-pools); returns the 5 ReLU taps."""
 
-    config: VGG16Config = VGG16Config()
+    cfg: VGG16Config = VGG16Config()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"VGG16Features expects NHWC RGB images [B, H, W, 3], got shape {x.shape}")
-        cfg = self.config
+        cfg = self.cfg
         names = iter(vgg16_conv_names())
         h = x.astype(cfg.dtype)
         taps = []
@@ -98,8 +98,8 @@ def _nonneg_uniform(key, shape, dtype=jnp.float32):
 
 
 def _unit_normalize(x: jax.Array, eps: float) -> jax.Array:
-    # eps² inside the sqrt only keeps the gradient finite where a pixel's features are all zero
-    # (common after ReLU); elsewhere it is far below float32 resolution, so values match x/(‖x‖+eps).
+    # eps² inside the sqrt keeps the gradient finite at an all-zero feature vector (sqrt'(0) = inf
+    # gives NaN); elsewhere it is far below float32 resolution, so values match x/(‖x‖+eps).
     sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
     return x / (jnp.sqrt(sq + eps * eps) + eps)
 
@@ -107,10 +107,10 @@ def _unit_normalize(x: jax.Array, eps: float) -> jax.Array:
 class LPIPS(nn.Module):
     """``LPIPS()(x, y) -> [B]`` perceptual distance between NHWC images in [-1, 1] (float32 out)."""
 
-    config: LPIPSConfig = LPIPSConfig()
+    cfg: LPIPSConfig = LPIPSConfig()
 
     def setup(self):
-        self.vgg = VGG16Features(self.config.vgg)
+        self.vgg = VGG16Features(self.cfg.vgg)
         self.lins = [
             nn.Conv(
                 1,
@@ -135,7 +135,7 @@ class LPIPS(nn.Module):
         total = jnp.zeros((b,), jnp.float32)
         for lin, f in zip(self.lins, taps):
             f = f.astype(jnp.float32)
-            fx, fy = _unit_normalize(f[:b], self.config.eps), _unit_normalize(f[b:], self.config.eps)
+            fx, fy = _unit_normalize(f[:b], self.cfg.eps), _unit_normalize(f[b:], self.cfg.eps)
             d = lin(jnp.square(fx - fy)).astype(jnp.float32)
             total = total + jnp.mean(d, axis=(1, 2, 3))
         return total

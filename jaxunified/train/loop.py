@@ -41,10 +41,10 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     """Holds the pieces of a run; ``train.py`` calls ``run()``, tests drive the parts directly."""
 
-    def __init__(self, config, workdir: str | pathlib.Path):
+    def __init__(self, config, workdir: str | pathlib.Path, devices=None):
         self.config = config
         self.workdir = pathlib.Path(workdir)
-        self.mesh = meshlib.make_mesh(tuple(config.mesh_shape))
+        self.mesh = meshlib.make_mesh(tuple(config.mesh_shape), devices)
         self.rules = meshlib.rules_from_config(config.get("logical_rules"))
         self.task = get_task(config.task)(config, self.mesh)
         self.tx = make_optimizer(config.optim, self.task.param_labels, self.task.group_lr())
@@ -71,7 +71,7 @@ class Trainer:
 
     # ---- step ----
     def batch_shardings(self, batch: dict[str, Any]):
-        return {k: meshlib.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+        return {k: meshlib.batch_sharding(self.mesh, len(np.shape(v))) for k, v in batch.items()}
 
     def make_step(self, batch_example: dict[str, Any]):
         per_device = self.config.get("step_form", "global") == "per_device"

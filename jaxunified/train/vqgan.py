@@ -118,7 +118,9 @@ class VQGANTask(Task):
         disc_factor = recon_losses.adopt_weight(float(lc.disc_weight), step, int(lc.disc_start)) if self.use_disc else 0.0
         vqgan = self.vqgan
         if axis_name is not None and gen_colls:
-            vqgan = vqgan_lib.VQGAN(vqgan_lib.with_axis_name(self.vq_cfg, axis_name))
+            # EMA statistics must be summed over the devices that each hold a slice of the batch.
+            vq = dataclasses.replace(self.vq_cfg.vq, axis_name=axis_name)
+            vqgan = vqgan_lib.VQGAN(dataclasses.replace(self.vq_cfg, vq=vq))
 
         def gen_loss(gp):
             out, mut = vqgan.apply({"params": gp, **gen_colls}, x, train=True, rngs={"quant": rng},
@@ -172,7 +174,7 @@ class VQGANTask(Task):
         last = jax.lax.stop_gradient(gp["decoder"]["conv_out"])
 
         def recon_with(kernel):
-            return vqgan_lib.apply_conv_out({**last, "kernel": kernel}, feats)
+            return vqgan_lib.vqgan_conv_out({"decoder": {"conv_out": {**last, "kernel": kernel}}}, feats)
 
         def gan(kernel):
             logits, _ = self._disc_logits(params["disc"], collections["disc"], recon_with(kernel), axis_name)
