@@ -117,6 +117,8 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules) -> Any:
 
     def one(x):
         if _is_partitioned(x):
+            if not hasattr(x.value, "shape"):  # e.g. optax.MaskedNode: frozen params hold no state
+                return x.value
             return NamedSharding(mesh, logical_to_spec(x.names, x.value.shape, mesh, rules))
         return NamedSharding(mesh, P())
 
@@ -147,7 +149,7 @@ def sharded_init(init_fn, mesh: Mesh, rules, *args):
     Returns ``(variables, shardings)``.
     """
     abstract = jax.eval_shape(init_fn, *args)
-    shardings = unbox(tree_shardings(abstract, mesh, rules))
+    shardings = tree_shardings(abstract, mesh, rules)
     with jax.set_mesh(mesh):
         variables = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return variables, shardings

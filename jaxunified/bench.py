@@ -1,0 +1,336 @@
+r"""Benchmarks that print figures: plan a TPU run from a laptop, and time the real step here.
+
+    # Per-device HBM, FLOPs and collectives of the real train step on a TPU topology (needs the libtpu
+    # wheel, not a TPU: pip install "jax[tpu]==0.10.2"); runs on CPU:
+    python -m jaxunified.bench aot --config configs/vqgan.py:imagenet --topology v5e:4x4
+    python -m jaxunified.bench aot --config configs/vqgan.py:star --topology v5e:8x8 --config.mesh_shape='(1,-1,1)'
+
+    # steps/s, images/s, FLOPs/step and MFU of the jitted train step on the local devices:
+    python -m jaxunified.bench step --config configs/vqgan.py:shapes --steps 20
+
+    # the measured matmul peak of this device (the MFU denominator):
+    python -m jaxunified.bench peak --dtype bfloat16
+
+Each command prints human-readable lines and, last, one JSON line with the same figures.
+The same functions are importable: :func:`bench_step`, :func:`measure_matmul_peak`, and
+``jaxunified.parallel.aot.compile_train_step``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------
+# matmul peak
+
+
+def _sync(x):
+    import jax
+
+    return jax.block_until_ready(x)
+
+
+def measure_matmul_peak(dtype: Any = "float32", size: int | None = None, trials: int = 5, device=None,
+                        min_trial_seconds: float = 0.2) -> dict[str, Any]:
+    """Best-of-``trials`` FLOP/s of a square ``size``×``size`` matmul in ``dtype`` on one device.
+
+    Without ``size`` it grows from 512 (doubling) until one matmul takes ≥ 20 ms, up to 4096 on CPU
+    and 16384 on accelerators. Each trial dispatches enough back-to-back matmuls to last about
+    ``min_trial_seconds`` and is timed to ``block_until_ready``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    device = device or jax.local_devices()[0]
+    dtype = jnp.dtype(dtype)
+    cap = 4096 if device.platform == "cpu" else 16384
+    f = jax.jit(lambda a, b: a @ b)
+
+    def operands(n):
+        ka, kb = jax.random.split(jax.random.PRNGKey(0))
+        a = jax.device_put(jax.random.normal(ka, (n, n), jnp.float32).astype(dtype), device)
+        b = jax.device_put(jax.random.normal(kb, (n, n), jnp.float32).astype(dtype), device)
+        return a, b
+
+    def once(a, b):
+        t = time.perf_counter()
+        _sync(f(a, b))
+        return time.perf_counter() - t
+
+    n = int(size) if size else 512
+    a, b = operands(n)
+    once(a, b)  # compile
+    t1 = once(a, b)
+    while not size and t1 < 0.02 and n < cap:
+        n *= 2
+        a, b = operands(n)
+        once(a, b)
+        t1 = once(a, b)
+    reps = max(1, min(1000, int(math.ceil(min_trial_seconds / max(t1, 1e-6)))))
+    best = float("inf")
+    for _ in range(int(trials)):
+        t = time.perf_counter()
+        out = None
+        for _ in range(reps):
+            out = f(a, b)
+        _sync(out)
+        best = min(best, (time.perf_counter() - t) / reps)
+    flops = 2.0 * n**3
+    return {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "dtype": dtype.name,
+        "size": n,
+        "seconds": best,
+        "flops_per_sec": flops / best,
+        "tflops": flops / best / 1e12,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the real train step
+
+
+@dataclasses.dataclass
+class StepBench:
+    config: str
+    num_devices: int
+    device_kind: str
+    global_batch: int
+    steps: int
+    seconds: float
+    steps_per_sec: float
+    images_per_sec: float
+    flops_per_step: float  # XLA cost analysis of the compiled step, summed over devices
+    achieved_tflops: float  # flops_per_step × steps/s, all devices together
+    peak_tflops: float  # measured matmul peak of one device, in compute_dtype
+    mfu: float  # achieved / (num_devices × peak)
+    compute_dtype: str
+    compile_seconds: float
+    loss: float
+
+    def summary(self) -> str:
+        return "\n".join([
+            f"config          {self.config} on {self.num_devices} x {self.device_kind}, global batch {self.global_batch}",
+            f"compile         {self.compile_seconds:.1f} s",
+            f"speed           {self.steps_per_sec:.3f} steps/s, {self.images_per_sec:.1f} images/s "
+            f"({self.steps} steps in {self.seconds:.2f} s, warm-up excluded)",
+            f"FLOPs           {self.flops_per_step / 1e9:.3f} GFLOP per step (XLA cost analysis)",
+            f"achieved        {self.achieved_tflops * 1e3:.2f} GFLOP/s",
+            f"matmul peak     {self.peak_tflops * 1e3:.2f} GFLOP/s per device ({self.compute_dtype}, measured)",
+            f"MFU             {100 * self.mfu:.1f}%   (final loss {self.loss:.4g})",
+        ])
+
+
+def compute_dtype(trainer) -> str:
+    """The compute dtype a config asks for: ``config[.model[.overrides]].{compute_,}dtype``, else the
+    ``dtype`` of the task's model config (e.g. ``VQGANConfig.dtype``), else float32."""
+    import jax.numpy as jnp
+
+    cfg = trainer.config
+    for scope in (cfg, cfg.get("model") or {}, (cfg.get("model") or {}).get("overrides") or {}):
+        for key in ("compute_dtype", "dtype"):
+            v = scope.get(key) if hasattr(scope, "get") else None
+            if v:
+                return jnp.dtype(v).name
+    for v in vars(trainer.task).values():
+        if dataclasses.is_dataclass(v) and not isinstance(v, type) and hasattr(v, "dtype"):
+            return jnp.dtype(v.dtype).name
+    return "float32"
+
+
+def _random_batch(example: dict, seed: int = 0) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in example.items():
+        v = np.asarray(v)
+        if np.issubdtype(v.dtype, np.floating):
+            out[k] = rng.uniform(-1.0, 1.0, v.shape).astype(v.dtype)
+        elif v.dtype == np.uint8:
+            out[k] = rng.integers(0, 256, v.shape, dtype=np.uint8)
+        else:
+            out[k] = v.copy()
+    return out
+
+
+def _flops(compiled, num_devices: int) -> float:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    # SPMD: the compiled module is one device's program; every device runs the same one.
+    return float((ca or {}).get("flops", 0.0)) * num_devices
+
+
+def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = None, name: str = "") -> StepBench:
+    """Times ``config``'s jitted train step on the local devices (random images of the real batch shape).
+
+    ``warmup`` steps (after compilation) are excluded; the timed steps are dispatched back to back and
+    timed to ``block_until_ready`` of the final state, like the training loop runs them.
+    ``peak`` is a :func:`measure_matmul_peak` result to reuse (measured here when omitted).
+    """
+    import jax
+
+    from jaxunified.train.loop import Trainer
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    with tempfile.TemporaryDirectory(prefix="jaxunified_bench_") as tmp:
+        trainer = Trainer(config, workdir=tmp)
+        n = trainer.mesh.devices.size
+        host = _random_batch(trainer.task.dummy_batch(), int(config.get("seed", 0)))
+        batch = jax.device_put(host, trainer.batch_shardings(host))
+        state = trainer.init_state()
+        step = trainer.make_step(batch)
+        t0 = time.perf_counter()
+        with jax.set_mesh(trainer.mesh):
+            compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        flops = _flops(compiled, n)
+        for _ in range(max(0, int(warmup))):
+            state, metrics = compiled(state, batch)
+        _sync((state, metrics) if warmup else state)
+        t0 = time.perf_counter()
+        for _ in range(int(steps)):
+            state, metrics = compiled(state, batch)
+        _sync((state, metrics))
+        seconds = time.perf_counter() - t0
+        loss = float(jax.device_get(metrics.get("loss", float("nan"))))
+        dtype = compute_dtype(trainer)
+    if peak is None:
+        peak = measure_matmul_peak(dtype)
+    sps = steps / seconds
+    gb = int(next(iter(host.values())).shape[0])
+    achieved = flops * sps
+    return StepBench(
+        config=name,
+        num_devices=n,
+        device_kind=jax.local_devices()[0].device_kind,
+        global_batch=gb,
+        steps=int(steps),
+        seconds=seconds,
+        steps_per_sec=sps,
+        images_per_sec=gb * sps,
+        flops_per_step=flops,
+        achieved_tflops=achieved / 1e12,
+        peak_tflops=peak["tflops"],
+        mfu=achieved / (n * peak["flops_per_sec"]) if peak["flops_per_sec"] else float("nan"),
+        compute_dtype=dtype,
+        compile_seconds=compile_s,
+        loss=loss,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _json_line(d: dict) -> str:
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+
+    return json.dumps({k: clean(v) for k, v in d.items()}, sort_keys=True, default=str)
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    F = flags.FLAGS
+    if "config" not in F:  # jaxunified.cli may have defined it already in this process
+        config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqgan.py:imagenet", lock_config=True)
+    if "topology" not in F:
+        flags.DEFINE_string("topology", None, "aot: TPU topology, e.g. v5e:4x4, v5p:2x2x2, v6e:2x4, v5e-64")
+        flags.DEFINE_integer("num_slices", 1, "aot: number of slices (multi-slice over DCN)")
+        flags.DEFINE_integer("batch_size", None, "aot/step: global batch size (default: config.data.batch_size)")
+        flags.DEFINE_integer("steps", 20, "step: timed steps")
+        flags.DEFINE_integer("warmup", 2, "step: untimed steps after compilation")
+        flags.DEFINE_string("dtype", None, "peak/step: matmul dtype for the peak (default: the config's compute dtype / float32)")
+        flags.DEFINE_integer("size", None, "peak: matmul size (default: grown until one matmul takes >= 20 ms)")
+    return F
+
+
+_USAGE = "usage: python -m jaxunified.bench {aot,step,peak} [flags]; see the module docstring"
+
+
+def _config_name() -> str:
+    for a in sys.argv:
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    if "--config" in sys.argv:
+        i = sys.argv.index("--config")
+        if i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+    return ""
+
+
+def _main(argv):
+    from absl import app
+
+    F = _define_flags()
+    if len(argv) != 2 or argv[1] not in ("aot", "step", "peak"):
+        raise app.UsageError(_USAGE)
+    cmd = argv[1]
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+    if cmd == "peak":
+        r = measure_matmul_peak(F.dtype or "float32", size=F.size)
+        print(f"matmul peak     {r['tflops'] * 1e3:.2f} GFLOP/s ({r['dtype']} {r['size']}x{r['size']} on {r['device']}, "
+              f"best of 5, {1e3 * r['seconds']:.2f} ms per matmul)")
+        print(_json_line({"command": "peak", **r}))
+        return
+
+    if F.config is None:
+        raise app.UsageError("--config is required")
+    config = F.config
+    name = _config_name()
+
+    if cmd == "aot":
+        if not F.topology:
+            raise app.UsageError("--topology is required, e.g. --topology v5e:4x4")
+        from jaxunified.parallel import aot
+
+        try:
+            report = aot.compile_train_step(config, F.topology, batch_size=F.batch_size, num_slices=F.num_slices)
+        except (RuntimeError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        print(f"config          {name}")
+        print(report.summary())
+        print(_json_line({"command": "aot", "config": name, **report.to_dict()}))
+        return
+
+    # step
+    from jaxunified.parallel.aot import with_batch_size
+
+    cfg = with_batch_size(config, F.batch_size)
+    peak = None
+    if F.dtype:
+        peak = measure_matmul_peak(F.dtype)
+    r = bench_step(cfg, steps=F.steps, warmup=F.warmup, peak=peak, name=name)
+    print(r.summary())
+    print(_json_line({"command": "step", **dataclasses.asdict(r)}))
+
+
+def main():
+    # `aot` compiles for compile-only TPU devices; keep the run itself off any local accelerator plugin
+    # (an installed libtpu would otherwise try to claim a TPU that is not there).
+    if len(sys.argv) > 1 and sys.argv[1] == "aot":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from absl import app
+
+    _define_flags()
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Taming/LlamaGen VQGAN building blocks, NHWC: GroupNorm, ResnetBlock, AttnBlock, Down/Upsample.
+
+Numerics follow the PyTorch reference: GroupNorm(32, eps 1e-6) with two-pass float32 statistics,
+swish, attention softmax in float32, Downsample = pad (0, 1, 0, 1) then a VALID stride-2 3×3 conv,
+Upsample = nearest ×2 then a 3×3 conv. Weight init matches PyTorch's default conv init
+(kaiming-uniform with a=√5, i.e. U(±1/√fan_in)) so from-scratch training sees the same scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
+DENSE_KERNEL_AXES = ("embed", "mlp")
+
+torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def conv(
+    features: int,
+    kernel_size: int = 3,
+    *,
+    stride: int = 1,
+    padding: Any = None,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Conv:
+    """A square conv with PyTorch's ``padding=k//2`` default and logical axis names."""
+    if padding is None:
+        padding = ((kernel_size // 2,) * 2,) * 2
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(torch_default_init, CONV_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+        name=name,
+    )
+
+
+def dense(features: int, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+    """A 1×1 conv written as a Dense over the channel axis."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(torch_default_init, DENSE_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+        name=name,
+    )
+
+
+def group_count(channels: int, num_groups: int = 32) -> int:
+    """Groups for ``channels``: ``num_groups``, or ``channels`` itself below that (the reference
+    would fail there; one channel per group is the closest working choice)."""
+    groups = min(num_groups, channels)
+    if channels % groups:
+        raise ValueError(
+            f"GroupNorm: {channels} channels do not split into {groups} groups; "
+            f"use channel counts (ch × ch_mult) that are multiples of {num_groups}"
+        )
+    return groups
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over all spatial axes; statistics in float32 (two-pass variance, like PyTorch)."""
+
+    num_groups: int = 32
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        g = group_count(c, self.num_groups)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (c,))
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (c,))
+        xf = x.astype(jnp.float32).reshape(*x.shape[:-1], g, c // g)
+        axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)
+        mean = jnp.mean(xf, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        return (y * scale + bias).astype(self.dtype)
+
+
+class ResnetBlock(nn.Module):
+    """norm → swish → conv → norm → swish → conv, plus a 1×1 ``nin_shortcut`` when channels change."""
+
+    out_channels: int
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        norm = lambda name: GroupNorm(self.num_groups, dtype=self.dtype, name=name)  # noqa: E731
+        h = nn.swish(norm("norm1")(x))
+        h = conv(self.out_channels, dtype=self.dtype, name="conv1")(h)
+        h = nn.swish(norm("norm2")(h))
+        h = conv(self.out_channels, dtype=self.dtype, name="conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, dtype=self.dtype, name="nin_shortcut")(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over all H×W positions; channels split into ``num_heads`` contiguous heads
+    (STAR's multi-head form; one head is the taming/LlamaGen block). Scale (C/heads)^-1/2."""
+
+    num_heads: int = 1
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, hgt, wid, c = x.shape
+        if c % self.num_heads:
+            raise ValueError(f"AttnBlock: {c} channels do not split into attn_num_heads={self.num_heads}")
+        hd = c // self.num_heads
+        h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x).reshape(b, hgt * wid, c)
+        split = lambda t: t.reshape(b, hgt * wid, self.num_heads, hd)  # noqa: E731
+        q = split(dense(c, dtype=self.dtype, name="q")(h))
+        k = split(dense(c, dtype=self.dtype, name="k")(h))
+        v = split(dense(c, dtype=self.dtype, name="v")(h))
+        scores = jnp.einsum("blhc,bmhc->bhlm", q, k, preferred_element_type=jnp.float32) * hd**-0.5
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhlm,bmhc->blhc", probs, v).reshape(b, hgt * wid, c)
+        out = dense(c, dtype=self.dtype, name="proj_out")(out)
+        return x + out.reshape(x.shape).astype(x.dtype)
+
+
+class Downsample(nn.Module):
+    """Halves H and W: zero-pad one row/column at the bottom/right, then a VALID stride-2 3×3 conv."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv(x.shape[-1], 3, stride=2, padding="VALID", dtype=self.dtype, name="conv")(x)
+
+
+class Upsample(nn.Module):
+    """Doubles H and W: nearest-neighbour repeat, then a 3×3 conv."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(x.shape[-1], 3, dtype=self.dtype, name="conv")(x)
+
+
+__all__ = [
+    "AttnBlock",
+    "CONV_KERNEL_AXES",
+    "DENSE_KERNEL_AXES",
+    "Downsample",
+    "GroupNorm",
+    "ResnetBlock",
+    "Upsample",
+    "conv",
+    "dense",
+    "group_count",
+    "torch_default_init",
+]

@@ -1,0 +1,535 @@
+"""Ahead-of-time compile of the real train step for a TPU topology, from a CPU-only machine.
+
+The MaxText ``train_compile`` recipe: ``jax.experimental.topologies.get_topology_desc`` asks
+libtpu (the ``libtpu`` wheel that ``pip install "jax[tpu]==0.10.2"`` pins; no TPU hardware needed)
+for *compile-only* devices of a named topology; the ordinary :class:`~jaxunified.train.loop.Trainer`
+builds its mesh, abstract train state and shardings over them; the jitted step is lowered against
+``ShapeDtypeStruct``s and compiled by the TPU compiler. Nothing is allocated. The compiled
+executable tells, per device, how much HBM the step needs, how many FLOPs it does and which
+collectives the partitioner inserted — so a pod run can be planned (batch size, mesh, remat) on a
+laptop. A step that does not fit fails to compile with the same ``RESOURCE_EXHAUSTED`` the pod
+would give; that becomes a report with ``fits=False``.
+
+Usage::
+
+    from jaxunified.parallel import aot
+    report = aot.compile_train_step(config, "v5e:4x4")        # or aot.topology_devices(...)
+    print(report.summary())
+
+or ``python -m jaxunified.bench aot --config configs/vqgan.py:imagenet --topology v5e:4x4``.
+
+Topology names are ``<generation>:<chips per dimension>`` (``v5e:2x2``, ``v5e:16x16``, ``v6e:2x4``,
+``v4:2x2x1``, ``v5p:2x2x2``) or the Cloud slice names ``v5e-16``, ``v6e-8``, ``v4-8``, ``v5p-16``
+(for v4/v5p the number counts TensorCores, two per chip).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import re
+import tempfile
+import time
+from typing import Any, Sequence
+
+GiB = 1024**3
+
+# Per generation: (libtpu topology prefix, chip_config_name, dims, HBM per device, peak bf16 TFLOP/s per chip).
+# v4/v5p run "megacore": one JAX device per chip (its two TensorCores), so per device = per chip.
+# HBM and peaks are the published per-chip figures (the v5e compiler itself reports 15.75 GiB usable).
+GENERATIONS: dict[str, dict[str, Any]] = {
+    "v4": dict(prefix="v4", chip_config="megacore", ndim=3, hbm_gib=32, peak_tflops=275.0),
+    "v5p": dict(prefix="v5p", chip_config="megacore", ndim=3, hbm_gib=95, peak_tflops=459.0),
+    "v5e": dict(prefix="v5e", chip_config="default", ndim=2, hbm_gib=16, peak_tflops=197.0),
+    "v6e": dict(prefix="v6e", chip_config="default", ndim=2, hbm_gib=32, peak_tflops=918.0),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6": "v6e", "trillium": "v6e"}
+
+# Cloud slice name ("v5e-16") → chips per dimension, for the usual slice shapes.
+_SLICE_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+_SLICE_SHAPES_3D = {
+    4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+    256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16),
+}
+
+_INSTALL_HINT = (
+    'TPU topologies need libtpu (no TPU hardware): pip install "jax[tpu]==0.10.2" '
+    "(it pins the matching libtpu wheel; Linux x86-64/aarch64 only). Ordinary CPU runs then need JAX_PLATFORMS=cpu."
+)
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+@dataclasses.dataclass(frozen=True)
+class TopologySpec:
+    generation: str
+    dims: tuple[int, ...]
+    topology_name: str  # as libtpu takes it, e.g. "v5e:4x4"
+    chip_config_name: str
+    chips_per_host_bounds: tuple[int, int, int]
+    wrap: tuple[bool, bool, bool]
+    num_slices: int = 1
+
+    @property
+    def num_chips(self) -> int:
+        return math.prod(self.dims) * self.num_slices
+
+    @property
+    def hbm_bytes(self) -> int:
+        return int(GENERATIONS[self.generation]["hbm_gib"] * GiB)
+
+    @property
+    def peak_flops(self) -> float:
+        return GENERATIONS[self.generation]["peak_tflops"] * 1e12
+
+    @property
+    def name(self) -> str:
+        dims = "x".join(map(str, self.dims))
+        base = f"{self.generation}:{dims}"
+        return base if self.num_slices == 1 else f"{base} x {self.num_slices} slices"
+
+
+def parse_topology(name: str, num_slices: int = 1) -> TopologySpec:
+    """``"v5e:4x4"`` / ``"v5e-16"`` / ``"v4:2x2x1"`` → the arguments ``get_topology_desc`` needs.
+
+    Defaults follow MaxText's ``accelerator_to_spec_map``: hosts of 2×2 chips; a dimension wraps
+    (torus) on v5e/v6e when it spans a full 16-chip pod side, and on v4/v5p when every dimension
+    is a multiple of 4 (full cubes).
+    """
+    if num_slices < 1:
+        raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+    raw = name.strip().lower()
+    m = re.fullmatch(r"(v\d+[a-z]*|trillium)\s*[:]\s*(\d+(?:x\d+){1,2})", raw)
+    if m:
+        gen, dims = m.group(1), tuple(int(d) for d in m.group(2).split("x"))
+    else:
+        m = re.fullmatch(r"(v\d+[a-z]*|trillium)-(\d+)", raw)
+        if not m:
+            raise ValueError(
+                f"topology {name!r} not understood; use e.g. 'v5e:4x4', 'v6e:2x4', 'v4:2x2x1', 'v5p:2x2x2' or 'v5e-16'"
+            )
+        gen, n = m.group(1), int(m.group(2))
+        gen = _ALIASES.get(gen, gen)
+        if gen not in GENERATIONS:
+            raise ValueError(f"unknown TPU generation {m.group(1)!r} in {name!r}; known: {', '.join(GENERATIONS)}")
+        if GENERATIONS[gen]["ndim"] == 3:
+            if n % 2:
+                raise ValueError(f"{name!r}: {gen} slice names count TensorCores (2 per chip), so the number must be even")
+            table, chips = _SLICE_SHAPES_3D, n // 2
+        else:
+            table, chips = _SLICE_SHAPES_2D, n
+        if chips not in table:
+            raise ValueError(f"no standard {gen} slice with {chips} chips; give the shape instead, e.g. '{gen}:4x4'")
+        dims = table[chips]
+    gen = _ALIASES.get(gen, gen)
+    if gen not in GENERATIONS:
+        raise ValueError(f"unknown TPU generation {gen!r} in {name!r}; known: {', '.join(GENERATIONS)}")
+    g = GENERATIONS[gen]
+    if len(dims) != g["ndim"] and not (g["ndim"] == 2 and len(dims) == 3 and dims[2] == 1):
+        want = "AxB" if g["ndim"] == 2 else "AxBxC"
+        raise ValueError(f"topology {name!r}: {gen} topologies are {g['ndim']}-D ({want})")
+    if g["ndim"] == 2:
+        dims = dims[:2]
+    if min(dims) < 1:
+        raise ValueError(f"topology {name!r} has an empty dimension")
+    d3 = tuple(dims) + (1,) * (3 - len(dims))
+    host = (min(d3[0], 2), min(d3[1], 2), 1)
+    if g["ndim"] == 2:
+        wrap = (d3[0] == 16, d3[1] == 16, False)
+    else:
+        full = all(d % 4 == 0 for d in d3)
+        wrap = (full, full, full)
+    return TopologySpec(
+        generation=gen,
+        dims=tuple(dims),
+        topology_name=f"{g['prefix']}:{'x'.join(map(str, dims))}",
+        chip_config_name=g["chip_config"],
+        chips_per_host_bounds=host,
+        wrap=wrap,
+        num_slices=int(num_slices),
+    )
+
+
+def _prepare_libtpu_env():
+    # Compile-only use of libtpu: skip the GCE metadata-server query (hangs/warns off-cloud) and do not
+    # take libtpu's single-process lock (/tmp/libtpu_lockfile): another JAX process that merely loaded
+    # the plugin would otherwise make this one fail with "ABORTED: ... libtpu multi-process lockfile".
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def libtpu_available() -> bool:
+    """Whether a TPU PJRT plugin (the ``libtpu`` wheel or ``TPU_LIBRARY_PATH``) is installed."""
+    import importlib.util
+
+    if os.environ.get("TPU_LIBRARY_PATH"):
+        return os.path.exists(os.environ["TPU_LIBRARY_PATH"])
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def topology_devices(name: str | TopologySpec, num_slices: int = 1) -> list:
+    """Compile-only TPU devices of topology ``name`` (``"v5e:2x2"``, ``"v5p:2x2x2"``, ``"v5e-16"``, ...).
+
+    Needs libtpu but no TPU; ``jax.devices()`` is untouched. With ``num_slices > 1`` the devices
+    carry ``slice_index`` (a multi-slice job over DCN).
+    """
+    spec = name if isinstance(name, TopologySpec) else parse_topology(name, num_slices)
+    if not libtpu_available():
+        raise RuntimeError(f"cannot build TPU topology {spec.name!r}: libtpu is not installed. {_INSTALL_HINT}")
+    _prepare_libtpu_env()
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=spec.topology_name,
+            chip_config_name=spec.chip_config_name,
+            chips_per_host_bounds=spec.chips_per_host_bounds,
+            num_slices=spec.num_slices,
+            wrap=spec.wrap,
+        )
+    except RuntimeError as e:
+        if "TPU support not installed" in str(e):
+            raise RuntimeError(f"cannot build TPU topology {spec.name!r}: {e}. {_INSTALL_HINT}") from e
+        if "lockfile" in str(e):
+            raise RuntimeError(
+                f"cannot build TPU topology {spec.name!r}: {e}. Another process holds libtpu; set "
+                "ALLOW_MULTIPLE_LIBTPU_LOAD=1 before JAX loads the plugin (this module does so itself unless "
+                "the variable is already set)."
+            ) from e
+        raise
+    return list(desc.devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """What the TPU compiler says about one train step. Memory and FLOPs are *per device*."""
+
+    topology: str
+    generation: str
+    num_devices: int
+    device_kind: str
+    mesh: dict[str, int]
+    global_batch: int
+    fits: bool
+    hbm_capacity_bytes: int
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    generated_code_bytes: int = 0
+    flops_per_device: float = 0.0
+    bytes_accessed_per_device: float = 0.0
+    collectives: dict[str, int] = dataclasses.field(default_factory=dict)
+    num_params: int = 0
+    state_bytes: int = 0  # whole train state (params, optimizer, EMA, collections), all devices together
+    peak_flops_per_device: float = 0.0
+    lower_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    message: str | None = None  # the compiler's error when the step does not fit
+    required_bytes: int | None = None  # from an out-of-memory message, when it names a figure
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        """Live HBM per device: arguments + outputs not aliased to (donated) arguments + temporaries + code."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.generated_code_bytes
+
+    @property
+    def flops_per_step(self) -> float:
+        return self.flops_per_device * self.num_devices
+
+    @property
+    def per_device_batch(self) -> float:
+        return self.global_batch / max(self.mesh.get("data", 1) * self.mesh.get("fsdp", 1), 1)
+
+    @property
+    def min_step_seconds(self) -> float:
+        """The step time at 100% MFU (the chip's published bf16 peak); real steps are slower."""
+        return self.flops_per_device / self.peak_flops_per_device if self.peak_flops_per_device else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(total_bytes=self.total_bytes, flops_per_step=self.flops_per_step)
+        return d
+
+    def summary(self) -> str:
+        g = lambda b: f"{b / GiB:.3f} GiB"  # noqa: E731
+        mesh = " ".join(f"{k}={v}" for k, v in self.mesh.items())
+        lines = [
+            f"topology        {self.topology} ({self.num_devices} x {self.device_kind}), mesh {mesh}",
+            f"global batch    {self.global_batch} ({self.per_device_batch:g} per device)",
+            f"parameters      {self.num_params / 1e6:.2f} M; train state {self.state_bytes / GiB:.3f} GiB in total",
+        ]
+        if self.message is None:
+            lines += [
+                f"memory/device   total {g(self.total_bytes)} of {g(self.hbm_capacity_bytes)} HBM "
+                f"({100 * self.total_bytes / self.hbm_capacity_bytes:.1f}%)",
+                f"                arguments {g(self.argument_bytes)}, outputs {g(self.output_bytes)}, "
+                f"aliased (donated) {g(self.alias_bytes)}, temporaries {g(self.temp_bytes)}, "
+                f"code {g(self.generated_code_bytes)}",
+                f"FLOPs           {self.flops_per_step / 1e12:.3f} TFLOP per step, "
+                f"{self.flops_per_device / 1e12:.3f} TFLOP per device",
+                f"ideal step      {1e3 * self.min_step_seconds:.2f} ms at 100% MFU "
+                f"({self.peak_flops_per_device / 1e12:.0f} TFLOP/s bf16 peak per chip) → "
+                f"≤ {self.global_batch / self.min_step_seconds:.0f} images/s",
+                "collectives     " + (", ".join(f"{k} {v}" for k, v in self.collectives.items()) or "none"),
+            ]
+        else:
+            req = f" (needs {self.required_bytes / GiB:.2f} GiB)" if self.required_bytes else ""
+            lines.append(f"memory/device   does not fit in {g(self.hbm_capacity_bytes)} HBM{req}")
+            lines.append(f"compiler        {self.message}")
+        lines += [f"note            {n}" for n in self.notes]
+        lines.append(f"fits            {self.fits}   (traced in {self.lower_seconds:.1f} s, compiled in {self.compile_seconds:.1f} s)")
+        return "\n".join(lines)
+
+
+def is_oom(err: BaseException | str) -> bool:
+    """MaxText's test: the compile error is an out-of-memory one."""
+    text = str(err).lower()
+    return "resource_exhausted" in text or "hbm" in text
+
+
+def _oom_required_bytes(text: str) -> int | None:
+    m = re.search(r"required for [^(]*\(([\d.]+)([KMGT])\)", text)
+    if not m:
+        m = re.search(r"(?:used|requires?|required)\D{0,40}?([\d.]+)([KMGT])\b", text)
+    if not m:
+        return None
+    return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+    """Static counts of collective instructions in optimized HLO text.
+
+    Async pairs (``all-gather-start``/``-done``) count once. The TPU compiler emits a reduce-scatter
+    as a fusion calling a computation named ``all-reduce-scatter*`` (an all-reduce plus a slice);
+    that counts as one reduce-scatter and its inner all-reduce is not counted.
+    """
+    counts = dict.fromkeys(COLLECTIVES, 0)
+    op_re = re.compile(r"=\s.*?\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+    skip = False
+    for line in hlo_text.splitlines():
+        s = line.strip()
+        if s.endswith("{") and "=" not in s.split("(")[0] and not s.startswith("ROOT"):  # a computation header
+            header = s.split()[0] if not s.startswith("ENTRY") else s.split()[1]
+            skip = "reduce-scatter" in header
+            if skip:
+                counts["reduce-scatter"] += 1
+            continue
+        if s == "}":
+            skip = False
+            continue
+        if skip:
+            continue
+        m = op_re.search(s)
+        if m:
+            counts[m.group(1)] += 1
+    return {k: v for k, v in counts.items() if v}
+
+
+def _first_cost(compiled) -> dict[str, float]:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    return dict(ca or {})
+
+
+def _tree_bytes(tree) -> int:
+    import jax
+
+    return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def _tree_size(tree) -> int:
+    import jax
+
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def with_batch_size(config, batch_size: int | None):
+    """A copy of ``config`` (references resolved, unlocked copy) with ``data.batch_size`` replaced."""
+    cfg = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else copy.deepcopy(config)
+    if batch_size is not None:
+        with cfg.unlocked() if hasattr(cfg, "unlocked") else _nullctx():
+            cfg.data.batch_size = int(batch_size)
+    return cfg
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def abstract_batch(trainer) -> dict:
+    """The per-step global batch as ShapeDtypeStructs carrying the trainer's batch shardings."""
+    import jax
+    import numpy as np
+
+    example = trainer.task.dummy_batch()
+    shardings = trainer.batch_shardings(example)
+    return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=shardings[k]) for k, v in example.items()}
+
+
+def abstract_state(trainer):
+    from jaxunified.train.checkpoint import abstract_with_shardings
+
+    return abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
+
+
+def _check_batch(trainer, batch: dict, topology: str):
+    from jaxunified.parallel import mesh as meshlib
+
+    shards = meshlib.num_batch_shards(trainer.mesh)
+    for k, v in batch.items():
+        if v.shape and v.shape[0] % shards:
+            raise ValueError(
+                f"batch {k!r} of {v.shape[0]} examples does not split over the {shards} data-parallel shards of "
+                f"mesh {dict(trainer.mesh.shape)} on {topology}; set --config.data.batch_size to a multiple of "
+                f"{shards} (or change --config.mesh_shape)"
+            )
+
+
+def _resolve(topology, num_slices: int):
+    """(devices, generation, display name) for a topology name/spec or a list of TPU devices."""
+    if isinstance(topology, (str, TopologySpec)):
+        spec = topology if isinstance(topology, TopologySpec) else parse_topology(topology, num_slices)
+        return topology_devices(spec), spec.generation, spec.name
+    devices = list(topology)
+    if not devices:
+        raise ValueError("no devices given")
+    kind = devices[0].device_kind.lower()
+    gen = next((g for g, k in (("v5e", "v5 lite"), ("v6e", "v6 lite"), ("v5p", "v5"), ("v4", "v4")) if kind.endswith(k)), None)
+    if gen is None:
+        raise ValueError(f"devices of kind {devices[0].device_kind!r} are not a TPU generation this module knows "
+                         f"({', '.join(GENERATIONS)})")
+    return devices, gen, f"{gen} ({len(devices)} devices)"
+
+
+def _slice_notes(mesh) -> list[str]:
+    """Multi-slice: which mesh axes cross slice (DCN) boundaries. Only 'data' should."""
+    import numpy as np
+
+    devs = mesh.devices
+    if not hasattr(devs.flat[0], "slice_index"):
+        return []
+    sl = np.vectorize(lambda d: d.slice_index)(devs)
+    if len(np.unique(sl)) < 2:
+        return []
+    crossing = [name for i, name in enumerate(mesh.axis_names) if devs.shape[i] > 1 and
+                np.any(np.diff(sl, axis=i) != 0)]
+    bad = [a for a in crossing if a != "data"]
+    if not bad:
+        return []
+    return [f"mesh axes {bad} cross slice boundaries (DCN), not just 'data': their collectives run over the "
+            f"data-centre network. A multi-slice mesh needs 'data' over slices (mesh_utils.create_hybrid_device_mesh)."]
+
+
+@dataclasses.dataclass
+class LoweredStep:
+    """The train step traced for a topology, before compilation."""
+
+    trainer: Any
+    lowered: Any
+    report: CompileReport  # filled in except for the compiler's figures
+
+
+def lower_train_step(
+    config,
+    topology: str | TopologySpec | Sequence[Any],
+    batch_size: int | None = None,
+    num_slices: int = 1,
+) -> LoweredStep:
+    """Builds the :class:`Trainer` over ``topology``'s devices and lowers its step against abstract
+    (``ShapeDtypeStruct`` + sharding) state and batch. Seconds, not minutes: use it to check that a mesh
+    and batch are valid for a topology without paying for the TPU compiler."""
+    import jax
+
+    from jaxunified.train.loop import Trainer
+
+    devices, gen, name = _resolve(topology, num_slices)
+    cfg = with_batch_size(config, batch_size)
+    with tempfile.TemporaryDirectory(prefix="jaxunified_aot_") as tmp:
+        trainer = Trainer(cfg, workdir=tmp, devices=devices)
+    state = abstract_state(trainer)
+    batch = abstract_batch(trainer)
+    _check_batch(trainer, batch, name)
+    report = CompileReport(
+        topology=name,
+        generation=gen,
+        num_devices=len(devices),
+        device_kind=devices[0].device_kind,
+        mesh={k: int(v) for k, v in trainer.mesh.shape.items()},
+        global_batch=int(next(iter(batch.values())).shape[0]),
+        fits=False,
+        hbm_capacity_bytes=int(GENERATIONS[gen]["hbm_gib"] * GiB),
+        num_params=_tree_size(trainer.abstract_state.params),
+        state_bytes=_tree_bytes(trainer.abstract_state),
+        peak_flops_per_device=GENERATIONS[gen]["peak_tflops"] * 1e12,
+    )
+    report.notes += _slice_notes(trainer.mesh)
+    step = trainer.make_step(batch)
+    t0 = time.perf_counter()
+    with jax.set_mesh(trainer.mesh):
+        lowered = step.lower(state, batch)
+    report.lower_seconds = time.perf_counter() - t0
+    return LoweredStep(trainer, lowered, report)
+
+
+def compile_train_step(
+    config,
+    topology: str | TopologySpec | Sequence[Any],
+    batch_size: int | None = None,
+    num_slices: int = 1,
+    compiler_options: dict[str, Any] | None = None,
+) -> CompileReport:
+    """Compiles ``config``'s real train step for ``topology`` and reports memory, FLOPs and collectives.
+
+    ``topology`` is a name (see :func:`parse_topology`) or a list of (compile-only) TPU devices.
+    ``batch_size`` overrides ``config.data.batch_size`` (the global batch). The mesh comes from
+    ``config.mesh_shape`` (``(1, -1, 1)`` = pure FSDP). A step too big for the chip's HBM returns a
+    report with ``fits=False`` and the compiler's message; other compile errors raise.
+    ``compiler_options`` go to ``Lowered.compile`` (XLA/libtpu flags, as MaxText's ``compile_xla_flags``).
+    """
+    low = lower_train_step(config, topology, batch_size=batch_size, num_slices=num_slices)
+    report = low.report
+    t0 = time.perf_counter()
+    try:
+        compiled = low.lowered.compile(compiler_options) if compiler_options else low.lowered.compile()
+    except Exception as e:  # noqa: BLE001  (the OOM path returns a report; anything else raises)
+        if not is_oom(e):
+            raise
+        report.compile_seconds = time.perf_counter() - t0
+        text = str(e).strip()
+        report.message = text.splitlines()[0][:600] if text else type(e).__name__
+        report.required_bytes = _oom_required_bytes(text)
+        return report
+    report.compile_seconds = time.perf_counter() - t0
+
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        report.argument_bytes = int(mem.argument_size_in_bytes)
+        report.output_bytes = int(mem.output_size_in_bytes)
+        report.alias_bytes = int(mem.alias_size_in_bytes)
+        report.temp_bytes = int(mem.temp_size_in_bytes)
+        report.generated_code_bytes = int(mem.generated_code_size_in_bytes)
+    cost = _first_cost(compiled)
+    report.flops_per_device = float(cost.get("flops", 0.0))
+    report.bytes_accessed_per_device = float(cost.get("bytes accessed", 0.0))
+    report.collectives = count_collectives(compiled.as_text() or "")
+    hbm = report.hbm_capacity_bytes
+    report.fits = report.total_bytes <= hbm
+    if not report.fits:
+        report.message = (f"needs {report.total_bytes / GiB:.2f} GiB per device, more than the "
+                          f"{hbm / GiB:.0f} GiB of HBM of a {report.generation} chip")
+        report.required_bytes = report.total_bytes
+    return report

@@ -1,0 +1,154 @@
+"""AOT compile of the real train step for TPU topologies (libtpu, no TPU), and the bench commands."""
+
+import pathlib
+import sys
+
+import pytest
+
+from jaxunified import bench
+from jaxunified.parallel import aot
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from configs import vqgan as vqgan_configs  # noqa: E402
+
+needs_libtpu = pytest.mark.skipif(
+    not aot.libtpu_available(), reason='needs libtpu: pip install "jax[tpu]==0.10.2" (requirements-test.txt)'
+)
+
+
+def tiny_config(**data):
+    cfg = vqgan_configs.get_config("tiny")
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    return cfg
+
+
+# ---- pure helpers (no compiler) ----
+
+
+def test_parse_topology_defaults():
+    s = aot.parse_topology("v5e:16x16")
+    assert (s.topology_name, s.chip_config_name, s.wrap, s.chips_per_host_bounds) == (
+        "v5e:16x16", "default", (True, True, False), (2, 2, 1))
+    assert aot.parse_topology("v5e-16").dims == (4, 4)
+    v4 = aot.parse_topology("v4-8")  # Cloud names count TensorCores on v4/v5p: 4 chips
+    assert (v4.topology_name, v4.chip_config_name, v4.num_chips) == ("v4:2x2x1", "megacore", 4)
+    assert aot.parse_topology("v5p:4x4x4").wrap == (True, True, True)
+    assert aot.parse_topology("v6e:2x4", num_slices=2).num_chips == 16
+    assert aot.parse_topology("v5p:2x2x2").hbm_bytes == 95 * aot.GiB
+    with pytest.raises(ValueError, match="not understood"):
+        aot.parse_topology("tpu-big")
+    with pytest.raises(ValueError, match="unknown TPU generation"):
+        aot.parse_topology("v9z:2x2")
+
+
+def test_count_collectives_reads_tpu_hlo():
+    hlo = """
+%all-reduce-scatter (input: f32[64,8]) -> f32[16,8] {
+  %all-reduce.2 = f32[64,8]{1,0} all-reduce(%input), replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %dynamic-slice.3 = f32[16,8]{1,0} dynamic-slice(%all-reduce.2, %c, %c)
+}
+ENTRY %main.1 (p0: f32[16,8], p1: f32[4,8]) -> (f32[16,8]) {
+  %all-gather.6 = bf16[64,8]{1,0:T(8,128)(2,1)} all-gather(%p0), dimensions={0}, frontend_attributes={async_collective_name="all-gather-start"}
+  %fusion = f32[16,8]{1,0} fusion(%all-gather.6), kind=kCustom, calls=%all-reduce-scatter
+  %all-reduce-start = (f32[], f32[]) all-reduce-start(%x), to_apply=%add
+  %all-reduce-done = f32[] all-reduce-done(%all-reduce-start)
+  %collective-permute-start = (f32[4,8]{1,0:T(8,128)S(1)}, u32[]{:S(2)}) collective-permute-start(%p1), source_target_pairs={{0,1}}
+  %collective-permute-done = f32[4,8]{1,0} collective-permute-done(%collective-permute-start)
+  ROOT %t = (f32[16,8]) tuple(%fusion)
+}
+"""
+    assert aot.count_collectives(hlo) == {
+        "all-gather": 1, "reduce-scatter": 1, "all-reduce": 1, "collective-permute": 1}
+
+
+def test_oom_detection_and_figure():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(21.12G) exceeds available HBM (15.75G).")
+    assert aot.is_oom(msg) and not aot.is_oom("INVALID_ARGUMENT: shapes differ")
+    assert abs(aot._oom_required_bytes(msg) / aot.GiB - 21.12) < 1e-6
+
+
+def test_missing_libtpu_error_names_the_fix(monkeypatch):
+    monkeypatch.setattr(aot, "libtpu_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r'pip install "jax\[tpu\]==0.10.2"'):
+        aot.topology_devices("v5e:2x2")
+
+
+# ---- compile-only TPU devices ----
+
+
+@needs_libtpu
+def test_topology_devices_single_and_multislice():
+    import jax
+
+    devs = aot.topology_devices("v5e:2x2")
+    assert len(devs) == 4 and devs[0].device_kind == "TPU v5 lite"
+    two = aot.topology_devices("v5e:2x2", num_slices=2)
+    assert len(two) == 8 and {d.slice_index for d in two} == {0, 1}
+    assert aot.topology_devices("v5p:2x2x2")[0].device_kind == "TPU v5"
+    assert all(d.platform == "cpu" for d in jax.devices())  # the run itself stays on CPU
+
+
+@needs_libtpu
+def test_lower_for_v5p_is_fast_and_uses_the_config_mesh():
+    cfg = tiny_config()
+    cfg.mesh_shape = (2, -1, 1)
+    low = aot.lower_train_step(cfg, "v5p:2x2x2")
+    assert low.report.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert low.report.num_params > 0 and low.report.per_device_batch == cfg.data.batch_size / 8
+
+
+@needs_libtpu
+def test_batch_that_does_not_split_is_a_clear_error():
+    with pytest.raises(ValueError, match="data-parallel shards"):
+        aot.lower_train_step(tiny_config(), "v5e:2x4", batch_size=12)
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    return aot.compile_train_step(tiny_config(), "v5e:2x2")
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_compile_tiny_for_v5e(tiny_report):
+    r = tiny_report
+    assert r.fits and r.message is None, r.summary()
+    assert r.mesh == {"data": 1, "fsdp": 4, "tensor": 1} and r.num_devices == 4
+    assert r.argument_bytes > 0 and r.temp_bytes >= 0 and r.total_bytes > 0
+    assert r.alias_bytes > 0  # the state is donated
+    assert r.flops_per_device > 0 and r.flops_per_step == 4 * r.flops_per_device
+    assert r.collectives.get("all-gather", 0) + r.collectives.get("reduce-scatter", 0) > 0, r.collectives
+    text = r.summary()
+    assert "GiB" in text and "TFLOP" in text and "fits            True" in text
+    assert r.to_dict()["total_bytes"] == r.total_bytes
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_huge_batch_reports_does_not_fit():
+    r = aot.compile_train_step(tiny_config(), "v5e:2x2", batch_size=2**17)
+    assert not r.fits
+    assert aot.is_oom(r.message) or "HBM" in r.message, r.message
+    assert "does not fit" in r.summary()
+
+
+# ---- bench ----
+
+
+def test_matmul_peak_is_positive():
+    r = bench.measure_matmul_peak("float32", size=128, trials=2, min_trial_seconds=0.01)
+    assert r["tflops"] > 0 and r["size"] == 128
+
+
+@pytest.mark.slow
+def test_bench_step_smoke(capsys):
+    peak = bench.measure_matmul_peak("float32", size=256, trials=2, min_trial_seconds=0.01)
+    r = bench.bench_step(tiny_config(), steps=2, warmup=1, peak=peak, name="tiny")
+    print(r.summary())
+    out = capsys.readouterr().out
+    assert "steps/s" in out and "MFU" in out
+    for v in (r.steps_per_sec, r.images_per_sec, r.flops_per_step, r.achieved_tflops, r.peak_tflops, r.mfu):
+        assert v > 0
+    assert r.global_batch == 16 and r.num_devices == 8
