@@ -8,8 +8,18 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Many tests compile the same tiny train/init programs in several Trainers (resume, sharding);
+# the persistent cache turns every repeat into a load. The non-partitionable threefry compiles
+# random init about 3× faster on CPU; tests only need a fixed stream, not the production one.
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "JAXUNIFIED_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "jaxunified_test_jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_threefry_partitionable", False)
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 

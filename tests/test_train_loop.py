@@ -47,18 +47,19 @@ def one_step(config, devices, batch_np):
 
 @pytest.mark.parametrize("form", ["global", "per_device"])
 def test_sharded_step_equals_single_device(form):
-    config = tiny_config(step_form=form)
+    # SGD keeps the update linear in the gradient. Adam would turn float noise in gradients that are
+    # zero in exact arithmetic (conv biases right before a one-channel-per-group GroupNorm) into
+    # ±lr-sized steps, which says nothing about the sharding.
+    config = tiny_config(step_form=form, **{"optim.name": "sgd", "optim.lr": 0.1})
     one = looplib.Trainer(config, "/tmp/unused", devices=jax.devices()[:1])
     batch_np = next(iter(build_dataset(config.data, "train", one.mesh)))
     batch_np = {k: v for k, v in batch_np.items() if k == "image"}
-    ref = one_step(tiny_config(step_form="global"), jax.devices()[:1], batch_np)
+    ref = one_step(tiny_config(step_form="global", **{"optim.name": "sgd", "optim.lr": 0.1}), jax.devices()[:1], batch_np)
     got = one_step(config, jax.devices(), batch_np)
     assert len(jax.devices()) == 8
-    # Adam turns a reduction-order difference in a near-zero gradient into up to ~lr/10 of movement,
-    # so parameters are compared at 1e-4 with lr 1e-3; the collections (EMA codebook, BN stats) tightly.
-    chex.assert_trees_all_close(got[0], ref[0], atol=1e-4, rtol=1e-3)
+    chex.assert_trees_all_close(got[0], ref[0], atol=2e-5, rtol=2e-4)
     chex.assert_trees_all_close(got[1], ref[1], atol=2e-5, rtol=2e-4)
-    for k in ("loss", "rec_loss", "d_loss", "usage"):
+    for k in ("loss", "rec_loss", "d_loss", "d_weight", "usage", "grad_norm"):
         np.testing.assert_allclose(got[2][k], ref[2][k], rtol=1e-4, atol=1e-6)
 
 

@@ -235,6 +235,7 @@ class CompileReport:
     message: str | None = None  # the compiler's error when the step does not fit
     required_bytes: int | None = None  # from an out-of-memory message, when it names a figure
     notes: list[str] = dataclasses.field(default_factory=list)
+    largest_arrays: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)  # per device
 
     @property
     def total_bytes(self) -> int:
@@ -281,6 +282,9 @@ class CompileReport:
                 f"≤ {self.global_batch / self.min_step_seconds:.0f} images/s",
                 "collectives     " + (", ".join(f"{k} {v}" for k, v in self.collectives.items()) or "none"),
             ]
+            if self.largest_arrays:
+                lines.append("largest arrays  " + "; ".join(f"{sh} {b / 2**20:.0f} MiB ({op.split()[0]})"
+                                                            for b, sh, op in self.largest_arrays[:3]))
         else:
             req = f" (needs {self.required_bytes / GiB:.2f} GiB)" if self.required_bytes else ""
             lines.append(f"memory/device   does not fit in {g(self.hbm_capacity_bytes)} HBM{req}")
@@ -332,6 +336,39 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
         if m:
             counts[m.group(1)] += 1
     return {k: v for k, v in counts.items() if v}
+
+
+_DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_ARRAY_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([\d,]*)\]\S*\s+([a-z][\w\-]*)\(")
+
+
+def largest_arrays(hlo_text: str, k: int = 5) -> list[tuple[int, str, str]]:
+    """The ``k`` biggest per-device arrays the ENTRY computation materialises: (bytes, shape, op/name).
+
+    Not a liveness analysis (that is ``temp_bytes``) but the quickest way to spot an activation that
+    is not sharded over the batch: its per-device shape still has the global batch in it.
+    """
+    found: dict[tuple[str, str], int] = {}
+    in_entry = False
+    for line in hlo_text.splitlines():
+        if line.startswith("ENTRY"):
+            in_entry = True
+            continue
+        if in_entry and line.startswith("}"):
+            break
+        if not in_entry:
+            continue
+        m = _ARRAY_RE.match(line)
+        if not m or m.group(2) not in _DTYPE_BYTES or m.group(4) in ("parameter", "bitcast", "get-tuple-element"):
+            continue
+        dims = [int(d) for d in m.group(3).split(",") if d]
+        nbytes = math.prod(dims) * _DTYPE_BYTES[m.group(2)]
+        shape = f"{m.group(2)}[{m.group(3)}]"
+        key = (shape, f"{m.group(4)} {m.group(1)}")
+        found[key] = max(found.get(key, 0), nbytes)
+    top = sorted(((b, sh, op) for (sh, op), b in found.items()), reverse=True)
+    return top[:k]
 
 
 def _first_cost(compiled) -> dict[str, float]:
@@ -525,7 +562,9 @@ def compile_train_step(
     cost = _first_cost(compiled)
     report.flops_per_device = float(cost.get("flops", 0.0))
     report.bytes_accessed_per_device = float(cost.get("bytes accessed", 0.0))
-    report.collectives = count_collectives(compiled.as_text() or "")
+    hlo = compiled.as_text() or ""
+    report.collectives = count_collectives(hlo)
+    report.largest_arrays = largest_arrays(hlo)
     hbm = report.hbm_capacity_bytes
     report.fits = report.total_bytes <= hbm
     if not report.fits:
