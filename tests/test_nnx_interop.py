@@ -10,7 +10,8 @@ from jaxunified.models import vqgan
 
 
 def test_vqgan_wrapped_by_to_nnx_matches_linen_apply():
-    cfg = vqgan.get_config("shapes-S", ch=32, ch_mult=(1, 2), z_channels=16, codebook_size=32)
+    cfg = vqgan.get_config("shapes-S", ch=32, ch_mult=(1, 2), z_channels=16, codebook_size=32,
+                            update="grad", restart=False)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
     # Logical axis names are metadata here; NNX's eager sharding would need a mesh to place them.
     with nnx.use_eager_sharding(False):
