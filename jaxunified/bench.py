@@ -31,6 +31,13 @@ from typing import Any
 # matmul peak
 
 
+def _si(x: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.4g} {prefix}{unit}"
+    return f"{x:.4g} {unit}"
+
+
 def _sync(x):
     import jax
 
@@ -118,13 +125,14 @@ class StepBench:
 
     def summary(self) -> str:
         return "\n".join([
-            f"config          {self.config} on {self.num_devices} x {self.device_kind}, global batch {self.global_batch}",
+            f"config          {self.config} on {self.num_devices} x {self.device_kind}, "
+            f"global batch {self.global_batch}",
             f"compile         {self.compile_seconds:.1f} s",
             f"speed           {self.steps_per_sec:.3f} steps/s, {self.images_per_sec:.1f} images/s "
             f"({self.steps} steps in {self.seconds:.2f} s, warm-up excluded)",
-            f"FLOPs           {self.flops_per_step / 1e9:.3f} GFLOP per step (XLA cost analysis)",
-            f"achieved        {self.achieved_tflops * 1e3:.2f} GFLOP/s",
-            f"matmul peak     {self.peak_tflops * 1e3:.2f} GFLOP/s per device ({self.compute_dtype}, measured)",
+            f"FLOPs           {_si(self.flops_per_step, 'FLOP')} per step (XLA cost analysis)",
+            f"achieved        {_si(self.achieved_tflops * 1e12, 'FLOP/s')}",
+            f"matmul peak     {_si(self.peak_tflops * 1e12, 'FLOP/s')} per device ({self.compute_dtype}, measured)",
             f"MFU             {100 * self.mfu:.1f}%   (final loss {self.loss:.4g})",
         ])
 
@@ -257,7 +265,8 @@ def _define_flags():
         flags.DEFINE_integer("batch_size", None, "aot/step: global batch size (default: config.data.batch_size)")
         flags.DEFINE_integer("steps", 20, "step: timed steps")
         flags.DEFINE_integer("warmup", 2, "step: untimed steps after compilation")
-        flags.DEFINE_string("dtype", None, "peak/step: matmul dtype for the peak (default: the config's compute dtype / float32)")
+        flags.DEFINE_string("dtype", None,
+                            "peak/step: matmul dtype for the peak (default: the config's compute dtype, else float32)")
         flags.DEFINE_integer("size", None, "peak: matmul size (default: grown until one matmul takes >= 20 ms)")
     return F
 
@@ -287,7 +296,8 @@ def _main(argv):
 
     if cmd == "peak":
         r = measure_matmul_peak(F.dtype or "float32", size=F.size)
-        print(f"matmul peak     {r['tflops'] * 1e3:.2f} GFLOP/s ({r['dtype']} {r['size']}x{r['size']} on {r['device']}, "
+        print(f"matmul peak     {_si(r['flops_per_sec'], 'FLOP/s')} "
+              f"({r['dtype']} {r['size']}x{r['size']} on {r['device']}, "
               f"best of 5, {1e3 * r['seconds']:.2f} ms per matmul)")
         print(_json_line({"command": "peak", **r}))
         return

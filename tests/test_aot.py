@@ -123,7 +123,7 @@ def test_compile_tiny_for_v5e(tiny_report):
     assert r.flops_per_device > 0 and r.flops_per_step == 4 * r.flops_per_device
     assert r.collectives.get("all-gather", 0) + r.collectives.get("reduce-scatter", 0) > 0, r.collectives
     text = r.summary()
-    assert "GiB" in text and "TFLOP" in text and "fits            True" in text
+    assert "GiB" in text and "FLOP per step" in text and "fits            True" in text
     assert r.to_dict()["total_bytes"] == r.total_bytes
 
 

@@ -32,6 +32,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from typing import Any, Sequence
 
 GiB = 1024**3
@@ -116,7 +117,8 @@ def parse_topology(name: str, num_slices: int = 1) -> TopologySpec:
             raise ValueError(f"unknown TPU generation {m.group(1)!r} in {name!r}; known: {', '.join(GENERATIONS)}")
         if GENERATIONS[gen]["ndim"] == 3:
             if n % 2:
-                raise ValueError(f"{name!r}: {gen} slice names count TensorCores (2 per chip), so the number must be even")
+                raise ValueError(
+                    f"{name!r}: {gen} slice names count TensorCores (2 per chip), so the number must be even")
             table, chips = _SLICE_SHAPES_3D, n // 2
         else:
             table, chips = _SLICE_SHAPES_2D, n
@@ -286,18 +288,18 @@ class CompileReport:
                 f"                arguments {g(self.argument_bytes)}, outputs {g(self.output_bytes)}, "
                 f"aliased (donated) {g(self.alias_bytes)}, temporaries {g(self.temp_bytes)}, "
                 f"code {g(self.generated_code_bytes)}",
-                f"FLOPs           {self.flops_per_step / 1e12:.3f} TFLOP per step, "
-                f"{self.flops_per_device / 1e12:.3f} TFLOP per device"
-                + (f"; unpartitioned program {self.model_flops_per_step / 1e12:.3f} TFLOP "
+                f"FLOPs           {_si(self.flops_per_step, 'FLOP')} per step, "
+                f"{_si(self.flops_per_device, 'FLOP')} per device"
+                + (f"; unpartitioned program {_si(self.model_flops_per_step, 'FLOP')} "
                    f"({self.flops_per_step / self.model_flops_per_step:.2f}x after partitioning)"
                    if self.model_flops_per_step else ""),
-                f"ideal step      {1e3 * self.min_step_seconds:.2f} ms at 100% MFU "
+                f"ideal step      {_duration(self.min_step_seconds)} at 100% MFU "
                 f"({self.peak_flops_per_device / 1e12:.0f} TFLOP/s bf16 peak per chip) → "
                 f"≤ {self.global_batch / self.min_step_seconds:.0f} images/s",
                 "collectives     " + (", ".join(f"{k} {v}" for k, v in self.collectives.items()) or "none"),
             ]
             if self.largest_arrays:
-                lines.append("largest arrays  " + "; ".join(f"{sh} {b / 2**20:.0f} MiB ({op})"
+                lines.append("largest arrays  " + "; ".join(f"{sh} {_nbytes(b)} ({op})"
                                                             for b, sh, op in self.largest_arrays[:3]))
             if self.message:
                 lines.append(f"does not fit    {self.message}")
@@ -307,11 +309,32 @@ class CompileReport:
             lines.append(f"compiler        {self.message}")
             if self.model_flops_per_step:
                 ideal = self.model_flops_per_step / (self.num_devices * self.peak_flops_per_device)
-                lines.append(f"FLOPs           {self.model_flops_per_step / 1e12:.3f} TFLOP per step (unpartitioned program); "
-                             f"{1e3 * ideal:.2f} ms per step at 100% MFU on {self.num_devices} chips")
+                lines.append(f"FLOPs           {_si(self.model_flops_per_step, 'FLOP')} per step "
+                             f"(unpartitioned program); {_duration(ideal)} per step at 100% MFU "
+                             f"on {self.num_devices} chips")
         lines += [f"note            {n}" for n in self.notes]
-        lines.append(f"fits            {self.fits}   (traced in {self.lower_seconds:.1f} s, compiled in {self.compile_seconds:.1f} s)")
+        lines.append(f"fits            {self.fits}   (traced in {self.lower_seconds:.1f} s, "
+                     f"compiled in {self.compile_seconds:.1f} s)")
         return "\n".join(lines)
+
+
+def _si(x: float, unit: str) -> str:
+    """1.234e14, "FLOP" → "123.4 TFLOP"."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.4g} {prefix}{unit}"
+    return f"{x:.4g} {unit}"
+
+
+def _duration(sec: float) -> str:
+    return f"{sec * 1e3:.4g} ms" if sec >= 1e-3 else f"{sec * 1e6:.4g} µs"
+
+
+def _nbytes(b: float) -> str:
+    for scale, unit in ((GiB, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if b >= scale:
+            return f"{b / scale:.4g} {unit}"
+    return f"{b:.0f} B"
 
 
 def is_oom(err: BaseException | str) -> bool:
@@ -414,7 +437,10 @@ def _tree_size(tree) -> int:
 
 def with_batch_size(config, batch_size: int | None):
     """A copy of ``config`` (references resolved, unlocked copy) with ``data.batch_size`` replaced."""
-    cfg = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else copy.deepcopy(config)
+    if hasattr(config, "copy_and_resolve_references"):
+        cfg = config.copy_and_resolve_references()
+    else:
+        cfg = copy.deepcopy(config)
     if batch_size is not None:
         with cfg.unlocked() if hasattr(cfg, "unlocked") else _nullctx():
             cfg.data.batch_size = int(batch_size)
@@ -436,7 +462,8 @@ def abstract_batch(trainer) -> dict:
 
     example = trainer.task.dummy_batch()
     shardings = trainer.batch_shardings(example)
-    return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=shardings[k]) for k, v in example.items()}
+    return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=shardings[k])
+            for k, v in example.items()}
 
 
 def abstract_state(trainer):
@@ -467,7 +494,8 @@ def _resolve(topology, num_slices: int):
     if not devices:
         raise ValueError("no devices given")
     kind = devices[0].device_kind.lower()
-    gen = next((g for g, k in (("v5e", "v5 lite"), ("v6e", "v6 lite"), ("v5p", "v5"), ("v4", "v4")) if kind.endswith(k)), None)
+    kinds = (("v5e", "v5 lite"), ("v6e", "v6 lite"), ("v5p", "v5"), ("v4", "v4"))
+    gen = next((g for g, k in kinds if kind.endswith(k)), None)
     if gen is None:
         raise ValueError(f"devices of kind {devices[0].device_kind!r} are not a TPU generation this module knows "
                          f"({', '.join(GENERATIONS)})")
@@ -588,7 +616,12 @@ def compile_train_step(
         report.model_flops_per_step = model_flops(config, batch_size)
     t0 = time.perf_counter()
     try:
-        compiled = low.lowered.compile(compiler_options) if compiler_options else low.lowered.compile()
+        with warnings.catch_warnings():
+            # With JAX's persistent compilation cache on, compile-only executables are written to it but
+            # cannot be loaded back ("PjRtCompiler must be constructed with a Client"); JAX then
+            # recompiles, which is all that can happen here anyway.
+            warnings.filterwarnings("ignore", message="Error reading persistent compilation cache entry")
+            compiled = low.lowered.compile(compiler_options) if compiler_options else low.lowered.compile()
     except Exception as e:  # noqa: BLE001  (the OOM path returns a report; anything else raises)
         if not is_oom(e):
             raise
