@@ -227,7 +227,7 @@ class CompileReport:
     temp_bytes: int = 0
     generated_code_bytes: int = 0
     flops_per_device: float = 0.0
-    model_flops_per_step: float = 0.0  # the unpartitioned step's FLOPs (XLA cost model on the global program)
+    model_flops_per_step: float = 0.0  # XLA's cost model on the global, unpartitioned, unoptimized step
     bytes_accessed_per_device: float = 0.0
     collectives: dict[str, int] = dataclasses.field(default_factory=dict)
     num_params: int = 0
@@ -290,8 +290,8 @@ class CompileReport:
                 f"code {g(self.generated_code_bytes)}",
                 f"FLOPs           {_si(self.flops_per_step, 'FLOP')} per step, "
                 f"{_si(self.flops_per_device, 'FLOP')} per device"
-                + (f"; unpartitioned program {_si(self.model_flops_per_step, 'FLOP')} "
-                   f"({self.flops_per_step / self.model_flops_per_step:.2f}x after partitioning)"
+                + (f"; global unoptimized program {_si(self.model_flops_per_step, 'FLOP')} "
+                   f"(compiled/global = {self.flops_per_step / self.model_flops_per_step:.2f})"
                    if self.model_flops_per_step else ""),
                 f"ideal step      {_duration(self.min_step_seconds)} at 100% MFU "
                 f"({self.peak_flops_per_device / 1e12:.0f} TFLOP/s bf16 peak per chip) → "
@@ -310,7 +310,7 @@ class CompileReport:
             if self.model_flops_per_step:
                 ideal = self.model_flops_per_step / (self.num_devices * self.peak_flops_per_device)
                 lines.append(f"FLOPs           {_si(self.model_flops_per_step, 'FLOP')} per step "
-                             f"(unpartitioned program); {_duration(ideal)} per step at 100% MFU "
+                             f"(global unoptimized program); {_duration(ideal)} per step at 100% MFU "
                              f"on {self.num_devices} chips")
         lines += [f"note            {n}" for n in self.notes]
         lines.append(f"fits            {self.fits}   (traced in {self.lower_seconds:.1f} s, "
@@ -575,7 +575,10 @@ def lower_train_step(
 def model_flops(config, batch_size: int | None = None) -> float:
     """FLOPs of one train step of the whole (global-batch, unpartitioned) program, by XLA's HLO cost
     model on a CPU lowering: no TPU compiler involved, so it is there even when the step does not fit.
-    Compare with ``flops_per_step`` of a compiled report to see work the partitioner duplicated."""
+
+    It counts the program as traced, before XLA's simplifications (dead-code elimination of unused
+    forward values, algebraic rewrites), so it is an upper estimate: a compiled report's
+    ``flops_per_step`` is usually lower; much higher means the partitioner duplicates work."""
     import jax
 
     from jaxunified.train.loop import Trainer
