@@ -1,7 +1,6 @@
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
-import optax
 
 from jaxunified.train.optim import FROZEN, make_optimizer, schedule
 

@@ -11,7 +11,6 @@ Behaviour a user relies on:
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import pathlib
@@ -20,7 +19,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 

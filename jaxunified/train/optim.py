@@ -80,19 +80,19 @@ def make_optimizer(
             out[n] = _one(cfg, group_lr.get(n))
         return out
 
-    if callable(labels):
-        # multi_transform needs the group names up front; they are discovered at init time.
-        class _Lazy:
-            def init(self, params):
-                lt = labels(params)
-                return optax.multi_transform(transforms(lt), lt).init(params)
+    if not callable(labels):
+        return optax.multi_transform(transforms(labels), labels)
 
-            def update(self, grads, state, params=None):
-                lt = labels(grads)
-                return optax.multi_transform(transforms(lt), lt).update(grads, state, params)
+    # multi_transform needs the group names up front; a label function only reveals them per tree.
+    def init(params):
+        lt = labels(params)
+        return optax.multi_transform(transforms(lt), lt).init(params)
 
-        return optax.GradientTransformation(_Lazy().init, _Lazy().update)
-    return optax.multi_transform(transforms(labels), labels)
+    def update(grads, state, params=None):
+        lt = labels(grads)
+        return optax.multi_transform(transforms(lt), lt).update(grads, state, params)
+
+    return optax.GradientTransformation(init, update)
 
 
 def label_by_top_key(mapping: Mapping[str, str], default: str = FROZEN) -> Callable[[Any], Any]:

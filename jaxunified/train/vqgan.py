@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
