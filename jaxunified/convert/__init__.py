@@ -17,6 +17,7 @@ _LOADERS: dict[str, str] = {
     "star_vq": "jaxunified.convert.vq:load_star_vq",
     "vgg16": "jaxunified.convert.lpips:load_vgg16",
     "lpips": "jaxunified.convert.lpips:load_lpips",
+    "hf_siglip": "jaxunified.convert.siglip:load_hf_siglip",
 }
 
 

@@ -210,3 +210,29 @@ def apply_rules(
         else:
             unmapped.append(k)
     return out, unmapped
+
+
+# ---- attention layouts (PyTorch Linear → ``nn.transformer.MultiHeadAttention``) ----
+
+def qkv_kernel(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """q/k/v projection weight [H·hd, D] → DenseGeneral kernel [D, H, hd]."""
+    out_dim, in_dim = w.shape
+    return np.transpose(w).reshape(in_dim, num_heads, out_dim // num_heads)
+
+
+def qkv_bias(b: np.ndarray, num_heads: int) -> np.ndarray:
+    """[H·hd] → [H, hd]."""
+    return b.reshape(num_heads, -1)
+
+
+def attn_out_kernel(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Output projection weight [D, H·hd] → DenseGeneral kernel [H, hd, D]."""
+    out_dim, in_dim = w.shape
+    return np.transpose(w).reshape(num_heads, in_dim // num_heads, out_dim)
+
+
+def split_fused(w: np.ndarray, parts: int) -> list[np.ndarray]:
+    """A fused projection ([3·D, D] in_proj / timm qkv, or [2·D, D] kv) → its row blocks in order."""
+    if w.shape[0] % parts:
+        raise CheckpointMismatchError(f"fused projection of shape {w.shape} does not split into {parts} parts")
+    return list(np.split(w, parts, axis=0))
