@@ -309,7 +309,10 @@ def build_dataset(cfg: Any, split: str, mesh: Mesh) -> DataIterator:
     ``num_train``, ``num_test``, optional ``shapes_seed`` (content, default 0 — kept apart from
     ``seed`` so every run shares one build and one test set); folder/webdataset: ``path``,
     ``captions_file`` (folder only), each either one value for every split or a mapping split →
-    value; optional ``on_error`` ("skip"), ``worker_count`` (0), ``eval_batch_size``. Unset
+    value; optional ``on_error`` ("skip"), ``worker_count`` (0), ``eval_batch_size``, ``text``
+    (a sub-config with ``tokenizer`` set, e.g. ``{tokenizer: "byte", max_len: 32}``; see
+    ``jaxunified.data.text.make_tokenizer``): adds an int32 ``tokens`` field ``[max_len]``
+    tokenised from each caption. Unset
     fields may be None or "" (ConfigDict placeholders); paths may start with ``~``.
 
     The "train" split follows ``shuffle`` (True) and ``num_epochs`` (None = forever) and drops
@@ -328,9 +331,16 @@ def build_dataset(cfg: Any, split: str, mesh: Mesh) -> DataIterator:
             f"data.batch_size={batch_size} ({split}) must be a multiple of the mesh's {shards} data-parallel "
             f"shards (axes {BATCH_AXES}); change the batch size or config.mesh_shape"
         )
+    text = _get(cfg, "text")
+    transforms = ()
+    if text is not None and _get(text, "tokenizer") is not None:
+        from jaxunified.data.text import TokenizeCaptions, make_tokenizer
+
+        transforms = (TokenizeCaptions(make_tokenizer(text)),)
     loader = make_loader(
         source,
         batch_size,
+        transforms=transforms,
         seed=int(_get(cfg, "seed", 0)),
         shuffle=bool(_get(cfg, "shuffle", True)) if train else False,
         num_epochs=_get(cfg, "num_epochs") if train else 1,
