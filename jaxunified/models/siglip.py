@@ -106,7 +106,7 @@ VARIANTS: dict[str, tuple[str, int, int, int, int, int]] = {
     "siglip2-L/16": ("L", 16, 256, 256000, 64, 0),
     "siglip2-So400m/14": ("So400m", 14, 384, 256000, 64, 0),
     "tiny": ("tiny", 8, 32, 100, 16, 1),
-    "shapes-S": ("shapes-S", 4, 32, 260, 32, 0),
+    "shapes-S": ("shapes-S", 4, 32, 260, 64, 0),
 }
 
 

@@ -27,6 +27,7 @@ from jaxunified.train import state as statelib
 from jaxunified.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxunified.train.metrics import MetricWriter
 from jaxunified.train.optim import make_optimizer
+from jaxunified.train.restore import save_config
 from jaxunified.train.task import get_task
 
 log = logging.getLogger("jaxunified.train")
@@ -99,6 +100,8 @@ class Trainer:
         cfg = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
         is_main = jax.process_index() == 0
+        if is_main:
+            save_config(cfg, self.workdir)
         writer = MetricWriter(self.workdir, enabled=is_main)
         ckpt = Checkpointer(self.workdir / "checkpoints", keep=int(cfg.get("keep_checkpoints", 3)))
         data_iter = iter(build_dataset(cfg.data, "train", self.mesh))

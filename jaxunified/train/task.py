@@ -10,6 +10,9 @@ import numpy as np
 # task name -> "module:Class"
 TASKS = {
     "vqgan": "jaxunified.train.vqgan:VQGANTask",
+    "siglip": "jaxunified.train.siglip:SigLIPTask",
+    "dualtoken": "jaxunified.train.dualtoken:DualTokenTask",
+    "toklip": "jaxunified.train.toklip:TokLIPTask",
 }
 
 
