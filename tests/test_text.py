@@ -257,3 +257,20 @@ def test_build_dataset_adds_tokens(tmp_path):
     # No text config (or no tokenizer in it): the pipeline is unchanged.
     assert "tokens" not in next(pipeline.build_dataset(cfg, "train", mesh))
     assert "tokens" not in next(pipeline.build_dataset({**cfg, "text": {"max_len": 8}}, "train", mesh))
+
+
+def test_builtin_shapes_word_model(tmp_path, monkeypatch):
+    from jaxunified.data import shapes
+    from jaxunified.data.shapes_text import shapes_words_model
+
+    path = shapes_words_model(tmp_path)
+    assert shapes_words_model(tmp_path) == path  # cached, not retrained
+    tok = make_tokenizer(tokenizer="sentencepiece", path="builtin:shapes_words", max_len=16)
+    for i in range(300):
+        caption = shapes.render_example(i, "train", 0, 32)["caption"]
+        ids = tok.encode(caption)
+        words = caption.split()
+        assert (ids != tok.pad_id).sum() == len(words), caption  # one token per word, no unknowns
+        assert tok.decode(ids) == caption
+    with pytest.raises(ValueError, match="unknown built-in"):
+        make_tokenizer(tokenizer="sentencepiece", path="builtin:nope")

@@ -348,6 +348,10 @@ def make_tokenizer(cfg: Any = None, /, **overrides: Any) -> TextTokenizer:
         return ByteTokenizer(**fields)
     if path is None:
         raise ValueError(f"text tokenizer {kind!r} needs text.path (the {_FILE_NAMES[kind]} file)")
+    if str(path).startswith("builtin:"):
+        from jaxunified.data.shapes_text import resolve_builtin
+
+        path = resolve_builtin(path)
     return _CLASSES[kind](path, **fields)
 
 
