@@ -95,7 +95,7 @@ class Trainer:
 
     # ---- the run ----
     def run(self) -> Any:
-        from jaxunified.data.pipeline import build_dataset, to_global
+        from jaxunified.data.pipeline import to_global
 
         cfg = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ class Trainer:
             save_config(cfg, self.workdir)
         writer = MetricWriter(self.workdir, enabled=is_main)
         ckpt = Checkpointer(self.workdir / "checkpoints", keep=int(cfg.get("keep_checkpoints", 3)))
-        data_iter = iter(build_dataset(cfg.data, "train", self.mesh))
+        data_iter = iter(self.task.build_dataset("train"))
 
         if ckpt.latest_step() is not None:
             target = abstract_with_shardings(self.abstract_state, self.state_shardings)

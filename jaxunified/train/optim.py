@@ -34,8 +34,15 @@ def schedule(cfg: Mapping[str, Any], lr: float | None = None) -> optax.Schedule:
 
 
 def decay_mask(params) -> Any:
-    """Weight decay only on ≥2-D weights: biases, norms, scalars (logit scale) and other 1-D params are exempt."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """Weight decay only on ≥2-D weights. Exempt, as in open_clip/TokLIP: 1-D and scalar params
+    (norms, logit scale) and anything named ``bias`` — attention biases are 2-D ``[heads, head_dim]``."""
+
+    def decays(path, p) -> bool:
+        last = path[-1] if path else None
+        name = str(getattr(last, "key", getattr(last, "name", "")))
+        return jnp.ndim(p) >= 2 and name != "bias"
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def _one(cfg: Mapping[str, Any], lr: float | None = None) -> optax.GradientTransformation:

@@ -50,6 +50,12 @@ class Task:
     def grad_fn(self, params, collections, batch, rng, step, axis_name=None):
         raise NotImplementedError
 
+    def build_dataset(self, split: str):
+        """The run's host batches for ``split``; tasks with cached inputs (TokLIP codes) override it."""
+        from jaxunified.data.pipeline import build_dataset
+
+        return build_dataset(self.config.data, split, self.mesh)
+
     def evaluate(self, state, split: str, workdir, step: int) -> dict:
         raise NotImplementedError
 

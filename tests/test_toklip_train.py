@@ -1,0 +1,152 @@
+"""Task ``toklip``: cached batches give the image batch's loss, frozen parts stay out of the
+optimizer and never move, per-device step == global step, and a tiny run trains and evaluates."""
+
+import dataclasses
+import os
+import pathlib
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import toklip as toklip_config
+from jaxunified.data.pipeline import build_dataset
+from jaxunified.nn.transformer import stack_layers
+from jaxunified.parallel import mesh as meshlib
+from jaxunified.train import loop as looplib
+from jaxunified.train import toklip as T
+from tests.test_train_loop import one_step
+
+
+def tiny_config(**kw):
+    c = toklip_config.get_config("tiny")
+    c.data.data_dir = str(pathlib.Path(os.environ.get("PYTEST_DATA_DIR", "/tmp/jaxunified_test_data")))
+    for k, v in kw.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def task():
+    t = T.TokLIPTask(tiny_config(), meshlib.make_mesh((1, -1, 1)))
+    batch = t.dummy_batch()
+    params, colls = jax.jit(lambda k: t.init_variables(k, batch))(jax.random.key(0))
+    return t, nn.meta.unbox(params)["student"], nn.meta.unbox(colls)["frozen"]
+
+
+def test_cached_batch_gives_the_image_batch_loss(task, tmp_path):
+    t, student, frozen = task
+    source, data = T.in_order_batches(t.config.data, "train", 16)
+    host = next(data)
+    images = {"image": jnp.asarray(host["image"]), "tokens": jnp.asarray(host["tokens"])}
+
+    path = T.precompute_cache(t, frozen, "train", tmp_path)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert arrays["codes"].shape == (256, 16, 16) and arrays["teacher_embeds"].shape == (256, 32)
+    _, cached_data = T.in_order_batches(t.config.data, "train", 16, source=T.CachedSource(source, arrays))
+    cached = next(cached_data)
+    assert "image" not in cached  # training from the cache reads no pixels
+    cached = {k: jnp.asarray(cached[k]) for k in ("codes", "teacher_embeds", "text_embeds")}
+
+    loss = jax.jit(lambda s, b: t.loss_and_metrics(s, frozen, b)[1])
+    a, b = loss(student, images), loss(student, cached)
+    np.testing.assert_array_equal(np.asarray(cached["codes"]).reshape(16, -1),
+                                  np.asarray(jax.jit(t.codes)(frozen, images)).reshape(16, -1))
+    for k in ("loss", "contrastive", "distill_mse"):
+        np.testing.assert_allclose(float(b[k]), float(a[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+    # Codes alone (teacher and text still from pixels and tokens) give it too.
+    np.testing.assert_allclose(float(loss(student, {**images, "codes": cached["codes"]})["loss"]), float(a["loss"]),
+                               rtol=1e-6)
+
+    # The training iterator over the cache: shuffled, fixed-shape batches without pixels.
+    it = T.cached_dataset(t.config.data, "train", t.mesh, tmp_path)
+    batch = next(it)
+    assert batch["codes"].shape == (16, 16, 16) and batch["codes"].dtype == np.int32 and "image" not in batch
+
+
+def test_student_starts_from_teacher_and_frozen_parts_are_not_params(task):
+    t, student, frozen = task
+    assert set(student) == {"adapter", "vision", "logit_scale"}
+    assert set(frozen) == {"tokenizer", "teacher"}
+    assert set(frozen["tokenizer"]) == {"encoder", "quant_conv", "quantize"}  # no decoder loaded
+    tv = frozen["teacher"]["vision"]
+    chex.assert_trees_all_equal(student["vision"]["encoder"], tv["encoder"])
+    chex.assert_trees_all_equal(student["vision"]["head"], tv["head"])
+    assert "patch_embed" not in student["vision"]
+    # The teacher reads 4-px patches (8×8), the student 2-px codes (16×16): bilinear resize.
+    assert tv["pos_embedding"].shape == (64, 32) and student["vision"]["pos_embedding"].shape == (256, 32)
+    assert float(student["logit_scale"]) == pytest.approx(float(np.log(10.0)))
+
+
+def test_scanned_student_from_unscanned_teacher(task):
+    t, student, frozen = task
+    cfg = dataclasses.replace(t.cfg, vision=dataclasses.replace(t.cfg.vision, scan=True))
+    fresh = {**student, "vision": {**student["vision"], "encoder": stack_layers(student["vision"]["encoder"], 1)}}
+    out = T.student_from_teacher(fresh, frozen["teacher"], cfg, t.teacher_cfg)
+    np.testing.assert_array_equal(out["vision"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"][0],
+                                  frozen["teacher"]["vision"]["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"])
+    wide = dataclasses.replace(t.teacher_cfg, vision=dataclasses.replace(t.teacher_cfg.vision, width=48))
+    with pytest.raises(ValueError, match="does not fit"):
+        bad = jax.tree.map(lambda x: np.zeros(x.shape[:-1] + (48,)) if x.ndim else x, frozen["teacher"])
+        T.student_from_teacher(student, bad, t.cfg, wide)
+
+
+@pytest.mark.parametrize("form", ["global", "per_device"])
+def test_step_trains_only_the_student(form):
+    sgd = {"optim.name": "sgd", "optim.lr": 0.1, "optim.warmup_steps": 0}
+    config = tiny_config(step_form=form, **sgd)
+    one = looplib.Trainer(config, "/tmp/unused", devices=jax.devices()[:1])
+    state = one.init_state()
+    n_student = len(jax.tree.leaves(state.params["student"]))
+    assert set(state.params) == {"student"}  # the optimizer never sees the frozen parts
+    assert len(jax.tree.leaves(state.opt_state)) <= n_student + 2
+    batch = next(iter(build_dataset(config.data, "train", one.mesh)))
+    batch = {k: batch[k] for k in ("image", "tokens")}
+    ref = one_step(tiny_config(step_form="global", **sgd), jax.devices()[:1], batch)
+    got = one_step(config, jax.devices(), batch)
+    chex.assert_trees_all_close(got[2]["loss"], ref[2]["loss"], atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(got[0], ref[0], atol=2e-5, rtol=2e-4)
+    chex.assert_trees_all_equal(got[1]["frozen"], jax.device_get(state.collections["frozen"]))
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got[0]["student"], jax.device_get(state.params["student"]))
+    assert moved["adapter"]["vq_table"]["kernel"] > 0 and moved["vision"]["head"]["probe"] > 0
+
+
+def test_weight_decay_groups_match_the_reference():
+    from jaxunified.train.optim import decay_mask
+
+    config = tiny_config()
+    trainer = looplib.Trainer(config, "/tmp/unused", devices=jax.devices()[:1])
+    params = trainer.abstract_state.params["student"]
+    mask = decay_mask(params)
+
+    def reference(path, x):  # open_clip main.py: ndim < 2, or "bn"/"ln"/"bias"/"logit_scale" in the name
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        return not (x.ndim < 2 or "bias" in name or "ln" in name.split("/")[-2:] or "logit_scale" in name)
+
+    want = jax.tree_util.tree_map_with_path(reference, params)
+    assert jax.tree.leaves(mask) == jax.tree.leaves(want)
+
+
+@pytest.mark.slow
+def test_tiny_run_trains_and_evaluates_with_teacher(tmp_path):
+    import json
+
+    from jaxunified.train.evaluate import evaluate_run
+
+    config = tiny_config(total_steps=6)
+    looplib.Trainer(config, tmp_path).run()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["split"] == "train"]
+    assert train[-1]["distill_mse"] < train[0]["distill_mse"]
+    evals = [x for x in lines if x["split"] == "eval"]
+    assert {"zs_color_top1", "i2t_r1", "teacher_zs_shape_top1", "teacher_t2i_r5"} <= set(evals[-1])
+    again = evaluate_run(config, tmp_path)
+    assert again["zs_color_top1"] == pytest.approx(evals[-1]["zs_color_top1"])
