@@ -18,6 +18,8 @@ _LOADERS: dict[str, str] = {
     "vgg16": "jaxunified.convert.lpips:load_vgg16",
     "lpips": "jaxunified.convert.lpips:load_lpips",
     "hf_siglip": "jaxunified.convert.siglip:load_hf_siglip",
+    "toklip": "jaxunified.convert.toklip:load_toklip",
+    "dualtoken": "jaxunified.convert.dualtoken:load_dualtoken",
 }
 
 
