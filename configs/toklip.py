@@ -63,9 +63,10 @@ def _base() -> mlc.ConfigDict:
     # Precomputed codes / teacher / text embeddings (train.toklip.precompute_cache); "" = from pixels.
     c.data.cache_dir = ""
     c.data.text = mlc.ConfigDict()
-    c.data.text.tokenizer = "byte"
-    c.data.text.path = ""
-    c.data.text.max_len = 56
+    # The teacher's tokenizer (configs/siglip.py:shapes): one token per word of the caption grammar.
+    c.data.text.tokenizer = "sentencepiece"
+    c.data.text.path = "builtin:shapes_words"
+    c.data.text.max_len = 16
     c.data.text.canonicalize = False
     c.data.text.eos = "no"
 
