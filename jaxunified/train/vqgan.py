@@ -9,7 +9,6 @@ optimizer's ``frozen`` label so they checkpoint with the run but never train.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pathlib
 
 import jax
@@ -20,11 +19,10 @@ from jaxunified.eval import image_metrics
 from jaxunified.losses import recon as recon_losses
 from jaxunified.models import discriminator as disc_lib
 from jaxunified.models import vqgan as vqgan_lib
+from jaxunified.train import gan
 from jaxunified.train.metrics import image_grid, save_png
 from jaxunified.train.optim import FROZEN
 from jaxunified.train.task import Task
-
-log = logging.getLogger(__name__)
 
 
 def model_config(cfg) -> vqgan_lib.VQGANConfig:
@@ -57,17 +55,7 @@ class VQGANTask(Task):
 
     # ---- building ----
     def _load_lpips(self):
-        from jaxunified import convert
-        from jaxunified.models import lpips as lpips_lib
-
-        path = self.loss_cfg.get("lpips_path")
-        if path:
-            return convert.load("lpips", path, vgg_path=self.loss_cfg.get("vgg_path") or None)
-        # No pretrained weights: random VGG features still give a feature-space distance, but the
-        # figures are not comparable to published LPIPS; say so loudly.
-        log.warning("loss.perceptual_weight > 0 but loss.lpips_path is empty: using randomly initialised LPIPS")
-        module = lpips_lib.LPIPS(lpips_lib.LPIPSConfig())
-        return module, None
+        return gan.load_lpips(self.loss_cfg)
 
     def dummy_batch(self):
         r = int(self.config.data.resolution)
@@ -106,9 +94,7 @@ class VQGANTask(Task):
         return rec, (rec, jnp.zeros(()))
 
     def _disc_logits(self, dparams, stats, x, axis_name):
-        module = self.disc if axis_name is None else self.disc.clone(cfg=dataclasses.replace(self.disc.cfg, bn_axis_name=axis_name))
-        logits, mut = module.apply({"params": dparams, **stats}, x, train=True, mutable=["batch_stats"])
-        return logits, mut
+        return gan.disc_logits(self.disc, dparams, stats, x, axis_name)
 
     def grad_fn(self, params, collections, batch, rng, step, axis_name=None):
         lc = self.loss_cfg
@@ -149,19 +135,11 @@ class VQGANTask(Task):
         if gen_colls:
             new_colls["generator"] = gen_mut
         if self.use_disc:
-            fake = jax.lax.stop_gradient(recon)
-
-            def disc_loss(dp):
-                real_logits, mut = self._disc_logits(dp, collections["disc"], x, axis_name)
-                fake_logits, mut = self._disc_logits(dp, mut, fake, axis_name)
-                kind = lc.disc_loss
-                fn = recon_losses.hinge_d_loss if kind == "hinge" else recon_losses.vanilla_d_loss
-                return disc_factor * fn(real_logits, fake_logits), (mut, real_logits.mean(), fake_logits.mean())
-
-            (d_loss, (d_mut, lr_, lf_)), g_disc = jax.value_and_grad(disc_loss, has_aux=True)(params["disc"])
-            grads["disc"] = g_disc
-            new_colls["disc"] = d_mut
-            metrics.update(d_loss=d_loss, logits_real=lr_, logits_fake=lf_)
+            fn = recon_losses.hinge_d_loss if lc.disc_loss == "hinge" else recon_losses.vanilla_d_loss
+            grads["disc"], new_colls["disc"], d_metrics = gan.disc_grads(
+                self.disc, params["disc"], collections["disc"], x, jax.lax.stop_gradient(recon), fn,
+                disc_factor, axis_name)
+            metrics.update(d_metrics)
         if self.use_lpips:
             grads["lpips"] = jax.tree.map(jnp.zeros_like, params["lpips"])
         return grads, new_colls, metrics
@@ -169,22 +147,14 @@ class VQGANTask(Task):
     def _adaptive_weight(self, gp, params, collections, x, dec_features, axis_name):
         """taming's ‖∇nll‖/‖∇G‖ at the decoder's last conv, from its input features (one conv re-run)."""
         lc = self.loss_cfg
-        feats = jax.lax.stop_gradient(dec_features)
-        last = jax.lax.stop_gradient(gp["decoder"]["conv_out"])
 
-        def recon_with(kernel):
-            return vqgan_lib.vqgan_conv_out({"decoder": {"conv_out": {**last, "kernel": kernel}}}, feats)
-
-        def gan(kernel):
-            logits, _ = self._disc_logits(params["disc"], collections["disc"], recon_with(kernel), axis_name)
+        def gan_fn(recon):
+            logits, _ = self._disc_logits(params["disc"], collections["disc"], recon, axis_name)
             return recon_losses.generator_loss(logits, kind=lc.gen_loss)
 
-        g_rec = jax.grad(lambda k: self._nll(params, x, recon_with(k))[0])(last["kernel"])
-        g_gan = jax.grad(gan)(last["kernel"])
-        if axis_name is not None:
-            g_rec = jax.lax.pmean(g_rec, axis_name)
-            g_gan = jax.lax.pmean(g_gan, axis_name)
-        return recon_losses.adaptive_weight(g_rec, g_gan, max_weight=float(lc.adaptive_max))
+        return gan.adaptive_gan_weight(
+            gp["decoder"]["conv_out"], dec_features, lambda recon: self._nll(params, x, recon)[0], gan_fn,
+            axis_name=axis_name, max_weight=float(lc.adaptive_max))
 
     # ---- evaluation ----
     def eval_params(self, state):

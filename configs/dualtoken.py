@@ -1,0 +1,248 @@
+r"""DualToken tokenizer training (task ``dualtoken``): a SigLIP tower with a residual-quantised pixel
+branch (reconstruction) and semantic branch (distillation from the frozen original tower).
+
+Arguments after the colon pick a preset:
+
+* ``shapes`` — the built-in pipeline's dual tokenizer on 32 px shapes, started from the shapes
+  SigLIP teacher (train that first; its workdir is ``model.siglip_workdir``):
+      python train.py --config configs/siglip.py:shapes    --workdir runs/siglip_shapes
+      python train.py --config configs/dualtoken.py:shapes --workdir runs/dualtoken_shapes
+      python eval.py  --config configs/dualtoken.py:shapes --workdir runs/dualtoken_shapes
+  Target: at most 15 minutes on 2 idle CPU cores. Measured on 2 cores shared with other jobs
+  (load 2-5): 11 min 38 s wall for the whole command (≈ 1 step/s, compile ≈ 1 min, final eval
+  ≈ 1 min), peak RSS 1.9 GB. eval_test.json reports reconstruction ``psnr``/``ssim``, codebook
+  usage per depth (``usage_{pix,sem}_d{d}``) and of the shared codebook over all depths
+  (``usage_{pix,sem}_all``), and zero-shot / retrieval through the semantic path (``zs_*``,
+  ``i2t_r*``) next to the original tower (``teacher_*``). Measured from the 2000-step shapes
+  SigLIP: PSNR 26.5 dB, SSIM 0.83; codebook usage over all depths 100% (pixel and semantic),
+  per depth pixel 22/78/77/74%, semantic 32/80/73/67%; zero-shot colour / shape / count
+  100 / 53.9 / 47.6% through the semantic path vs 100 / 55.0 / 48.1% for the original tower.
+  No LPIPS weights ship with the repository, so the perceptual term is off unless
+  ``--config.loss.lpips_path`` is given; the GAN term (tiny PatchGAN) joins at ``loss.disc_start``.
+  ``--config.model.pix_rq.restart=False --config.model.sem_rq.restart=False`` is the no-restart
+  comparison.
+* ``tiny`` — seconds-long smoke run used by the tests: random tiny tower, every loss term on
+  (GAN with adaptive weight, contrastive), also ``runlocal``.
+* ``so400m`` — the released recipe: SigLIP2 So400m/14 at 384 px (``--config.model.siglip_init_from``:
+  an HF folder with config.json + model.safetensors), pixel and semantic RQ 16384 × 32, depth 8,
+  loss weights as the reference's stage 1, AdamW lr 7.2e-5, betas (0.5, 0.9), wd 1e-4, warmup 10k,
+  batch 256 (32/GPU × 8 in the paper), LPIPS from ``--config.loss.lpips_path``, image–caption
+  shards from ``--config.data.path``. Sized for a TPU v5p-64 slice; the reference trains 20
+  epochs over 10M CC12M images.
+
+``--config.model.stage=0|1|2`` picks the reference's freezing (0: embeddings and layers
+1..layer_sem frozen; 1: all but the text tower and logit scale/bias; 2: embeddings, layers
+1..layer_shortcut and the pixel branch frozen, pixel codebook not updated). The reference's
+stage 0 loss keeps only the pooled term (``loss.sem_token_weight=0 loss.sem_pooled_weight=5``)
+and no GAN; its stage 2 trains the semantic side alone (pixel, perceptual, GAN and pixel-commit
+weights 0).
+"""
+
+import ml_collections as mlc
+
+
+def _base() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.task = "dualtoken"
+    c.seed = 0
+    c.mesh_shape = (1, -1, 1)
+    c.logical_rules = mlc.FieldReference(None, field_type=list)
+    c.step_form = "global"  # or "per_device": shard_map with psum'ed codebook EMA, SyncBN, per-device contrastive
+    c.total_steps = 1000
+    c.log_every = 50
+    c.eval_every = 0
+    c.final_eval = True
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 2
+    c.progress = True
+
+    c.data = mlc.ConfigDict()
+    c.data.name = "shapes"
+    c.data.data_dir = "~/.cache/jaxunified/datasets"
+    c.data.path = ""
+    c.data.captions_file = ""
+    c.data.resolution = 32
+    c.data.num_train = 20000
+    c.data.num_test = 1000
+    c.data.batch_size = 32
+    c.data.eval_batch_size = 200
+    c.data.seed = 0
+    c.data.shuffle = True
+    c.data.num_epochs = mlc.FieldReference(None, field_type=int)
+    c.data.worker_count = 0
+    # Caption tokens for the contrastive term and zero-shot evaluation; they must be the text
+    # tower's own (the task checks them against a siglip_workdir's config).
+    c.data.text = mlc.ConfigDict()
+    c.data.text.tokenizer = "byte"
+    c.data.text.path = ""
+    c.data.text.max_len = 56
+    c.data.text.canonicalize = False
+    c.data.text.eos = "no"
+
+    c.model = mlc.ConfigDict()
+    c.model.variant = ""  # a released size (models.dualtoken.VARIANTS); "" builds from the fields below
+    c.model.init_from = ""  # an official DualToken checkpoint to start the tokenizer from
+    c.model.init_from_overrides = mlc.ConfigDict()
+    # Where the initial tower and the frozen teacher come from (the first one set wins):
+    c.model.siglip_workdir = ""  # a trained `siglip` run
+    c.model.siglip_config = ""  # its config spec, if the workdir has no config.json
+    c.model.siglip_init_from = ""  # an HF SigLIP folder (config.json + safetensors)
+    c.model.siglip_variant = ""  # a random tower (tests)
+    c.model.image_size = 0
+    c.model.vision = mlc.ConfigDict()  # tower overrides, e.g. dict(remat=True, dtype="bfloat16")
+    c.model.text = mlc.ConfigDict()
+    c.model.layer_recon = 6
+    c.model.layer_sem = 26
+    c.model.layer_shortcut = 4  # 0: no shortcut
+    c.model.weight_shortcut = 0.6
+    c.model.pix_rq = mlc.ConfigDict(dict(codebook_size=16384, embed_dim=32, depth=8, ema_schedule="per_depth",
+                                         ema_decay=0.99, restart=True))
+    c.model.sem_rq = mlc.ConfigDict(dict(codebook_size=16384, embed_dim=32, depth=8, ema_schedule="per_step",
+                                         ema_decay=0.99, restart=True))
+    c.model.decoder = mlc.ConfigDict(dict(ch=128, ch_mult=(1, 1, 4, 4, 8), num_res_blocks=2, z_channels=1024,
+                                          norm_groups=32))
+    c.model.decoder_latent_shape = (24, 24)  # () keeps the token grid
+    c.model.stage = 1
+    c.model.train_text = False
+    c.model.train_logits = False
+
+    c.loss = mlc.ConfigDict()
+    c.loss.sem_weight = 1.0
+    c.loss.sem_token_weight = 5.0  # (MSE − cos) of zq_sem vs the teacher's layer-layer_sem tokens
+    c.loss.sem_pooled_weight = 1.0  # (MSE − cos) of the pooled outputs
+    c.loss.commit_pix_weight = 5.0
+    c.loss.commit_sem_weight = 5.0
+    c.loss.pixel = "l2"
+    c.loss.pixel_weight = 5.0
+    c.loss.perceptual_weight = 1.0
+    c.loss.lpips_path = ""
+    c.loss.vgg_path = ""
+    c.loss.disc_weight = 0.75
+    c.loss.disc_start = 0
+    c.loss.disc_loss = "hinge"
+    c.loss.hinge_slope = 0.01  # DualToken writes the D hinge with leaky_relu (slope 0.01)
+    c.loss.disc_loss_weight = 0.75
+    c.loss.gen_loss = "hinge"
+    c.loss.adaptive_weight = True
+    c.loss.adaptive_min = 0.3
+    c.loss.adaptive_max = 10.0
+    c.loss.contrastive_weight = 0.0
+    c.loss.contrastive_kind = "sigmoid"
+
+    c.disc = mlc.ConfigDict()
+    c.disc.ndf = 64
+    c.disc.n_layers = 3
+    c.disc.negative_slope = 0.2
+
+    c.optim = mlc.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 7.2e-5
+    c.optim.disc_lr = mlc.FieldReference(None, field_type=float)
+    c.optim.b1 = 0.5
+    c.optim.b2 = 0.9
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 1e-4
+    c.optim.warmup_steps = 10_000
+    c.optim.schedule = "cosine"
+    c.optim.end_lr_factor = 0.0
+    c.optim.total_steps = c.get_ref("total_steps")
+    c.optim.clip_norm = mlc.FieldReference(None, field_type=float)
+    c.optim.ema_decay = mlc.FieldReference(None, field_type=float)
+
+    c.eval = mlc.ConfigDict()
+    c.eval.num_examples = 0
+    return c
+
+
+def _small_tokenizer(c: mlc.ConfigDict, codebook_size: int, depth: int) -> None:
+    """Layer taps and sizes for a 4-layer, width-96 tower with an 8×8 token grid (32 px, patch 4)."""
+    c.model.layer_shortcut = 1
+    c.model.layer_recon = 2
+    c.model.layer_sem = 3
+    for rq, schedule in ((c.model.pix_rq, "per_depth"), (c.model.sem_rq, "per_step")):
+        rq.codebook_size = codebook_size
+        rq.embed_dim = 16
+        rq.depth = depth
+        rq.ema_schedule = schedule
+    # Narrow full-resolution levels: 2 CPU cores are compute-bound on the 32×32 3×3 convs.
+    c.model.decoder = mlc.ConfigDict(dict(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=64, norm_groups=8))
+    c.model.decoder_latent_shape = ()
+
+
+def _siglip_shapes_text() -> mlc.ConfigDict:
+    """The shapes teacher's caption tokenizer (configs/siglip.py:shapes), so the two never drift."""
+    import pathlib
+
+    from jaxunified.train.restore import load_config
+
+    return load_config(str(pathlib.Path(__file__).with_name("siglip.py")) + ":shapes").data.text
+
+
+def get_config(arg: str = "shapes") -> mlc.ConfigDict:
+    c = _base()
+    if arg == "shapes":
+        c.total_steps = 600
+        c.log_every = 25
+        c.checkpoint_every = 200
+        c.data.batch_size = 32
+        c.model.siglip_workdir = "runs/siglip_shapes"
+        c.data.text = _siglip_shapes_text()
+        _small_tokenizer(c, codebook_size=256, depth=4)
+        c.loss.perceptual_weight = 0.0
+        c.loss.disc_start = 300
+        c.disc.ndf = 16
+        c.disc.n_layers = 2
+        c.optim.lr = 2e-3
+        c.optim.warmup_steps = 50
+        c.optim.end_lr_factor = 0.05
+        c.optim.weight_decay = 0.0
+        c.optim.clip_norm = 1.0
+    elif arg in ("tiny", "runlocal"):
+        c.total_steps = 4
+        c.log_every = 2
+        c.checkpoint_every = 2
+        c.data.num_train = 256
+        c.data.num_test = 64
+        c.data.batch_size = 16
+        c.data.eval_batch_size = 32
+        c.model.siglip_variant = "shapes-S"
+        c.model.vision = mlc.ConfigDict(dict(width=32, depth=3, mlp_dim=64, num_heads=2, patch_size=8))
+        c.model.text = mlc.ConfigDict(dict(width=32, depth=1, mlp_dim=64, num_heads=2, proj_dim=32))
+        c.model.layer_shortcut = 1
+        c.model.layer_recon = 1
+        c.model.layer_sem = 2
+        for rq in (c.model.pix_rq, c.model.sem_rq):
+            rq.codebook_size = 32
+            rq.embed_dim = 8
+            rq.depth = 2
+        c.model.decoder = mlc.ConfigDict(dict(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16,
+                                              norm_groups=4))
+        c.model.decoder_latent_shape = ()
+        c.loss.perceptual_weight = 0.0
+        c.loss.contrastive_weight = 0.1
+        c.disc.ndf = 8
+        c.disc.n_layers = 1
+        c.optim.lr = 1e-3
+        c.optim.warmup_steps = 0
+        c.progress = False
+    elif arg == "so400m":
+        c.total_steps = 800_000
+        c.log_every = 100
+        c.eval_every = 20_000
+        c.checkpoint_every = 5_000
+        c.data.name = "webdataset"
+        c.data.resolution = 384
+        c.data.batch_size = 256
+        c.data.worker_count = 8
+        c.data.text.tokenizer = "sentencepiece"
+        c.data.text.max_len = 64
+        c.data.text.canonicalize = True
+        c.data.text.eos = "sticky"
+        c.model.variant = "So400m/14-384"
+        c.model.vision = mlc.ConfigDict(dict(remat=True))
+        c.disc.ndf = 64
+        c.disc.n_layers = 3
+        c.eval.num_examples = 10_000
+    else:
+        raise ValueError(f"unknown dualtoken preset {arg!r}; use shapes, tiny or so400m")
+    return c

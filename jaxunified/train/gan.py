@@ -1,0 +1,92 @@
+"""GAN pieces shared by the tokenizer tasks (``vqgan``, ``dualtoken``).
+
+* ``disc_logits``: the PatchGAN in train mode (batch statistics, as taming/LlamaGen/DualToken run
+  it in both the generator and the discriminator pass), SyncBN over ``axis_name`` per device;
+* ``disc_grads``: one discriminator loss/gradient on real images and detached reconstructions;
+* ``adaptive_gan_weight``: taming's ``‖∇nll‖ / (‖∇G‖ + 1e-4)`` at the decoder's last conv, from
+  the features entering it (only that conv is re-run, so the two extra gradients are cheap);
+* ``load_lpips``: the perceptual network from ``loss.lpips_path`` (random weights, with a warning,
+  when none is given).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable
+
+import jax
+
+from jaxunified.losses import recon as recon_losses
+from jaxunified.models.vqgan import vqgan_conv_out
+
+log = logging.getLogger(__name__)
+
+
+def load_lpips(loss_cfg):
+    """``(LPIPS module, variables or None)``; None means "initialise randomly in init_variables"."""
+    from jaxunified import convert
+    from jaxunified.models import lpips as lpips_lib
+
+    path = loss_cfg.get("lpips_path")
+    if path:
+        return convert.load("lpips", path, vgg_path=loss_cfg.get("vgg_path") or None)
+    # No pretrained weights: random VGG features still give a feature-space distance, but the
+    # figures are not comparable to published LPIPS; say so loudly.
+    log.warning("loss.perceptual_weight > 0 but loss.lpips_path is empty: using randomly initialised LPIPS")
+    return lpips_lib.LPIPS(lpips_lib.LPIPSConfig()), None
+
+
+def disc_logits(disc, dparams, stats, x, axis_name=None):
+    """``(logits, updated collections)`` of ``disc`` (an ``NLayerDiscriminator``) on ``x``."""
+    module = disc if axis_name is None else disc.clone(cfg=dataclasses.replace(disc.cfg, bn_axis_name=axis_name))
+    return module.apply({"params": dparams, **stats}, x, train=True, mutable=["batch_stats"])
+
+
+def disc_grads(disc, dparams, stats, real, fake, loss_fn: Callable, weight: Any = 1.0, axis_name=None):
+    """Gradient of ``weight · loss_fn(D(real), D(fake))``; returns ``(grads, new stats, metrics)``.
+
+    ``fake`` should already be ``stop_gradient``-ed reconstructions.
+    """
+
+    def loss(dp):
+        real_logits, mut = disc_logits(disc, dp, stats, real, axis_name)
+        fake_logits, mut = disc_logits(disc, dp, mut, fake, axis_name)
+        return weight * loss_fn(real_logits, fake_logits), (mut, real_logits.mean(), fake_logits.mean())
+
+    (d_loss, (mut, real_mean, fake_mean)), grads = jax.value_and_grad(loss, has_aux=True)(dparams)
+    return grads, mut, {"d_loss": d_loss, "logits_real": real_mean, "logits_fake": fake_mean}
+
+
+def adaptive_gan_weight(
+    conv_out_params,
+    dec_features: jax.Array,
+    nll_fn: Callable[[jax.Array], jax.Array],
+    gan_fn: Callable[[jax.Array], jax.Array],
+    *,
+    axis_name=None,
+    min_weight: float = 0.0,
+    max_weight: float = 1e4,
+) -> jax.Array:
+    """Adaptive GAN weight from the decoder's last conv (``params["decoder"]["conv_out"]``).
+
+    ``nll_fn(recon)`` and ``gan_fn(recon)`` are the reconstruction and generator losses of a
+    reconstruction; per device the two gradients are averaged over ``axis_name`` first, which
+    makes the weight that of the global batch. Clamped to ``[min_weight, max_weight]``
+    (taming [0, 1e4], DualToken [0.3, 10]); gradient-stopped.
+    """
+    feats = jax.lax.stop_gradient(dec_features)
+    last = jax.lax.stop_gradient(conv_out_params)
+
+    def recon_with(kernel):
+        return vqgan_conv_out({"decoder": {"conv_out": {**last, "kernel": kernel}}}, feats)
+
+    g_rec = jax.grad(lambda k: nll_fn(recon_with(k)))(last["kernel"])
+    g_gan = jax.grad(lambda k: gan_fn(recon_with(k)))(last["kernel"])
+    if axis_name is not None:
+        g_rec = jax.lax.pmean(g_rec, axis_name)
+        g_gan = jax.lax.pmean(g_gan, axis_name)
+    return recon_losses.adaptive_weight(g_rec, g_gan, max_weight=max_weight, min_weight=min_weight)
+
+
+__all__ = ["adaptive_gan_weight", "disc_grads", "disc_logits", "load_lpips"]
