@@ -20,7 +20,8 @@ Arguments after the colon pick a preset:
   No LPIPS weights ship with the repository, so the perceptual term is off unless
   ``--config.loss.lpips_path`` is given; the GAN term (tiny PatchGAN) joins at ``loss.disc_start``.
   ``--config.model.pix_rq.restart=False --config.model.sem_rq.restart=False`` is the no-restart
-  comparison.
+  comparison (measured: semantic codebook 21% used over all depths, 11-20% per depth; pixel
+  99.6%, 13/88/84/73% per depth; PSNR 26.9 dB, zero-shot within 1.5 points of the above).
 * ``tiny`` — seconds-long smoke run used by the tests: random tiny tower, every loss term on
   (GAN with adaptive weight, contrastive), also ``runlocal``.
 * ``so400m`` — the released recipe: SigLIP2 So400m/14 at 384 px (``--config.model.siglip_init_from``:
