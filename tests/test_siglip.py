@@ -152,3 +152,10 @@ def test_logical_axes_shard_heads_and_embed():
     q = abstract["vision"]["encoder"]["layers_0"]["attn"]["query"]["kernel"]
     assert isinstance(q, nn.LogicallyPartitioned) and q.names == ("embed", "heads", "kv")
     assert abstract["text"]["token_embedding"].names == ("vocab", "embed")
+
+
+def test_vision_only_config_ignores_text_keys(golden_dir, golden):
+    hf = golden[0]
+    cfg = config_from_hf({"vision_config": hf["vision_config"]})
+    v = convert_state_dict(read_state_dict(golden_dir / "hf_siglip_tiny.safetensors"), cfg)
+    assert "text" not in v["params"] and "vision" in v["params"]

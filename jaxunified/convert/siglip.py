@@ -170,6 +170,8 @@ def convert_state_dict(
     map the rest of a bigger checkpoint themselves).
     """
     sd = {k: v for k, v in sd.items() if k.startswith(prefix)}
+    if cfg.text is None:  # a vision-only config ignores the checkpoint's text tower
+        sd = {k: v for k, v in sd.items() if not k.startswith(f"{prefix}text_model.")}
     sd = _split_fused_head(sd, prefix)
     converted, unmapped = apply_rules(sd, _rules(cfg, prefix), ignore=_IGNORED)
     flat_cfg = dataclasses.replace(
@@ -177,9 +179,6 @@ def convert_state_dict(
         vision=dataclasses.replace(cfg.vision, scan=False),
         text=dataclasses.replace(cfg.text, scan=False) if cfg.text else None,
     )
-    if cfg.text is None:
-        converted = {k: v for k, v in converted.items() if not k.startswith("params/text/")}
-        unmapped = [k for k in unmapped if not k.startswith(f"{prefix}text_model.")]
     if not strict_unmapped:
         unmapped = []
     expected = {"params": nn.meta.unbox(abstract_variables(flat_cfg)["params"])}
