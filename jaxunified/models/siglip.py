@@ -26,11 +26,11 @@ from jaxunified.nn.transformer import (
     Encoder,
     MAPHead,
     causal_mask,
-    combine_masks,
     layer_norm,
     padding_mask,
     resize_posemb,
 )
+from jaxunified.quant.vq import l2_normalize as vq_l2_normalize
 
 Dtype = Any
 
@@ -130,7 +130,7 @@ def get_config(name: str, *, image_size: int | None = None, vision: dict | None 
     return dataclasses.replace(SigLIPConfig(vision=v, text=t), **overrides)
 
 
-def _embed_init(stddev_from_width: bool = True):
+def _embed_init():
     def init(key, shape, dtype=jnp.float32):
         return jax.random.normal(key, shape, dtype) / np.sqrt(shape[-1])
 
@@ -271,7 +271,7 @@ class TextTower(nn.Module):
         x = jnp.take(self.token_embedding, tokens, axis=0).astype(c.dtype)
         x = x + self.pos_embedding[: tokens.shape[1]].astype(c.dtype)[None]
         x0 = x
-        mask = combine_masks(padding_mask(valid) if valid is not None else None)
+        mask = padding_mask(valid) if valid is not None else None
         x, hidden = self.encoder(x, mask)
         last = self.final_ln(x)
         pooled = self.head(last[:, -1].astype(c.dtype))
@@ -282,8 +282,8 @@ class TextTower(nn.Module):
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    """Embeddings are compared in float32 whatever the towers' compute dtype."""
+    return vq_l2_normalize(x.astype(jnp.float32), eps)
 
 
 class SigLIP(nn.Module):

@@ -60,14 +60,6 @@ def padding_mask(valid: jax.Array) -> jax.Array:
     return valid.astype(jnp.bool_)[:, None, None, :]
 
 
-def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
-    out = None
-    for m in masks:
-        if m is not None:
-            out = m if out is None else jnp.logical_and(out, m)
-    return out
-
-
 class Mlp(nn.Module):
     mlp_dim: int
     act: str = "gelu_tanh"
