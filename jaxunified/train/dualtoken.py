@@ -281,13 +281,12 @@ class DualTokenTask(Task):
                 tcolls = dict(tcolls, codebook=_fill(tcolls["codebook"], tok_vars["codebook"], "the codebooks"))
         params = {"tokenizer": tparams, "teacher": teacher}
         collections = {"tokenizer": tcolls}
-        if self.use_disc:
-            dv = self.disc.init(k_disc, x, train=False)
-            params["disc"] = dv["params"]
-            collections["disc"] = {k: v for k, v in dv.items() if k != "params"}
-        if self.use_lpips:
-            lv = self._lpips_vars if self._lpips_vars is not None else self.lpips.init(k_lp, x, x)
-            params["lpips"] = lv["params"]
+        gan.init_disc_and_lpips(
+            params, collections, x, k_disc, k_lp,
+            disc=self.disc if self.use_disc else None,
+            lpips=self.lpips if self.use_lpips else None,
+            lpips_vars=self._lpips_vars if self.use_lpips else None,
+        )
         return params, collections
 
     def _frozen(self, keys: list) -> bool:

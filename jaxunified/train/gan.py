@@ -37,6 +37,19 @@ def load_lpips(loss_cfg):
     return lpips_lib.LPIPS(lpips_lib.LPIPSConfig()), None
 
 
+def init_disc_and_lpips(params: dict, collections: dict, x, k_disc, k_lp, *, disc=None, lpips=None,
+                        lpips_vars=None) -> None:
+    """Adds the discriminator (``params``/``collections["disc"]``) and LPIPS (``params["lpips"]``, the
+    loaded weights or a random init) to a task's initial variables, in place; None skips a part."""
+    if disc is not None:
+        dv = disc.init(k_disc, x, train=False)
+        params["disc"] = dv["params"]
+        collections["disc"] = {k: v for k, v in dv.items() if k != "params"}
+    if lpips is not None:
+        lv = lpips_vars if lpips_vars is not None else lpips.init(k_lp, x, x)
+        params["lpips"] = lv["params"]
+
+
 def disc_logits(disc, dparams, stats, x, axis_name=None):
     """``(logits, updated collections)`` of ``disc`` (an ``NLayerDiscriminator``) on ``x``."""
     module = disc if axis_name is None else disc.clone(cfg=dataclasses.replace(disc.cfg, bn_axis_name=axis_name))

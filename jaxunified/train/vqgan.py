@@ -67,13 +67,12 @@ class VQGANTask(Task):
         gen = self.vqgan.init({"params": k_gen, "quant": k_q}, x)
         params = {"generator": gen["params"]}
         collections = {"generator": {k: v for k, v in gen.items() if k != "params"}}
-        if self.use_disc:
-            dv = self.disc.init(k_disc, x, train=False)
-            params["disc"] = dv["params"]
-            collections["disc"] = {k: v for k, v in dv.items() if k != "params"}
-        if self.use_lpips:
-            lv = self._lpips_vars if self._lpips_vars is not None else self.lpips.init(k_lp, x, x)
-            params["lpips"] = lv["params"]
+        gan.init_disc_and_lpips(
+            params, collections, x, k_disc, k_lp,
+            disc=self.disc if self.use_disc else None,
+            lpips=self.lpips if self.use_lpips else None,
+            lpips_vars=self._lpips_vars if self.use_lpips else None,
+        )
         return params, collections
 
     def param_labels(self, params):
