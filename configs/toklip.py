@@ -62,6 +62,7 @@ def _base() -> mlc.ConfigDict:
     c.data.worker_count = 0
     # Precomputed codes / teacher / text embeddings (train.toklip.precompute_cache); "" = from pixels.
     c.data.cache_dir = ""
+    c.data.build_cache = False  # True: the run builds a missing cache (keyed by the frozen weights) first
     c.data.text = mlc.ConfigDict()
     # The teacher's tokenizer (configs/siglip.py:shapes): one token per word of the caption grammar.
     c.data.text.tokenizer = "sentencepiece"
@@ -70,12 +71,13 @@ def _base() -> mlc.ConfigDict:
     c.data.text.canonicalize = False
     c.data.text.eos = "no"
 
-    # The frozen VQ: kind "workdir" (a vqgan run: workdir + its config spec), "llamagen_vq" /
+    # The frozen VQ: kind "workdir" (a vqgan run: workdir + its config spec, "" = the config.json
+    # the run wrote, so later preset edits never mismatch its checkpoint), "llamagen_vq" /
     # "star_vq" / "ibq" (path), or "random" (variant + overrides; smoke tests).
     c.tokenizer = mlc.ConfigDict()
     c.tokenizer.kind = "workdir"
     c.tokenizer.workdir = "runs/vqgan_shapes"
-    c.tokenizer.config = "configs/vqgan.py:shapes"
+    c.tokenizer.config = ""
     c.tokenizer.path = ""
     c.tokenizer.variant = "shapes-S"
     c.tokenizer.overrides = mlc.ConfigDict()
@@ -85,7 +87,7 @@ def _base() -> mlc.ConfigDict:
     c.teacher = mlc.ConfigDict()
     c.teacher.kind = "workdir"
     c.teacher.workdir = "runs/siglip_shapes"
-    c.teacher.config = "configs/siglip.py:shapes"
+    c.teacher.config = ""  # as tokenizer.config
     c.teacher.path = ""
     c.teacher.variant = "shapes-S"
     c.teacher.image_size = 0
@@ -144,6 +146,10 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.optim.warmup_steps = 20
         c.optim.weight_decay = 1e-4
         c.model.init_logit_scale = math.log(30.0)
+        # The VQ, teacher and text tower are frozen and shapes has no augmentation: run them once
+        # over the training split (cached under a digest of their weights) and train on the codes.
+        c.data.cache_dir = "~/.cache/jaxunified/toklip"
+        c.data.build_cache = True
     elif arg in ("tiny", "runlocal"):
         c.total_steps = 4
         c.log_every = 2

@@ -59,6 +59,23 @@ def test_logit_scale_clamp():
     assert C.SIGLIP_INIT_T == math.log(10.0) and C.SIGLIP_INIT_B == -10.0
 
 
+def test_hard_negatives_hand_values():
+    # A negative caption identical to image 0's own caption: each image row gains its column
+    # (2 for image 0, a tie with its positive; 0 for image 1), text rows are untouched; the
+    # sigmoid loss gains −log σ(−logit) for both images.
+    neg = ZTXT[:1]
+    loss, m = C.clip_loss(ZIMG, ZTXT, math.log(2.0), negatives=neg)
+    want = 0.25 * (math.log(2 * math.exp(2) + math.exp(1.6)) - 2 + math.log(2 + math.exp(1.2)) - 1.2
+                   + _sp(-2.0) + _sp(0.4))
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    assert float(m["i2t_acc"]) == 0.5  # a tie with the negative is a miss
+    loss, _ = C.sigmoid_loss(ZIMG, ZTXT, math.log(2.0), -1.0, negatives=neg)
+    want = (_sp(-1.0) + _sp(0.6) + _sp(-1.0) + _sp(-0.2) + _sp(1.0) + _sp(-1.0)) / 2
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    with pytest.raises(ValueError, match="negatives must be"):
+        C.clip_loss(ZIMG, ZTXT, 0.0, negatives=np.zeros((3, 5)))
+
+
 def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="same shape"):
         C.clip_loss(np.zeros((4, 3)), np.zeros((4, 5)), 0.0)
@@ -72,21 +89,23 @@ MESH = make_mesh((2, -1, 1))  # both batch axes > 1, so the multi-axis gather/ri
 N_DEV = MESH.shape["data"] * MESH.shape["fsdp"]
 
 
-def _loss_fn(kind):
-    """Tiny towers (one linear map per side, replicated) plus additive probes whose grads are ∂L/∂z."""
+def _loss_fn(kind, negatives=False):
+    """Tiny towers (one linear map per side, replicated) plus additive probes whose grads are ∂L/∂z;
+    with ``negatives`` the text tower also embeds K = 2 hard-negative captions per row (``xn``)."""
 
-    def fn(params, probes, xi, xt, axis_name):
+    def fn(params, probes, xi, xt, xn, axis_name):
         zi = xi @ params["img"] + probes[0]
         zt = xt @ params["txt"] + probes[1]
+        zn = xn @ params["txt"] if negatives else None
         if kind == "clip":
-            return C.clip_loss(zi, zt, params["logit_scale"], axis_name=axis_name)
-        return C.sigmoid_loss(zi, zt, params["t"], params["b"], axis_name=axis_name)
+            return C.clip_loss(zi, zt, params["logit_scale"], negatives=zn, axis_name=axis_name)
+        return C.sigmoid_loss(zi, zt, params["t"], params["b"], negatives=zn, axis_name=axis_name)
 
     return fn
 
 
 def _inputs(kind):
-    k = jax.random.split(jax.random.PRNGKey(1), 4)
+    k = jax.random.split(jax.random.PRNGKey(1), 5)
     w = jax.random.normal(k[0], (D_IN, D))
     params = {"img": w, "txt": w + 0.3 * jax.random.normal(k[1], (D_IN, D))}
     # Texts correlated with images, so accuracies are neither 0 nor 1 and every term matters.
@@ -97,23 +116,25 @@ def _inputs(kind):
     else:  # b well above −10 so negatives carry real gradient at this tiny batch
         params.update(t=jnp.float32(C.SIGLIP_INIT_T), b=jnp.float32(-3.0))
     probes = jnp.zeros((2, B, D))
-    return params, probes, xi, xt
+    # Hard negatives near their rows' captions (row-major [B·K]: each device holds its rows' K).
+    xn = jnp.repeat(xt, 2, axis=0) + 0.5 * jax.random.normal(k[4], (2 * B, D_IN))
+    return params, probes, xi, xt, xn
 
 
-def _global(kind):
-    fn = jax.value_and_grad(_loss_fn(kind), argnums=(0, 1), has_aux=True)
+def _global(kind, negatives=False):
+    fn = jax.value_and_grad(_loss_fn(kind, negatives), argnums=(0, 1), has_aux=True)
     rows = batch_sharding(MESH, 2)
     return jax.jit(
-        lambda p, e, xi, xt: fn(p, e, xi, xt, None),
-        in_shardings=(replicated(MESH), NamedSharding(MESH, P(None, BATCH_AXES)), rows, rows),
+        lambda p, e, xi, xt, xn: fn(p, e, xi, xt, xn, None),
+        in_shardings=(replicated(MESH), NamedSharding(MESH, P(None, BATCH_AXES)), rows, rows, rows),
     )
 
 
-def _per_device_body(kind):
-    fn = jax.value_and_grad(_loss_fn(kind), argnums=(0, 1), has_aux=True)
+def _per_device_body(kind, negatives=False):
+    fn = jax.value_and_grad(_loss_fn(kind, negatives), argnums=(0, 1), has_aux=True)
 
-    def body(p, e, xi, xt):
-        (loss, metrics), (gp, ge) = fn(p, e, xi, xt, BATCH_AXES)
+    def body(p, e, xi, xt, xn):
+        (loss, metrics), (gp, ge) = fn(p, e, xi, xt, xn, BATCH_AXES)
         # What the train loop does (state.make_train_step): pmean of loss, metrics and param grads.
         loss, metrics, gp = jax.lax.pmean((loss, metrics, gp), BATCH_AXES)
         return (loss, metrics), (gp, ge)
@@ -121,21 +142,22 @@ def _per_device_body(kind):
     return body
 
 
-def _per_device(kind):
+def _per_device(kind, negatives=False):
     return jax.jit(jax.shard_map(
-        _per_device_body(kind), mesh=MESH,
-        in_specs=(P(), P(None, BATCH_AXES), P(BATCH_AXES), P(BATCH_AXES)),
+        _per_device_body(kind, negatives), mesh=MESH,
+        in_specs=(P(), P(None, BATCH_AXES), P(BATCH_AXES), P(BATCH_AXES), P(BATCH_AXES)),
         out_specs=((P(), P()), (P(), P(None, BATCH_AXES))),
         check_vma=False,  # the loop's setting: replicated params' grads stay per device
     ))
 
 
+@pytest.mark.parametrize("negatives", [False, True], ids=["pairs", "hard_negatives"])
 @pytest.mark.parametrize("kind", ["clip", "sigmoid"])
-def test_global_and_per_device_agree(kind):
+def test_global_and_per_device_agree(kind, negatives):
     args = _inputs(kind)
     with jax.set_mesh(MESH):
-        (gl, gm), (ggp, gge) = _global(kind)(*args)
-        (pl, pm), (pgp, pge) = _per_device(kind)(*args)
+        (gl, gm), (ggp, gge) = _global(kind, negatives)(*args)
+        (pl, pm), (pgp, pge) = _per_device(kind, negatives)(*args)
     np.testing.assert_allclose(pl, gl, atol=ATOL, rtol=0)
     chex.assert_trees_all_close(pm, gm, atol=ATOL, rtol=0)
     assert 0.0 < float(gm["i2t_acc"]) < 1.0 and 0.0 < float(gm["t2i_acc"]) < 1.0
@@ -160,9 +182,9 @@ def _avals(jaxpr):
                     yield from _avals(sub)
 
 
-def _body_shapes(kind):
+def _body_shapes(kind, negatives=False):
     with jax.set_mesh(MESH):
-        jaxpr = jax.make_jaxpr(_per_device(kind))(*_inputs(kind)).jaxpr
+        jaxpr = jax.make_jaxpr(_per_device(kind, negatives))(*_inputs(kind)).jaxpr
     bodies = []
 
     def find(j):
@@ -185,6 +207,11 @@ def test_sigmoid_per_device_never_holds_global_logits():
     assert (n, n) in shapes  # the per-chunk logits block
     offenders = sorted(s for s in shapes if B in s)
     assert not offenders, f"per-device sigmoid loss materialises batch-sized arrays {offenders}"
+    # Hard negatives ride the ring beside the texts: [n, n·K] blocks, nothing of size B or B·K.
+    shapes = _body_shapes("sigmoid", negatives=True)
+    assert (n, 2 * n) in shapes
+    offenders = sorted(s for s in shapes if B in s or 2 * B in s)
+    assert not offenders, f"per-device sigmoid loss with negatives materialises {offenders}"
     # Control: the CLIP form all-gathers, and the walker does see its [n, B] logits.
     assert (n, B) in _body_shapes("clip")
 
@@ -197,7 +224,7 @@ def test_check_vma_true_would_double_count():
         _, (ggp, _) = _global("clip")(*args)
         strict = jax.jit(jax.shard_map(
             _per_device_body("clip"), mesh=MESH,
-            in_specs=(P(), P(None, BATCH_AXES), P(BATCH_AXES), P(BATCH_AXES)),
+            in_specs=(P(), P(None, BATCH_AXES), P(BATCH_AXES), P(BATCH_AXES), P(BATCH_AXES)),
             out_specs=((P(), P()), (P(), P(None, BATCH_AXES))), check_vma=True,
         ))
         _, (pgp, _) = strict(*args)

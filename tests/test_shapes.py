@@ -167,3 +167,43 @@ def test_renderer_changes_bump_the_tfds_version():
         f"shapes renders changed ({digest.hexdigest()}) but the TFDS version is still {version}: "
         "bump JaxunifiedShapes.VERSION and record the new digest here"
     )
+
+
+def test_negative_captions_contradict_and_stay_grammatical():
+    from jaxunified.data.text import make_tokenizer
+
+    tok = make_tokenizer(tokenizer="sentencepiece", path="builtin:shapes_words", max_len=16)
+    rng = np.random.default_rng(0)
+    shape_words = set(shapes.SHAPES) | set(shapes._PLURALS)
+    for i in range(200):
+        caption = shapes.render_example(i, "train", 0, 32)["caption"]
+        for kind in shapes.NEGATIVE_KINDS:
+            try:
+                neg = shapes.negative_caption(caption, rng, (kind,))
+            except ValueError:
+                assert kind in ("relation", "swap", "count"), (kind, caption)  # edits that need a 2nd object/number
+                continue
+            assert neg != caption
+            words, old = neg.split(), caption.split()
+            ids = tok.encode(neg)
+            assert (ids != tok.pad_id).sum() == len(words) and tok.decode(ids) == neg  # every word known
+            for k, w in enumerate(words[:-1]):
+                if w in ("a", "an"):
+                    assert w == ("an" if words[k + 1][0] in "aeiou" else "a"), neg
+            if kind in ("shape", "color", "count"):
+                changed = [(a, b) for a, b in zip(old, words) if a != b and a not in ("a", "an")]
+                vocab = {"shape": shape_words, "color": set(shapes.COLORS),
+                         "count": {"two", "three", "four"}}[kind]
+                assert len(changed) == 1 and set(changed[0]) <= vocab, (caption, neg)
+                if kind == "shape":  # plurality kept
+                    assert (changed[0][0] in shapes._PLURALS) == (changed[0][1] in shapes._PLURALS)
+    binding = "a red circle and a blue square"
+    assert shapes.negative_caption(binding, rng, ("swap",)) == "a red square and a blue circle"
+    same_shape = "a red circle above an orange circle"
+    assert shapes.negative_caption(same_shape, rng, ("swap",)) == "an orange circle above a red circle"
+    rel = shapes.negative_caption("a red circle above a blue square", rng, ("relation",))
+    assert rel.startswith("a red circle ") and rel.endswith(" a blue square") and " above " not in rel
+    with pytest.raises(ValueError, match="no hard negative"):
+        shapes.negative_caption("a red circle", rng, ("relation", "swap", "count"))
+    with pytest.raises(ValueError, match="unknown negative kind"):
+        shapes.negative_caption("a red circle", rng, ("size",))

@@ -159,3 +159,28 @@ def test_vision_only_config_ignores_text_keys(golden_dir, golden):
     cfg = config_from_hf({"vision_config": hf["vision_config"]})
     v = convert_state_dict(read_state_dict(golden_dir / "hf_siglip_tiny.safetensors"), cfg)
     assert "text" not in v["params"] and "vision" in v["params"]
+
+
+def test_conv_stem_feeds_the_patch_conv():
+    # Two 3x3 convs (stride 1, 2) then a 2x2 patch conv: the same 8x8 grid as a 4 px patch conv.
+    cfg = S.get_config("shapes-S", vision=dict(stem=((32, 1), (64, 2))), with_text=False).vision
+    tower = S.VisionTower(cfg)
+    x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+    params = tower.init(jax.random.key(1), x)["params"]
+    shapes = jax.tree.map(jnp.shape, nn.unbox(params))
+    assert shapes["stem_0"]["kernel"] == (3, 3, 3, 32) and shapes["stem_1"]["kernel"] == (3, 3, 32, 64)
+    assert shapes["patch_embed"]["kernel"] == (2, 2, 64, cfg.width)
+    out = tower.apply({"params": params}, x)
+    assert out["last_hidden"].shape == (2, 64, cfg.width) and out["pooled"].shape == (2, cfg.width)
+    # The stem sees pixels beyond its patch: a change at pixel (0, 4) (patch column 1) reaches
+    # patch 0's token; a plain 4 px patch conv keeps it out.
+    def first_token(t, p, im):
+        return t.apply({"params": p}, im, method=lambda m, im: m.patchify(im)[0])[:, 0]
+
+    y = x.at[:, 0, 4].add(1.0)
+    assert float(jnp.abs(first_token(tower, params, y) - first_token(tower, params, x)).max()) > 0
+    plain = S.VisionTower(S.get_config("shapes-S", with_text=False).vision)
+    p_plain = plain.init(jax.random.key(1), x)["params"]
+    assert float(jnp.abs(first_token(plain, p_plain, y) - first_token(plain, p_plain, x)).max()) == 0
+    with pytest.raises(ValueError, match="must divide patch_size"):
+        S.get_config("shapes-S", vision=dict(stem=((32, 3),)), with_text=False)

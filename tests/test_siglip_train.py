@@ -29,13 +29,14 @@ def tiny_config(**kw):
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("form", ["global", "per_device"])
-def test_sharded_step_equals_single_device(form, kind):
-    sgd = {"optim.name": "sgd", "optim.lr": 0.5, "loss.kind": kind}
+@pytest.mark.parametrize("form,negatives", [("global", 0), ("per_device", 0), ("per_device", 2)])
+def test_sharded_step_equals_single_device(form, negatives, kind):
+    sgd = {"optim.name": "sgd", "optim.lr": 0.5, "loss.kind": kind, "data.text.hard_negatives": negatives}
     config = tiny_config(step_form=form, **sgd)
     one = looplib.Trainer(config, "/tmp/unused", devices=jax.devices()[:1])
     batch = next(iter(build_dataset(config.data, "train", one.mesh)))
-    batch = {k: batch[k] for k in ("image", "tokens")}
+    batch = {k: batch[k] for k in ("image", "tokens", "neg_tokens") if k in batch}
+    assert ("neg_tokens" in batch) == bool(negatives)
     ref = one_step(tiny_config(step_form="global", **sgd), jax.devices()[:1], batch)
     got = one_step(config, jax.devices(), batch)
     assert len(jax.devices()) == 8

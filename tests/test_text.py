@@ -274,3 +274,28 @@ def test_builtin_shapes_word_model(tmp_path, monkeypatch):
         assert tok.decode(ids) == caption
     with pytest.raises(ValueError, match="unknown built-in"):
         make_tokenizer(tokenizer="sentencepiece", path="builtin:nope")
+
+
+def test_build_dataset_adds_hard_negatives(tmp_path):
+    res, num_train, num_test = 32, 32, 16
+    build_shapes(tmp_path, res, num_train=num_train, num_test=num_test)
+    mesh = make_mesh((1, -1, 1))
+    text = {"tokenizer": "sentencepiece", "path": "builtin:shapes_words", "max_len": 16, "hard_negatives": 3}
+    cfg = dict(name="shapes", data_dir=str(tmp_path), resolution=res, num_train=num_train, num_test=num_test,
+               batch_size=8, seed=0, text=text)
+    tok = make_tokenizer(text)
+    a = next(pipeline.build_dataset(cfg, "train", mesh))
+    assert a["neg_tokens"].shape == (8, 3, 16) and a["neg_tokens"].dtype == np.int32
+    for caption, negs in zip(a["caption"], a["neg_tokens"]):
+        caption = caption.decode() if isinstance(caption, bytes) else str(caption)
+        assert caption not in tok.decode(negs)
+    b = next(pipeline.build_dataset(cfg, "train", mesh))  # per-record rng: the same negatives again
+    np.testing.assert_array_equal(a["neg_tokens"], b["neg_tokens"])
+    assert "neg_tokens" not in next(pipeline.build_dataset(cfg, "test", mesh))  # training only
+    only_shape = {**cfg, "text": {**text, "negative_kinds": ("shape",), "hard_negatives": 1}}
+    c = next(pipeline.build_dataset(only_shape, "train", mesh))
+    for caption, neg in zip(c["caption"], tok.decode(c["neg_tokens"][:, 0])):
+        caption = caption.decode() if isinstance(caption, bytes) else str(caption)
+        assert sum(x != y for x, y in zip(caption.split(), neg.split())) == 1
+    with pytest.raises(ValueError, match="shapes caption grammar"):
+        pipeline.build_dataset({**cfg, "name": "folder", "path": str(tmp_path)}, "train", mesh)

@@ -67,9 +67,34 @@ def test_cached_batch_gives_the_image_batch_loss(task, tmp_path):
                                rtol=1e-6)
 
     # The training iterator over the cache: shuffled, fixed-shape batches without pixels.
-    it = T.cached_dataset(t.config.data, "train", t.mesh, tmp_path)
+    assert path == T.cache_path(tmp_path, "train", t.cache_key())
+    it = T.cached_dataset(t.config.data, "train", t.mesh, tmp_path, t.cache_key())
     batch = next(it)
     assert batch["codes"].shape == (16, 16, 16) and batch["codes"].dtype == np.int32 and "image" not in batch
+
+
+def test_task_builds_its_cache_on_first_use_and_keys_it_by_the_frozen_weights(task, tmp_path):
+    t, _, _ = task
+    data = t.config.data
+    old = data.cache_dir, data.build_cache
+    try:
+        data.cache_dir = str(tmp_path)
+        data.build_cache = False
+        with pytest.raises(FileNotFoundError, match="build_cache"):
+            t.build_dataset("train")
+        data.build_cache = True
+        batch = next(iter(t.build_dataset("train")))
+        assert {"codes", "teacher_embeds", "text_embeds"} <= set(batch) and "image" not in batch
+        assert T.cache_path(tmp_path, "train", t.cache_key()).exists()
+        key = t.cache_key()
+        teacher = t._teacher_params
+        t._teacher_params = jax.tree.map(lambda x: np.asarray(x) + 1.0, teacher)  # a retrained teacher
+        try:
+            assert t.cache_key() != key
+        finally:
+            t._teacher_params = teacher
+    finally:
+        data.cache_dir, data.build_cache = old
 
 
 def test_student_starts_from_teacher_and_frozen_parts_are_not_params(task):

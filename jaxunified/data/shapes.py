@@ -267,6 +267,66 @@ def render_example(index: int, split: str = "train", seed: int = 0, resolution: 
 
 
 # ----------------------------------------------------------------------------------------------
+# Hard-negative captions
+
+NEGATIVE_KINDS = ("shape", "color", "count", "relation", "swap")
+_WORD_SETS = {"shape": (SHAPES, _PLURALS), "color": (COLORS,), "count": (tuple(_NUMBERS.values()),)}
+
+
+def negative_caption(caption: str, rng: np.random.Generator, kinds=NEGATIVE_KINDS) -> str:
+    """A grammatical caption that no longer describes the scene ``caption`` describes.
+
+    NegCLIP-style (Yuksekgonul et al. 2023) hard negatives: one edit of a kind drawn uniformly
+    from those ``kinds`` that apply — replace one shape / colour / number word (plurality and
+    articles kept right), change the relation phrase, or swap the two objects' shapes (their
+    colours when the shapes agree). Every edit contradicts the rendered image: objects are
+    unambiguous in the grammar and relations hold by a margin. Raises if no kind applies.
+    """
+    words = caption.split()
+    edits = []
+    for kind in kinds:
+        if kind in _WORD_SETS:
+            for i, w in enumerate(words):
+                for vocab in _WORD_SETS[kind]:
+                    if w in vocab:
+                        edits.append((kind, i, vocab))
+        elif kind == "relation":
+            if any(p in caption for p in _RELATION_PHRASES):
+                edits.append((kind, None, None))
+        elif kind == "swap":
+            if _swappable(words):
+                edits.append((kind, None, None))
+        else:
+            raise ValueError(f"unknown negative kind {kind!r}; use any of {NEGATIVE_KINDS}")
+    if not edits:
+        raise ValueError(f"no hard negative of kinds {tuple(kinds)} applies to {caption!r}")
+    kind, i, vocab = edits[int(rng.integers(len(edits)))]
+    if vocab is not None:
+        others = [w for w in vocab if w != words[i]]
+        words[i] = others[int(rng.integers(len(others)))]
+    elif kind == "relation":
+        old = next(p for p in _RELATION_PHRASES if p in caption)
+        others = [p for p in _RELATION_PHRASES if p != old]
+        words = caption.replace(old, others[int(rng.integers(len(others)))]).split()
+    else:
+        i, j = _swappable(words)
+        words[i], words[j] = words[j], words[i]
+    for k in range(len(words) - 1):
+        if words[k] in ("a", "an"):
+            words[k] = _article(words[k + 1])
+    return " ".join(words)
+
+
+def _swappable(words: list[str]) -> tuple[int, int] | None:
+    """Positions of the two objects' differing shape words (else colour words) in a two-object caption."""
+    for vocab in (SHAPES, COLORS):
+        at = [i for i, w in enumerate(words) if w in vocab]
+        if len(at) == 2 and words[at[0]] != words[at[1]]:
+            return at[0], at[1]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
 # Checker
 
 

@@ -5,6 +5,8 @@ first bytes differ) long before shape words ("circle"/"cross", "square"/"star" s
 one token per word both are one embedding away. The model is SentencePiece ``model_type=word``
 trained on every word the grammar can produce, so it is deterministic and needs no download.
 Refer to it as ``data.text.path = "builtin:shapes_words"`` with ``tokenizer = "sentencepiece"``.
+
+``HardNegativeCaptions`` adds grammar-made hard-negative captions (``data.text.hard_negatives``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+
+import grain
+import numpy as np
 
 from jaxunified.data import shapes
 
@@ -66,3 +71,26 @@ def resolve_builtin(path: str) -> str:
     if name != _NAME:
         raise ValueError(f"unknown built-in tokenizer model {path!r}; available: {BUILTIN_PREFIX}{_NAME}")
     return shapes_words_model()
+
+
+class HardNegativeCaptions(grain.transforms.RandomMap):
+    """Per-example grain transform: ``num`` hard-negative captions of the example's caption
+    (``shapes.negative_caption``), tokenised into int32 ``neg_tokens`` [num, max_len].
+
+    Random per example from grain's per-record rng, so a resumed run sees the same negatives.
+    """
+
+    def __init__(self, tokenizer, num: int, kinds=shapes.NEGATIVE_KINDS):
+        if num < 1:
+            raise ValueError(f"hard_negatives must be ≥ 1 when set, got {num}")
+        self.tokenizer = tokenizer
+        self.num = int(num)
+        self.kinds = tuple(kinds)
+
+    def random_map(self, element, rng: np.random.Generator):
+        caption = element["caption"]
+        caption = caption.decode() if isinstance(caption, bytes) else str(caption)
+        out = dict(element)
+        out["neg_tokens"] = self.tokenizer.encode([shapes.negative_caption(caption, rng, self.kinds)
+                                                   for _ in range(self.num)])
+        return out

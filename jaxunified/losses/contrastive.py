@@ -68,6 +68,7 @@ def clip_loss(
     ztxt: jax.Array,
     logit_scale,
     *,
+    negatives: jax.Array | None = None,
     axis_name: AxisName = None,
     normalize: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -75,24 +76,31 @@ def clip_loss(
 
     ``zimg``, ``ztxt``: ``[B, D]`` (global) or ``[n, D]`` (this device's rows under
     ``axis_name``); row ``i`` of each is a positive pair. ``logit_scale``: the learnable log-scale
-    (scalar). Returns ``(loss, metrics)`` with metrics ``i2t_acc``, ``t2i_acc`` (in-batch top-1
+    (scalar). ``negatives``: optional extra captions ``[M, D]`` (this device's under ``axis_name``,
+    gathered like the texts) that match no image, NegCLIP's hard negatives: they join every
+    image's softmax over captions (image→text term only). Returns ``(loss, metrics)`` with metrics ``i2t_acc``, ``t2i_acc`` (in-batch top-1
     over the global batch) and ``logit_scale`` (the scale actually used).
     """
     zimg, ztxt = _prepare(zimg, ztxt, normalize, "clip_loss")
+    negatives = _prepare_negatives(negatives, zimg, normalize, "clip_loss")
     scale = clip_scale(logit_scale)
     pos = scale * jnp.sum(zimg * ztxt, axis=-1)
     if axis_name is None:
         logits = scale * _dot(zimg, ztxt)
         pos_cols = jnp.arange(zimg.shape[0])
-        ce_i, hit_i = _softmax_rows(logits, pos, pos_cols)
         ce_t, hit_t = _softmax_rows(logits.T, pos, pos_cols)
     else:
         n = zimg.shape[0]
         all_img = lax.all_gather(zimg, axis_name, axis=0, tiled=True)
         all_txt = lax.all_gather(ztxt, axis_name, axis=0, tiled=True)
+        if negatives is not None:
+            negatives = lax.all_gather(negatives, axis_name, axis=0, tiled=True)
         pos_cols = lax.axis_index(axis_name) * n + jnp.arange(n)
-        ce_i, hit_i = _softmax_rows(scale * _dot(zimg, all_txt), pos, pos_cols)
+        logits = scale * _dot(zimg, all_txt)
         ce_t, hit_t = _softmax_rows(scale * _dot(ztxt, all_img), pos, pos_cols)
+    if negatives is not None:
+        logits = jnp.concatenate([logits, scale * _dot(zimg, negatives)], axis=1)
+    ce_i, hit_i = _softmax_rows(logits, pos, pos_cols)
     loss = 0.5 * (jnp.mean(ce_i) + jnp.mean(ce_t))
     metrics = {"i2t_acc": jnp.mean(hit_i), "t2i_acc": jnp.mean(hit_t), "logit_scale": scale}
     return loss, metrics
@@ -104,6 +112,7 @@ def sigmoid_loss(
     t,
     b,
     *,
+    negatives: jax.Array | None = None,
     axis_name: AxisName = None,
     normalize: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -113,10 +122,12 @@ def sigmoid_loss(
     are learnable scalars. Per device the text chunks travel round a ring (``ppermute``): step 0
     scores this device's own texts (the only chunk with positives), each later step the next
     device's, so the device holds ``[n, n]`` logits at a time and ``n × D`` text embeddings in
-    flight. Returns ``(loss, metrics)`` with ``i2t_acc``, ``t2i_acc``, ``temperature`` (``e^t``)
-    and ``bias``.
+    flight. ``negatives``: optional extra captions ``[M, D]`` (per device: this device's; they
+    travel the ring beside the texts) scored with label −1 against every image. Returns
+    ``(loss, metrics)`` with ``i2t_acc``, ``t2i_acc``, ``temperature`` (``e^t``) and ``bias``.
     """
     zimg, ztxt = _prepare(zimg, ztxt, normalize, "sigmoid_loss")
+    negatives = _prepare_negatives(negatives, zimg, normalize, "sigmoid_loss")
     scale = jnp.exp(jnp.asarray(t, jnp.float32))
     b = jnp.asarray(b, jnp.float32)
     n = zimg.shape[0]
@@ -124,12 +135,13 @@ def sigmoid_loss(
     if axis_name is None:
         total, logits = _sigmoid_block(zimg, ztxt, scale, b, own=True)
         pos_cols = jnp.arange(n)
-        metrics = {
-            "i2t_acc": jnp.mean(_hits(logits, pos, pos_cols)),
-            "t2i_acc": jnp.mean(_hits(logits.T, pos, pos_cols)),
-        }
+        t2i = _hits(logits.T, pos, pos_cols)
+        if negatives is not None:
+            part, neg_logits = _sigmoid_block(zimg, negatives, scale, b, own=False)
+            total, logits = total + part, jnp.concatenate([logits, neg_logits], axis=1)
+        metrics = {"i2t_acc": jnp.mean(_hits(logits, pos, pos_cols)), "t2i_acc": jnp.mean(t2i)}
     else:
-        total, metrics = _sigmoid_ring(zimg, ztxt, scale, b, pos, axis_name)
+        total, metrics = _sigmoid_ring(zimg, ztxt, negatives, scale, b, pos, axis_name)
     metrics.update(temperature=scale, bias=b)
     return total / n, metrics
 
@@ -148,6 +160,15 @@ def _prepare(zimg, ztxt, normalize: bool, what: str):
     if normalize:
         zimg, ztxt = l2_normalize(zimg), l2_normalize(ztxt)
     return zimg, ztxt
+
+
+def _prepare_negatives(negatives, zimg, normalize: bool, what: str):
+    if negatives is None:
+        return None
+    negatives = jnp.asarray(negatives, jnp.float32)
+    if negatives.ndim != 2 or negatives.shape[-1] != zimg.shape[-1]:
+        raise ValueError(f"{what}: negatives must be [M, {zimg.shape[-1]}] caption embeddings, got {negatives.shape}")
+    return l2_normalize(negatives) if normalize else negatives
 
 
 def _dot(a, b):
@@ -183,30 +204,39 @@ def _sigmoid_block(zimg, ztxt, scale, b, own: bool):
     return -jnp.sum(jax.nn.log_sigmoid(signed)), logits
 
 
-def _sigmoid_ring(zimg, ztxt, scale, b, pos, axis_name):
+def _sigmoid_ring(zimg, ztxt, negatives, scale, b, pos, axis_name):
     n_dev = lax.axis_size(axis_name)
     # Device j hands its chunk to j−1, so after k hops device d holds device (d+k)'s texts.
     perm = [(j, (j - 1) % n_dev) for j in range(n_dev)]
     # Recompute each block's logits in the backward pass rather than keep n×B of them as residuals.
     other_block = jax.checkpoint(lambda txt, s, bb: _sigmoid_block(zimg, txt, s, bb, own=False))
 
+    def score_negatives(neg, total, img_best):
+        if neg is None:
+            return total, img_best
+        part, logits = other_block(neg, scale, b)
+        return total + part, jnp.maximum(img_best, jnp.max(lax.stop_gradient(logits), axis=1))
+
     total, logits = _sigmoid_block(zimg, ztxt, scale, b, own=True)
     diag = jnp.arange(zimg.shape[0])
-    img_best = _max_negative(logits, diag)
+    img_best = lax.stop_gradient(_max_negative(logits, diag))
     # The texts' own metric state travels with them: best negative score so far, and the positive.
     txt_best = _max_negative(logits.T, diag)
+    total, img_best = score_negatives(negatives, total, img_best)
 
     def hop(carry, _):
-        txt, total, img_best, txt_best, txt_pos = carry
+        txt, neg, total, img_best, txt_best, txt_pos = carry
         txt, txt_best, txt_pos = (lax.ppermute(v, axis_name, perm) for v in (txt, txt_best, txt_pos))
+        neg = None if neg is None else lax.ppermute(neg, axis_name, perm)
         part, logits = other_block(txt, scale, b)
         logits = lax.stop_gradient(logits)
         img_best = jnp.maximum(img_best, jnp.max(logits, axis=1))
         txt_best = jnp.maximum(txt_best, jnp.max(logits, axis=0))
-        return (txt, total + part, img_best, txt_best, txt_pos), None
+        total, img_best = score_negatives(neg, total + part, img_best)
+        return (txt, neg, total, img_best, txt_best, txt_pos), None
 
-    carry = (ztxt, total, lax.stop_gradient(img_best), lax.stop_gradient(txt_best), lax.stop_gradient(pos))
-    (_, total, img_best, txt_best, txt_pos), _ = lax.scan(hop, carry, None, length=n_dev - 1)
+    carry = (ztxt, negatives, total, img_best, lax.stop_gradient(txt_best), lax.stop_gradient(pos))
+    (_, _, total, img_best, txt_best, txt_pos), _ = lax.scan(hop, carry, None, length=n_dev - 1)
     # Each text chunk ends on exactly one device, so the pmean of these per-device rates is global.
     metrics = {
         "i2t_acc": jnp.mean(lax.stop_gradient(pos) > img_best),

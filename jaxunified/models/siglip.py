@@ -47,6 +47,10 @@ class VisionConfig:
     act: str = "gelu_tanh"
     ln_eps: float = 1e-6
     pool: str = "map"  # "map" | "gap" | "none"
+    # Convolutional stem before patchifying ("Early convolutions help transformers see better",
+    # Xiao et al. 2021): ((features, stride), ...) of 3x3 convs with GELU; the patch conv then
+    # covers the remaining patch_size / prod(strides). () is the plain SigLIP patch conv.
+    stem: tuple[tuple[int, int], ...] = ()
     causal: bool = False
     scan: bool = False
     remat: bool = False
@@ -55,6 +59,15 @@ class VisionConfig:
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def stem_stride(self) -> int:
+        return math.prod(int(s) for _, s in self.stem)
+
+    def __post_init__(self):
+        if self.stem and self.patch_size % self.stem_stride:
+            raise ValueError(f"the stem's strides (product {self.stem_stride}) must divide patch_size "
+                             f"{self.patch_size}")
 
     @property
     def num_patches(self) -> int:
@@ -142,10 +155,18 @@ class VisionTower(nn.Module):
 
     def setup(self):
         c = self.cfg
+        self.stem = [
+            nn.Conv(f, (3, 3), strides=(s, s), padding="SAME", dtype=c.dtype,
+                     kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                              (None, None, "conv_in", "conv_out")),
+                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+            for f, s in c.stem
+        ]
+        p = c.patch_size // c.stem_stride if c.stem else c.patch_size
         self.patch_embed = nn.Conv(
             c.width,
-            (c.patch_size, c.patch_size),
-            strides=(c.patch_size, c.patch_size),
+            (p, p),
+            strides=(p, p),
             padding="VALID",
             dtype=c.dtype,
             kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")),
@@ -168,7 +189,10 @@ class VisionTower(nn.Module):
 
     def patchify(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
         self._check_image(images)
-        x = self.patch_embed(images.astype(self.cfg.dtype))
+        x = images.astype(self.cfg.dtype)
+        for conv in self.stem:
+            x = nn.gelu(conv(x), approximate=False)
+        x = self.patch_embed(x)
         b, gh, gw, d = x.shape
         return x.reshape(b, gh * gw, d), (gh, gw)
 

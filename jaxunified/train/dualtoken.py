@@ -299,7 +299,7 @@ class DualTokenTask(Task):
                 return not m.get("train_logits", False)
             if part == "vision" and self.stage in (0, 2):
                 upto = c.layer_sem if self.stage == 0 else (c.layer_shortcut or 0)
-                if keys[2] in ("patch_embed", "pos_embedding"):
+                if keys[2] in ("patch_embed", "pos_embedding") or keys[2].startswith("stem_"):
                     return True
                 if keys[2] == "encoder" and keys[3].startswith("layers_"):
                     return int(keys[3].split("_")[1]) < upto

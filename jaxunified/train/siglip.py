@@ -51,17 +51,22 @@ def model_config(cfg) -> siglip_lib.SigLIPConfig:
     else:
         mc = siglip_lib.get_config(m.variant, image_size=m.get("image_size") or None, vision=vision, text=text)
     loss = cfg.loss.kind
-    if loss == "softmax" and not m.get("init_from"):
+    if loss == "softmax" and not m.get("init_from"):  # CLIP's temperature 0.07, no bias
         mc = dataclasses.replace(mc, init_logit_scale=float(np.log(1 / 0.07)), init_logit_bias=0.0)
+    if m.get("init_logit_scale") is not None and not m.get("init_from"):
+        mc = dataclasses.replace(mc, init_logit_scale=float(m.init_logit_scale))
     return mc
 
 
-def siglip_loss(kind: str, zimg, ztxt, params, axis_name=None):
-    """The configured contrastive loss on raw (unnormalised) embeddings; returns (loss, metrics)."""
+def siglip_loss(kind: str, zimg, ztxt, params, axis_name=None, negatives=None):
+    """The configured contrastive loss on raw (unnormalised) embeddings; returns (loss, metrics).
+
+    ``negatives``: embeddings of hard-negative captions [M, D] (``data.text.hard_negatives``)."""
     if kind == "sigmoid":
-        return contrastive.sigmoid_loss(zimg, ztxt, params["logit_scale"], params["logit_bias"], axis_name=axis_name)
+        return contrastive.sigmoid_loss(zimg, ztxt, params["logit_scale"], params["logit_bias"],
+                                        negatives=negatives, axis_name=axis_name)
     if kind == "softmax":
-        return contrastive.clip_loss(zimg, ztxt, params["logit_scale"], axis_name=axis_name)
+        return contrastive.clip_loss(zimg, ztxt, params["logit_scale"], negatives=negatives, axis_name=axis_name)
     raise ValueError(f"loss.kind={kind!r}; use 'sigmoid' or 'softmax'")
 
 
@@ -84,7 +89,11 @@ class SigLIPTask(Task):
     def dummy_batch(self):
         r = int(self.config.data.resolution)
         b = int(self.config.data.batch_size)
-        return {"image": np.zeros((b, r, r, 3), np.float32), "tokens": np.zeros((b, self.tokenizer.max_len), np.int32)}
+        batch = {"image": np.zeros((b, r, r, 3), np.float32), "tokens": np.zeros((b, self.tokenizer.max_len), np.int32)}
+        k = int(self.config.data.text.get("hard_negatives", 0) or 0)
+        if k:
+            batch["neg_tokens"] = np.zeros((b, k, self.tokenizer.max_len), np.int32)
+        return batch
 
     def init_variables(self, rng, batch):
         init_from = self.config.model.get("init_from") or ""
@@ -98,12 +107,28 @@ class SigLIPTask(Task):
         t = jnp.asarray(batch["tokens"][:1])
         return {"siglip": self.model.init(rng, x, t)["params"]}, {}
 
+    def _lr_mult(self) -> dict[str, float]:
+        mult = self.config.optim.get("lr_mult") or {}
+        mult = mult.to_dict() if hasattr(mult, "to_dict") else dict(mult)
+        bad = sorted(set(mult) - {"vision", "text"})
+        if bad:
+            raise ValueError(f"optim.lr_mult keys {bad}: only 'vision' and 'text' take a multiplier")
+        return {k: float(v) for k, v in mult.items()}
+
     def param_labels(self, params):
         frozen = set(self.config.model.get("freeze") or ())
+        mult = self._lr_mult()
+
+        def group(k):
+            return FROZEN if k in frozen else (k if k in mult else "model")
+
         return {
-            "siglip": {k: jax.tree.map(lambda _, k=k: FROZEN if k in frozen else "model", v)
-                       for k, v in params["siglip"].items()}
+            "siglip": {k: jax.tree.map(lambda _, k=k: group(k), v) for k, v in params["siglip"].items()}
         }
+
+    def group_lr(self):
+        """``optim.lr_mult`` ({"vision" | "text": factor}) scales a tower's peak learning rate."""
+        return {k: float(self.config.optim.lr) * m for k, m in self._lr_mult().items()}
 
     def embed(self, params, images, tokens):
         def fn(m, x, t):
@@ -114,9 +139,14 @@ class SigLIPTask(Task):
     def grad_fn(self, params, collections, batch, rng, step, axis_name=None):
         kind = self.config.loss.kind
 
+        tokens, negatives = batch["tokens"], batch.get("neg_tokens")
+        if negatives is not None:  # one text-tower call for captions and their hard negatives
+            tokens = jnp.concatenate([tokens, negatives.reshape(-1, negatives.shape[-1])])
+
         def loss_fn(p):
-            zimg, ztxt = self.embed(p, batch["image"], batch["tokens"])
-            return siglip_loss(kind, zimg, ztxt, p, axis_name)
+            zimg, ztxt = self.embed(p, batch["image"], tokens)
+            b = zimg.shape[0]
+            return siglip_loss(kind, zimg, ztxt[:b], p, axis_name, negatives=None if negatives is None else ztxt[b:])
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params["siglip"])
         metrics = {**metrics, "loss": loss}

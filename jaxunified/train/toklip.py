@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 from typing import Mapping
 
@@ -48,6 +49,8 @@ from jaxunified.train.task import Task
 log = logging.getLogger(__name__)
 
 CACHE_FIELDS = ("codes", "teacher_embeds", "text_embeds")
+# The data fields that decide which records (and pixels) a cache holds.
+_CACHE_DATA_FIELDS = ("name", "path", "captions_file", "data_dir", "resolution", "num_train", "num_test", "shapes_seed")
 
 
 def _plain(d) -> dict:
@@ -140,18 +143,23 @@ def student_config(teacher: siglip_lib.SigLIPConfig, vq: vqgan_lib.VQGANConfig, 
                    loss_kind: str, vision: Mapping | None = None) -> toklip_lib.TokLIPConfig:
     """The student: the teacher's ViT shape over the tokenizer's code grid, causal, with the teacher's text tower."""
     v = dataclasses.replace(teacher.vision, causal=True, pool="map", patch_size=vq.downsample_factor,
-                            image_size=resolution, **dict(vision or {}))
+                            image_size=resolution, stem=(), **dict(vision or {}))
     bias = teacher.init_logit_bias if loss_kind == "sigmoid" else None
     return toklip_lib.TokLIPConfig(vision=v, vq=vq, text=teacher.text, init_logit_bias=bias)
 
 
+def _is_pixel_stem(name: str) -> bool:
+    """The vision tower's pixel-side layers (conv stem, patch conv), which a code-reading student lacks."""
+    return name == "patch_embed" or name.startswith("stem_")
+
+
 def student_from_teacher(student: dict, teacher: Mapping, cfg: toklip_lib.TokLIPConfig,
                          teacher_cfg: siglip_lib.SigLIPConfig) -> dict:
-    """Copies the teacher's vision tower (less its conv stem) into fresh student params; the
+    """Copies the teacher's vision tower (less its pixel stem) into fresh student params; the
     position embedding is resized to the code grid and layers are (un)stacked to the student's scan."""
     from jaxunified.nn.transformer import stack_layers, unstack_layers
 
-    tv = {k: v for k, v in teacher["vision"].items() if k != "patch_embed"}
+    tv = {k: v for k, v in teacher["vision"].items() if not _is_pixel_stem(k)}
     g, tg = cfg.grid, teacher_cfg.vision.grid
     enc = tv["encoder"]
     if cfg.vision.scan and not teacher_cfg.vision.scan:
@@ -294,8 +302,33 @@ class TokLIPTask(Task):
 
         cache = self.config.data.get("cache_dir") or ""
         if split == "train" and cache:
-            return cached_dataset(self.config.data, split, self.mesh, cache)
+            key = self.cache_key()
+            if not cache_path(cache, split, key).exists():
+                if not self.config.data.get("build_cache", False):
+                    raise FileNotFoundError(f"no TokLIP cache at {cache_path(cache, split, key)}; build it with "
+                                            "train.toklip.precompute_cache or set data.build_cache=True")
+                precompute_cache(self, self.frozen_params(), split, cache)
+            return cached_dataset(self.config.data, split, self.mesh, cache, key)
         return build_dataset(self.config.data, split, self.mesh)
+
+    def frozen_params(self) -> dict:
+        """The frozen tokenizer and teacher, host-resident (what ``collections["frozen"]`` holds)."""
+        return {"tokenizer": self._vq_params, "teacher": self._teacher_params}
+
+    def cache_key(self) -> str:
+        """A digest of what the cached values depend on: the frozen weights, their configs and the
+        data fields that pick the records (a retrained teacher or tokenizer never reads a stale cache)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for leaf in jax.tree.leaves(nn.meta.unbox(self.frozen_params())):
+            a = np.ascontiguousarray(np.asarray(leaf))
+            h.update(str((a.shape, a.dtype)).encode())
+            h.update(a.tobytes())
+        d = self.config.data
+        h.update(repr((self.vq_cfg, self.teacher_cfg, [d.get(k) for k in _CACHE_DATA_FIELDS],
+                       d.get("text").to_dict() if d.get("text") is not None else None)).encode())
+        return h.hexdigest()[:16]
 
     # ---- evaluation ----
     def encoders(self, student, frozen, *, teacher: bool = False):
@@ -357,8 +390,9 @@ class CachedSource:
         return f"CachedSource({self.source!r}, fields={sorted(self.arrays)})"
 
 
-def cache_path(cache_dir, split: str) -> pathlib.Path:
-    return pathlib.Path(cache_dir).expanduser() / f"toklip_cache_{split}.npz"
+def cache_path(cache_dir, split: str, key: str = "") -> pathlib.Path:
+    """``toklip_cache_<split>[_<key>].npz``; the task names its caches by ``TokLIPTask.cache_key``."""
+    return pathlib.Path(cache_dir).expanduser() / f"toklip_cache_{split}{'_' + key if key else ''}.npz"
 
 
 def in_order_batches(data_cfg, split: str, batch_size: int, source=None):
@@ -372,15 +406,17 @@ def in_order_batches(data_cfg, split: str, batch_size: int, source=None):
     transforms = (TokenizeCaptions(make_tokenizer(text)),) if text is not None and text.get("tokenizer") else ()
     pixels = not (isinstance(source, CachedSource) and "image" in source.drop)
     loader = pipeline.make_loader(source, batch_size, seed=0, shuffle=False, num_epochs=1, drop_remainder=False,
-                                  transforms=transforms, shard_by_process=False, normalize=pixels)
+                                  transforms=transforms, shard_by_process=False, normalize=pixels,
+                                  read_threads=pipeline.read_threads(data_cfg))
     return source, pipeline.DataIterator(loader, batch_size, source=source)
 
 
 def precompute_cache(task: TokLIPTask, frozen, split: str = "train", cache_dir=None,
                      fields: tuple[str, ...] = CACHE_FIELDS, batch_size: int = 256) -> pathlib.Path:
-    """Runs the frozen parts once over ``split`` and writes ``toklip_cache_<split>.npz`` (``codes``
-    [N, h, w] int32, ``teacher_embeds`` / ``text_embeds`` [N, D] float32). Valid while the data has
-    no random augmentation (the built-in shapes pipeline has none). Single-process."""
+    """Runs the frozen parts once over ``split`` and writes ``toklip_cache_<split>_<key>.npz``
+    (``codes`` [N, h, w] int32, ``teacher_embeds`` / ``text_embeds`` [N, D] float32; key =
+    ``task.cache_key()``). Valid while the data has no random augmentation (the built-in shapes
+    pipeline has none). Single-process."""
     cfg = task.config
     cache_dir = cache_dir or cfg.data.get("cache_dir")
     if not cache_dir:
@@ -403,20 +439,22 @@ def precompute_cache(task: TokLIPTask, frozen, split: str = "train", cache_dir=N
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
     if "codes" in arrays:
         arrays["codes"] = arrays["codes"].reshape(-1, grid, grid).astype(np.int32)
-    path = cache_path(cache_dir, split)
+    path = cache_path(cache_dir, split, task.cache_key())
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)  # atomic: an interrupted build never leaves a truncated cache behind
     log.info("wrote %s (%s)", path, {k: v.shape for k, v in arrays.items()})
     return path
 
 
-def cached_dataset(data_cfg, split: str, mesh, cache_dir):
+def cached_dataset(data_cfg, split: str, mesh, cache_dir, key: str = ""):
     """Training batches whose records come from the cache (``precompute_cache``) instead of pixels,
     in the same shuffled order ``pipeline.build_dataset`` would give."""
     from jaxunified.data import pipeline
     from jaxunified.data.text import TokenizeCaptions, make_tokenizer
 
-    path = cache_path(cache_dir, split)
+    path = cache_path(cache_dir, split, key)
     if not path.exists():
         raise FileNotFoundError(f"no TokLIP cache at {path}; build it with train.toklip.precompute_cache")
     with np.load(path) as z:
@@ -429,7 +467,8 @@ def cached_dataset(data_cfg, split: str, mesh, cache_dir):
     bs = int(data_cfg.batch_size)
     loader = pipeline.make_loader(source, bs, seed=int(data_cfg.get("seed", 0)), shuffle=bool(data_cfg.get("shuffle", True)),
                                   num_epochs=data_cfg.get("num_epochs"), drop_remainder=True, transforms=transforms,
-                                  worker_count=int(data_cfg.get("worker_count", 0)), normalize=pixels_needed)
+                                  worker_count=int(data_cfg.get("worker_count", 0)), normalize=pixels_needed,
+                                  read_threads=pipeline.read_threads(data_cfg))
     return pipeline.DataIterator(loader, bs // jax.process_count(), source=source)
 
 
