@@ -3,7 +3,8 @@
 Vision tower: VALID patch conv → + learned position embedding (resizable) → pre-LN encoder →
 post-LayerNorm → MAP head. Options used elsewhere: a causal raster-order mask (TokLIP), every
 layer's hidden state (DualToken taps layers 4/6/26), and entry from given token embeddings
-instead of pixels (TokLIP feeds VQ-code embeddings; DualToken resumes after layer 26).
+instead of pixels (TokLIP feeds VQ-code embeddings; DualToken resumes after layer 26); an optional
+convolutional stem before the patch conv (``VisionConfig.stem``; off for every released variant).
 
 Text tower: token + position embedding → encoder → final LayerNorm → the last position's
 state (SigLIP pads to a fixed length and pools position L-1) → linear head.
