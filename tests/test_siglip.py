@@ -1,5 +1,6 @@
 """SigLIP towers: HF golden parity, scan == unrolled, causal mask, real sizes, errors."""
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -184,3 +185,19 @@ def test_conv_stem_feeds_the_patch_conv():
     assert float(jnp.abs(first_token(plain, p_plain, y) - first_token(plain, p_plain, x)).max()) == 0
     with pytest.raises(ValueError, match="must divide patch_size"):
         S.get_config("shapes-S", vision=dict(stem=((32, 3),)), with_text=False)
+
+
+def test_text_padding_mask_keeps_pads_out_of_the_words():
+    cfg = S.get_config("tiny", text=dict(pad_id=0, mask_padding=True)).text
+    tower = S.TextTower(cfg)
+    tokens = jnp.array([[5, 7, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], jnp.int32)[:, : cfg.max_len]
+    params = nn.unbox(tower.init(jax.random.key(0), tokens)["params"])
+    bumped = {**params, "token_embedding": params["token_embedding"].at[0].add(
+        jax.random.normal(jax.random.key(1), (cfg.width,)))}  # change only the pad row
+
+    def words(p, c):
+        return S.TextTower(c).apply({"params": p}, tokens)["last_hidden"][:, :3]
+
+    np.testing.assert_array_equal(words(params, cfg), words(bumped, cfg))
+    plain = dataclasses.replace(cfg, mask_padding=False)  # SigLIP's own form: words attend to pads
+    assert float(jnp.abs(words(params, plain) - words(bumped, plain)).max()) > 1e-4

@@ -87,6 +87,10 @@ class TextConfig:
     act: str = "gelu_tanh"
     ln_eps: float = 1e-6
     pad_id: int = 1
+    # Mask padding keys (tokens == pad_id) in every layer. SigLIP trains without it (the pooled
+    # last position reads the pads too); from scratch on short captions padded to a fixed length
+    # the pads dominate every caption's early embedding.
+    mask_padding: bool = False
     scan: bool = False
     remat: bool = False
     dtype: Dtype = jnp.float32
@@ -285,8 +289,9 @@ class TextTower(nn.Module):
     def __call__(self, tokens: jax.Array, valid: jax.Array | None = None, return_hidden: bool = False) -> dict[str, Any]:
         """tokens [B, L] (L ≤ max_len, padded to a fixed length: position L-1 is pooled).
 
-        ``valid`` ([B, L] bool) masks padding keys; SigLIP was trained without it, so leave it None
-        for released weights.
+        ``valid`` ([B, L] bool) masks padding keys (default: ``tokens != pad_id`` when
+        ``cfg.mask_padding``, else none); SigLIP was trained without it, so leave both off for
+        released weights.
         """
         c = self.cfg
         if tokens.ndim != 2:
@@ -296,6 +301,8 @@ class TextTower(nn.Module):
         x = jnp.take(self.token_embedding, tokens, axis=0).astype(c.dtype)
         x = x + self.pos_embedding[: tokens.shape[1]].astype(c.dtype)[None]
         x0 = x
+        if valid is None and c.mask_padding:
+            valid = tokens != c.pad_id
         mask = padding_mask(valid) if valid is not None else None
         x, hidden = self.encoder(x, mask)
         last = self.final_ln(x)
