@@ -89,8 +89,9 @@ def make_loader(
     tokenisation, augmentation). ``normalize`` appends ``NormalizeImages`` after batching.
     ``num_epochs=None`` repeats forever. ``read_threads``: grain's reader threads (None = its
     default of 16 with a 500-record read-ahead, meant for remote disks; 0 reads in the calling
-    thread — 2× faster on local array_record files, where polling the read-ahead dominated). ``shard_by_process=False`` makes every process read the
-    whole source in the same order — only for single-process runs or replicated evaluation.
+    thread — 2× faster on local array_record files, where polling the read-ahead dominated).
+    ``shard_by_process=False`` makes every process read the whole source in the same order —
+    only for single-process runs or replicated evaluation.
     Iterators support ``get_state()``/``set_state()``; see ``grain_checkpoint_args`` for Orbax.
     """
     n = len(source)
@@ -360,8 +361,7 @@ def build_dataset(cfg: Any, split: str, mesh: Mesh) -> DataIterator:
         if negatives and train:
             from jaxunified.data.shapes_text import HardNegativeCaptions
 
-            kinds = _get(text, "negative_kinds") or None
-            transforms += (HardNegativeCaptions(tokenizer, negatives, *((tuple(kinds),) if kinds else ())),)
+            transforms += (HardNegativeCaptions(tokenizer, negatives, _get(text, "negative_kinds")),)
     loader = make_loader(
         source,
         batch_size,

@@ -80,12 +80,12 @@ class HardNegativeCaptions(grain.transforms.RandomMap):
     Random per example from grain's per-record rng, so a resumed run sees the same negatives.
     """
 
-    def __init__(self, tokenizer, num: int, kinds=shapes.NEGATIVE_KINDS):
+    def __init__(self, tokenizer, num: int, kinds=None):
         if num < 1:
             raise ValueError(f"hard_negatives must be ≥ 1 when set, got {num}")
         self.tokenizer = tokenizer
         self.num = int(num)
-        self.kinds = tuple(kinds)
+        self.kinds = tuple(kinds) if kinds else shapes.NEGATIVE_KINDS  # None / () = every kind
 
     def random_map(self, element, rng: np.random.Generator):
         caption = element["caption"]
