@@ -236,3 +236,24 @@ def split_fused(w: np.ndarray, parts: int) -> list[np.ndarray]:
     if w.shape[0] % parts:
         raise CheckpointMismatchError(f"fused projection of shape {w.shape} does not split into {parts} parts")
     return list(np.split(w, parts, axis=0))
+
+
+def resolve_config(config: Mapping | str | os.PathLike | None, path, what: str, *,
+                   beside_weights: bool = False) -> Mapping:
+    """A loader's model config: ``config`` itself (a dict), read from it (a JSON path), or by default
+    the ``config.json`` in the checkpoint's folder (``beside_weights``: else ``<weights>.json``).
+
+    ``what`` completes the error's advice when none is found: "pass config= (<what>)".
+    """
+    if isinstance(config, (str, os.PathLike)):
+        return json.loads(pathlib.Path(config).read_text())
+    if config is not None:
+        return config
+    p = pathlib.Path(path)
+    candidates = [(p if p.is_dir() else p.parent) / "config.json"]
+    if beside_weights:
+        candidates.append(p.with_suffix(".json"))
+    for cand in candidates:
+        if cand.is_file():
+            return json.loads(cand.read_text())
+    raise FileNotFoundError(f"no {' or '.join(c.name for c in candidates)} beside {p}; pass config= ({what})")

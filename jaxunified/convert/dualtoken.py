@@ -42,6 +42,7 @@ from jaxunified.convert.common import (
     flatten,
     linear_kernel,
     read_state_dict,
+    resolve_config,
 )
 from jaxunified.convert.siglip import config_from_hf, convert_state_dict as convert_siglip
 from jaxunified.models import siglip as siglip_lib
@@ -307,13 +308,6 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: DualTokenConfig, what:
     return check_and_build(converted, abstract_variables(cfg), [*foreign, *unmapped], what=what)
 
 
-def _read_reference_config(path: pathlib.Path) -> dict | None:
-    for cand in ((path if path.is_dir() else path.parent) / "config.json", path.with_suffix(".json")):
-        if cand.is_file():
-            return json.loads(cand.read_text())
-    return None
-
-
 def load_dualtoken(path, config: Mapping | str | None = None, **overrides) -> tuple[DualToken, dict]:
     """Loads an official DualToken tokenizer checkpoint (file or folder).
 
@@ -322,14 +316,8 @@ def load_dualtoken(path, config: Mapping | str | None = None, **overrides) -> tu
     (``siglip=…``, ``with_text=False``, ``vision=dict(remat=True)``, DualTokenConfig fields).
     """
     p = pathlib.Path(path)
-    if isinstance(config, (str, pathlib.Path)):
-        config = json.loads(pathlib.Path(config).read_text())
-    ref = config if config is not None else _read_reference_config(p)
-    if ref is None:
-        raise FileNotFoundError(
-            f"no config.json or {p.with_suffix('.json').name} beside {p}; pass config= (the RQVAESiglip "
-            "constructor arguments as a dict or JSON path)"
-        )
+    ref = resolve_config(config, p, "the RQVAESiglip constructor arguments as a dict or JSON path",
+                         beside_weights=True)
     cfg = config_from_reference(ref, **overrides)
     variables = convert_state_dict(read_state_dict(p), cfg, what=f"DualToken checkpoint {p}")
     return DualToken(cfg), variables

@@ -22,7 +22,6 @@ Key mapping ({t} = vision_model | text_model, i = layer):
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import re
 from typing import Any, Mapping
@@ -39,6 +38,7 @@ from jaxunified.convert.common import (
     qkv_bias,
     qkv_kernel,
     read_state_dict,
+    resolve_config,
     split_fused,
 )
 from jaxunified.models.siglip import SigLIP, SigLIPConfig, TextConfig, VisionConfig, abstract_variables
@@ -190,12 +190,6 @@ def convert_state_dict(
     return {"params": params}
 
 
-def _read_config(path: pathlib.Path) -> dict | None:
-    folder = path if path.is_dir() else path.parent
-    f = folder / "config.json"
-    return json.loads(f.read_text()) if f.exists() else None
-
-
 def load_hf_siglip(path, config: Mapping | str | None = None, **overrides) -> tuple[SigLIP, dict]:
     """Loads an HF SigLIP/SigLIP2 ``SiglipModel`` from a folder (``config.json`` + ``model.safetensors``
     or a sharded index) or a single weights file.
@@ -204,13 +198,7 @@ def load_hf_siglip(path, config: Mapping | str | None = None, **overrides) -> tu
     ``overrides``: ``vision=dict(scan=True, remat=True, dtype=...)``, ``text=...``, or SigLIPConfig fields.
     """
     p = pathlib.Path(path)
-    if isinstance(config, (str, pathlib.Path)):
-        config = json.loads(pathlib.Path(config).read_text())
-    hf = config if config is not None else _read_config(p)
-    if hf is None:
-        raise FileNotFoundError(
-            f"no config.json beside {p}; pass config= (an HF SiglipConfig dict or the path of its config.json)"
-        )
+    hf = resolve_config(config, p, "an HF SiglipConfig dict or the path of its config.json")
     cfg = config_from_hf(hf, **overrides)
     sd = read_state_dict(p)
     variables = convert_state_dict(sd, cfg, what=f"SigLIP checkpoint {p}")
