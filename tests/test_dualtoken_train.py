@@ -13,17 +13,11 @@ from jaxunified.parallel.mesh import make_mesh
 from jaxunified.train.dualtoken import DualTokenTask, model_config
 from jaxunified.train.optim import FROZEN
 from jaxunified.train.restore import load_config
+from tests.configutil import override
 
 
 def _tiny(**overrides):
-    cfg = load_config("configs/dualtoken.py:tiny")
-    for k, v in overrides.items():
-        node = cfg
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return cfg
+    return override(load_config("configs/dualtoken.py:tiny"), **overrides)
 
 
 def _task(cfg):

@@ -1,8 +1,6 @@
 """Task ``siglip``: per-device (shard_map, ring/all-gather losses) step == single-device step, a tiny run
 trains and evaluates, and a finished run loads back as a frozen model."""
 
-import os
-import pathlib
 
 import chex
 import jax
@@ -13,19 +11,14 @@ from configs import siglip as siglip_config
 from jaxunified.data.pipeline import build_dataset
 from jaxunified.train import loop as looplib
 from jaxunified.train.siglip import load_siglip_from_workdir
+from tests.configutil import TEST_DATA_DIR, override
 from tests.test_train_loop import one_step
 
 
 def tiny_config(**kw):
     c = siglip_config.get_config("tiny")
-    c.data.data_dir = str(pathlib.Path(os.environ.get("PYTEST_DATA_DIR", "/tmp/jaxunified_test_data")))
-    for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    c.data.data_dir = TEST_DATA_DIR
+    return override(c, **kw)
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])

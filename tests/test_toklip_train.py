@@ -2,8 +2,6 @@
 optimizer and never move, per-device step == global step, and a tiny run trains and evaluates."""
 
 import dataclasses
-import os
-import pathlib
 
 import chex
 import flax.linen as nn
@@ -18,19 +16,14 @@ from jaxunified.nn.transformer import stack_layers
 from jaxunified.parallel import mesh as meshlib
 from jaxunified.train import loop as looplib
 from jaxunified.train import toklip as T
+from tests.configutil import TEST_DATA_DIR, override
 from tests.test_train_loop import one_step
 
 
 def tiny_config(**kw):
     c = toklip_config.get_config("tiny")
-    c.data.data_dir = str(pathlib.Path(os.environ.get("PYTEST_DATA_DIR", "/tmp/jaxunified_test_data")))
-    for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    c.data.data_dir = TEST_DATA_DIR
+    return override(c, **kw)
 
 
 @pytest.fixture(scope="module")

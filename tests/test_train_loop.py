@@ -17,21 +17,15 @@ from configs import vqgan as vqgan_config
 from jaxunified.data.pipeline import build_dataset, to_global
 from jaxunified.train import loop as looplib
 from jaxunified.train.checkpoint import Checkpointer, abstract_with_shardings
+from tests.configutil import TEST_DATA_DIR, override
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**kw):
     c = vqgan_config.get_config("tiny")
-    c.data.data_dir = str(pathlib.Path(os.environ.get("PYTEST_DATA_DIR", "/tmp/jaxunified_test_data")))
-    c.unlock()
-    for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    c.lock()
+    c.data.data_dir = TEST_DATA_DIR
+    override(c, **kw).lock()
     return c
 
 
