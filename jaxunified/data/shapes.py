@@ -283,7 +283,7 @@ def negative_caption(caption: str, rng: np.random.Generator, kinds=NEGATIVE_KIND
     unambiguous in the grammar and relations hold by a margin. Raises if no kind applies.
     """
     words = caption.split()
-    edits = []
+    edits = []  # (kind, where: word index | relation phrase | pair of word indices, vocabulary)
     for kind in kinds:
         if kind in _WORD_SETS:
             for i, w in enumerate(words):
@@ -291,25 +291,26 @@ def negative_caption(caption: str, rng: np.random.Generator, kinds=NEGATIVE_KIND
                     if w in vocab:
                         edits.append((kind, i, vocab))
         elif kind == "relation":
-            if any(p in caption for p in _RELATION_PHRASES):
-                edits.append((kind, None, None))
+            phrase = next((p for p in _RELATION_PHRASES if p in caption), None)
+            if phrase:
+                edits.append((kind, phrase, None))
         elif kind == "swap":
-            if _swappable(words):
-                edits.append((kind, None, None))
+            pair = _swappable(words)
+            if pair:
+                edits.append((kind, pair, None))
         else:
             raise ValueError(f"unknown negative kind {kind!r}; use any of {NEGATIVE_KINDS}")
     if not edits:
         raise ValueError(f"no hard negative of kinds {tuple(kinds)} applies to {caption!r}")
-    kind, i, vocab = edits[int(rng.integers(len(edits)))]
+    kind, where, vocab = edits[int(rng.integers(len(edits)))]
     if vocab is not None:
-        others = [w for w in vocab if w != words[i]]
-        words[i] = others[int(rng.integers(len(others)))]
+        others = [w for w in vocab if w != words[where]]
+        words[where] = others[int(rng.integers(len(others)))]
     elif kind == "relation":
-        old = next(p for p in _RELATION_PHRASES if p in caption)
-        others = [p for p in _RELATION_PHRASES if p != old]
-        words = caption.replace(old, others[int(rng.integers(len(others)))]).split()
+        others = [p for p in _RELATION_PHRASES if p != where]
+        words = caption.replace(where, others[int(rng.integers(len(others)))]).split()
     else:
-        i, j = _swappable(words)
+        i, j = where
         words[i], words[j] = words[j], words[i]
     for k in range(len(words) - 1):
         if words[k] in ("a", "an"):

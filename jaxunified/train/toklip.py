@@ -307,7 +307,7 @@ class TokLIPTask(Task):
                 if not self.config.data.get("build_cache", False):
                     raise FileNotFoundError(f"no TokLIP cache at {cache_path(cache, split, key)}; build it with "
                                             "train.toklip.precompute_cache or set data.build_cache=True")
-                precompute_cache(self, self.frozen_params(), split, cache)
+                precompute_cache(self, self.frozen_params(), split, cache, key=key)
             return cached_dataset(self.config.data, split, self.mesh, cache, key)
         return build_dataset(self.config.data, split, self.mesh)
 
@@ -315,13 +315,14 @@ class TokLIPTask(Task):
         """The frozen tokenizer and teacher, host-resident (what ``collections["frozen"]`` holds)."""
         return {"tokenizer": self._vq_params, "teacher": self._teacher_params}
 
-    def cache_key(self) -> str:
-        """A digest of what the cached values depend on: the frozen weights, their configs and the
-        data fields that pick the records (a retrained teacher or tokenizer never reads a stale cache)."""
+    def cache_key(self, frozen=None) -> str:
+        """A digest of what the cached values depend on: the frozen weights (default the task's own),
+        their configs and the data fields that pick the records (a retrained teacher or tokenizer
+        never reads a stale cache)."""
         import hashlib
 
         h = hashlib.sha256()
-        for leaf in jax.tree.leaves(nn.meta.unbox(self.frozen_params())):
+        for leaf in jax.tree.leaves(nn.meta.unbox(self.frozen_params() if frozen is None else frozen)):
             a = np.ascontiguousarray(np.asarray(leaf))
             h.update(str((a.shape, a.dtype)).encode())
             h.update(a.tobytes())
@@ -412,10 +413,11 @@ def in_order_batches(data_cfg, split: str, batch_size: int, source=None):
 
 
 def precompute_cache(task: TokLIPTask, frozen, split: str = "train", cache_dir=None,
-                     fields: tuple[str, ...] = CACHE_FIELDS, batch_size: int = 256) -> pathlib.Path:
+                     fields: tuple[str, ...] = CACHE_FIELDS, batch_size: int = 256,
+                     key: str | None = None) -> pathlib.Path:
     """Runs the frozen parts once over ``split`` and writes ``toklip_cache_<split>_<key>.npz``
-    (``codes`` [N, h, w] int32, ``teacher_embeds`` / ``text_embeds`` [N, D] float32; key =
-    ``task.cache_key()``). Valid while the data has no random augmentation (the built-in shapes
+    (``codes`` [N, h, w] int32, ``teacher_embeds`` / ``text_embeds`` [N, D] float32; ``key``
+    defaults to ``task.cache_key(frozen)``, pass it when already computed). Valid while the data has no random augmentation (the built-in shapes
     pipeline has none). Single-process."""
     cfg = task.config
     cache_dir = cache_dir or cfg.data.get("cache_dir")
@@ -439,7 +441,7 @@ def precompute_cache(task: TokLIPTask, frozen, split: str = "train", cache_dir=N
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
     if "codes" in arrays:
         arrays["codes"] = arrays["codes"].reshape(-1, grid, grid).astype(np.int32)
-    path = cache_path(cache_dir, split, task.cache_key())
+    path = cache_path(cache_dir, split, key or task.cache_key(frozen))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
     np.savez(tmp, **arrays)
