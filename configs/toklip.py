@@ -70,6 +70,10 @@ def _base() -> mlc.ConfigDict:
     c.data.text.max_len = 16
     c.data.text.canonicalize = False
     c.data.text.eos = "no"
+    # K > 0: K grammar-made hard-negative captions per image in the contrastive loss (shapes only;
+    # encoded by the frozen text tower each step, never cached).
+    c.data.text.hard_negatives = 0
+    c.data.text.negative_kinds = ("shape", "color", "count", "relation", "swap")
 
     # The frozen VQ: kind "workdir" (a vqgan run: workdir + its config spec, "" = the config.json
     # the run wrote, so later preset edits never mismatch its checkpoint), "llamagen_vq" /
@@ -147,6 +151,9 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.optim.warmup_steps = 20
         c.optim.weight_decay = 1e-4
         c.model.init_logit_scale = math.log(30.0)
+        # As for the teacher: captions with one shape word swapped, scored by the frozen text tower.
+        c.data.text.hard_negatives = 2
+        c.data.text.negative_kinds = ("shape",)
         # The VQ, teacher and text tower are frozen and shapes has no augmentation: run them once
         # over the training split (cached under a digest of their weights) and train on the codes.
         c.data.cache_dir = "~/.cache/jaxunified/toklip"

@@ -264,14 +264,20 @@ def test_builtin_shapes_word_model(tmp_path, monkeypatch):
     from jaxunified.data.shapes_text import shapes_words_model
 
     path = shapes_words_model(tmp_path)
-    assert shapes_words_model(tmp_path) == path  # cached, not retrained
+    assert shapes_words_model(tmp_path) == path  # written once
     tok = make_tokenizer(tokenizer="sentencepiece", path="builtin:shapes_words", max_len=16)
     for i in range(300):
         caption = shapes.render_example(i, "train", 0, 32)["caption"]
         ids = tok.encode(caption)
         words = caption.split()
-        assert (ids != tok.pad_id).sum() == len(words), caption  # one token per word, no unknowns
+        plurals = sum(w in shapes._PLURALS for w in words)
+        assert (ids != tok.pad_id).sum() == len(words) + plurals, caption  # a word each, plurals + suffix
+        assert 1 not in ids  # the built-in model's unk id
         assert tok.decode(ids) == caption
+    # A plural shares its singular's token, so both train one embedding.
+    for singular, plural in zip(shapes.SHAPES, shapes._PLURALS):
+        one, many = tok.encode(f"a red {singular}"), tok.encode(f"two red {plural}")
+        assert one[2] == many[2] and many[3] != tok.pad_id
     with pytest.raises(ValueError, match="unknown built-in"):
         make_tokenizer(tokenizer="sentencepiece", path="builtin:nope")
 

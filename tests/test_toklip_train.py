@@ -90,6 +90,32 @@ def test_task_builds_its_cache_on_first_use_and_keys_it_by_the_frozen_weights(ta
         data.cache_dir, data.build_cache = old
 
 
+def test_hard_negatives_reach_the_contrastive_loss_but_not_the_cache_key(task, tmp_path):
+    from jaxunified.losses import contrastive
+
+    t, student, frozen = task
+    text = t.config.data.text
+    key = t.cache_key()
+    path = T.precompute_cache(t, frozen, "train", tmp_path, key=key)
+    old = text.hard_negatives, text.negative_kinds
+    try:
+        text.hard_negatives, text.negative_kinds = 2, ("shape",)
+        assert t.cache_key() == key  # drawn per step, never cached
+        batch = next(T.cached_dataset(t.config.data, "train", t.mesh, tmp_path, key))
+    finally:
+        text.hard_negatives, text.negative_kinds = old
+    assert path.exists() and batch["neg_tokens"].shape == (16, 2, 16)
+    batch = {k: jnp.asarray(batch[k]) for k in ("codes", "teacher_embeds", "text_embeds", "neg_tokens")}
+    got = jax.jit(lambda s, b: t.loss_and_metrics(s, frozen, b)[1])(student, batch)
+
+    z_img = t.student_embeds(student, frozen, batch["codes"])
+    negs = t.text_embeds(frozen, {"tokens": batch["neg_tokens"].reshape(32, -1)})
+    want, _ = contrastive.clip_loss(z_img, batch["text_embeds"], student["logit_scale"], negatives=negs)
+    plain, _ = contrastive.clip_loss(z_img, batch["text_embeds"], student["logit_scale"])
+    np.testing.assert_allclose(float(got["contrastive"]), float(want), rtol=1e-5)
+    assert float(want) > float(plain)  # the negatives joined every image's softmax
+
+
 def test_student_starts_from_teacher_and_frozen_parts_are_not_params(task):
     t, student, frozen = task
     assert set(student) == {"adapter", "vision", "logit_scale"}

@@ -19,7 +19,15 @@ from jaxunified.eval.retrieval import (
     recall_at_k,
 )
 from jaxunified.eval.templates import IMAGENET_TEMPLATES, fill_templates, shapes_targets, shapes_tasks
-from jaxunified.eval.zero_shot import class_embeddings, zero_shot_accuracy, zero_shot_counts, zero_shot_logits
+from jaxunified.eval.zero_shot import (
+    best_prompt_logits,
+    class_embeddings,
+    counts_from_logits,
+    prompt_embeddings,
+    zero_shot_accuracy,
+    zero_shot_counts,
+    zero_shot_logits,
+)
 from jaxunified.parallel.mesh import BATCH_AXES, make_mesh
 
 
@@ -136,6 +144,25 @@ def test_class_embeddings_ensemble_math():
         class_embeddings(lambda b: np.zeros((len(b) - 1, 4)), prompts, batch_size=4)
     with pytest.raises(ValueError, match="class 1"):
         class_embeddings(encode, [["a"], []])
+
+
+def test_best_prompt_scoring_reads_the_best_caption():
+    # Class 0's prompts are (x, y), class 1's are (x + y) / |x + y|: an image at y matches class 0's
+    # second prompt exactly, yet the class-0 mean (x + y) equals class 1's embedding — the mean
+    # ensemble ties the classes while the best prompt separates them.
+    x, y = np.eye(3, dtype=np.float32)[:2]
+    table = {"x": x, "y": y, "xy": (x + y) / np.sqrt(2)}
+    embs, owner = prompt_embeddings(lambda b: np.stack([table[p] for p in b]), [["x", "y"], ["xy"]], batch_size=2)
+    np.testing.assert_array_equal(owner, [0, 0, 1])
+    images = np.stack([y, (x + y) / np.sqrt(2), x])
+    best = np.asarray(best_prompt_logits(images, embs, owner))
+    np.testing.assert_allclose(best, [[1.0, 1 / np.sqrt(2)], [1 / np.sqrt(2), 1.0], [1.0, 1 / np.sqrt(2)]], atol=1e-6)
+    mean = np.asarray(zero_shot_logits(images, class_embeddings(lambda b: np.stack([table[p] for p in b]),
+                                                                 [["x", "y"], ["xy"]], batch_size=2)))
+    np.testing.assert_allclose(mean[:, 0], mean[:, 1], atol=1e-6)
+    counts = counts_from_logits(best, np.array([0, 1, 0]), ks=(1,))
+    assert float(counts["top1"]) == 3 and float(counts["count"]) == 3
+    np.testing.assert_allclose(jax.jit(lambda i, e: best_prompt_logits(i, e, owner))(images, embs), best, atol=1e-6)
 
 
 def test_zero_shot_accuracy_known_answers():

@@ -310,6 +310,28 @@ def read_threads(cfg: Any) -> int | None:
     return _get(cfg, "read_threads", 0 if _get(cfg, "name") == "shapes" else None)
 
 
+def text_transforms(cfg: Any, split: str, *, tokens: bool = True) -> tuple:
+    """The caption transforms ``cfg.text`` asks for: ``tokens`` (skip with ``tokens=False`` when a
+    cache already holds the text embeddings) and, on the train split with ``text.hard_negatives``
+    = K > 0, ``neg_tokens`` [K, max_len] (shapes only). Empty without ``text.tokenizer``."""
+    text = _get(cfg, "text")
+    negatives = int(_get(text, "hard_negatives", 0) or 0) if text is not None else 0
+    if negatives and _get(cfg, "name") != "shapes":
+        raise ValueError("data.text.hard_negatives needs the shapes caption grammar (data.name='shapes'); "
+                         f"got data.name={_get(cfg, 'name')!r}")
+    if text is None or _get(text, "tokenizer") is None:
+        return ()
+    from jaxunified.data.text import TokenizeCaptions, make_tokenizer
+
+    tokenizer = make_tokenizer(text)
+    out = (TokenizeCaptions(tokenizer),) if tokens else ()
+    if negatives and split == "train":
+        from jaxunified.data.shapes_text import HardNegativeCaptions
+
+        out += (HardNegativeCaptions(tokenizer, negatives, _get(text, "negative_kinds")),)
+    return out
+
+
 def build_dataset(cfg: Any, split: str, mesh: Mesh) -> DataIterator:
     """The training loop's single data entry point: an iterator of host batches for ``split``.
 
@@ -335,11 +357,7 @@ def build_dataset(cfg: Any, split: str, mesh: Mesh) -> DataIterator:
     the last partial batch; every other split is read once, in order, with the last batch padded
     (see ``DataIterator``'s ``mask`` field).
     """
-    text = _get(cfg, "text")
-    negatives = int(_get(text, "hard_negatives", 0) or 0) if text is not None else 0
-    if negatives and _get(cfg, "name") != "shapes":
-        raise ValueError("data.text.hard_negatives needs the shapes caption grammar (data.name='shapes'); "
-                         f"got data.name={_get(cfg, 'name')!r}")
+    transforms = text_transforms(cfg, split)  # first: a bad text config fails before any data is read
     source = make_source(cfg, split)
     train = split == "train"
     batch_size = _get(cfg, "batch_size") if train else _get(cfg, "eval_batch_size", _get(cfg, "batch_size"))
@@ -352,16 +370,6 @@ def build_dataset(cfg: Any, split: str, mesh: Mesh) -> DataIterator:
             f"data.batch_size={batch_size} ({split}) must be a multiple of the mesh's {shards} data-parallel "
             f"shards (axes {BATCH_AXES}); change the batch size or config.mesh_shape"
         )
-    transforms = ()
-    if text is not None and _get(text, "tokenizer") is not None:
-        from jaxunified.data.text import TokenizeCaptions, make_tokenizer
-
-        tokenizer = make_tokenizer(text)
-        transforms = (TokenizeCaptions(tokenizer),)
-        if negatives and train:
-            from jaxunified.data.shapes_text import HardNegativeCaptions
-
-            transforms += (HardNegativeCaptions(tokenizer, negatives, _get(text, "negative_kinds")),)
     loader = make_loader(
         source,
         batch_size,

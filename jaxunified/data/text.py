@@ -310,7 +310,7 @@ _CLASSES = {"byte": ByteTokenizer, "sentencepiece": SentencePieceTokenizer, "hf"
 _FILE_NAMES = {"sentencepiece": "SentencePiece .model", "hf": "tokenizer.json"}
 _FIELDS = ("tokenizer", "kind", "path", "max_len", "canonicalize", "bos", "eos", "pad_id", "bos_id", "eos_id")
 # Fields of the ``data.text`` sub-config that the pipeline reads, not the tokenizer.
-_PIPELINE_FIELDS = ("hard_negatives", "negative_kinds")
+PIPELINE_FIELDS = ("hard_negatives", "negative_kinds")
 
 
 def _config_fields(cfg: Any) -> dict:
@@ -333,7 +333,7 @@ def make_tokenizer(cfg: Any = None, /, **overrides: Any) -> TextTokenizer:
     override the config. The pipeline's own fields (``hard_negatives``, ``negative_kinds``) are skipped.
     """
     fields = {k: v for k, v in {**_config_fields(cfg), **overrides}.items()
-              if v is not None and v != "" and k not in _PIPELINE_FIELDS}
+              if v is not None and v != "" and k not in PIPELINE_FIELDS}
     unknown = sorted(set(fields) - set(_FIELDS))
     if unknown:
         raise ValueError(f"unknown text tokenizer field(s) {unknown}; known fields are {list(_FIELDS)}")

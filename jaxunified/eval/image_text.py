@@ -36,8 +36,9 @@ def evaluate_image_text(
     ks: tuple[int, ...] = (1, 5),
     prompt_batch: int = 64,
 ) -> dict[str, float]:
-    """Metrics over ``split``: ``zs_{task}_top1`` (shapes colour/shape/count; only images for which
-    the task is well defined count), ``i2t_r{k}``/``t2i_r{k}`` (an image whose caption equals the
+    """Metrics over ``split``: ``zs_{task}_top1`` (shapes colour/shape/count, best-prompt scoring;
+    ``zs_{task}_ensemble_top1`` with CLIP prompt ensembling; only images for which the task is well
+    defined count), ``i2t_r{k}``/``t2i_r{k}`` (an image whose caption equals the
     query's counts as a hit) and ``num_examples``.
 
     ``encode_image(global_batch) -> [B, D]`` and ``encode_text(tokens [N, L]) -> [N, D]`` should be
@@ -78,9 +79,15 @@ def evaluate_image_text(
                 return encode_text(jnp.asarray(tokenize_batch(tokenizer, prompts)))
 
             for name, task in templates.shapes_tasks().items():
-                classes = zero_shot.class_embeddings(encode_prompts, task.prompts, batch_size=prompt_batch)
+                prompts, owner = zero_shot.prompt_embeddings(encode_prompts, task.prompts, batch_size=prompt_batch)
                 y, valid = targets[name]
-                acc = zero_shot.zero_shot_accuracy(jnp.asarray(img), classes, y, valid, ks=(1,))
-                out[f"zs_{name}_top1"] = float(acc["top1"])
+                scores = {"best": zero_shot.best_prompt_logits(jnp.asarray(img), prompts, owner),
+                          "mean": zero_shot.zero_shot_logits(jnp.asarray(img), zero_shot.ensemble(prompts, owner))}
+                if task.scoring not in scores:
+                    raise ValueError(f"zero-shot task {name!r}: unknown scoring {task.scoring!r}; use {sorted(scores)}")
+                keys = {"best": "best_top1", "mean": "ensemble_top1", task.scoring: "top1"}
+                for scoring, logits in scores.items():
+                    acc = zero_shot.accuracy_from_counts(zero_shot.counts_from_logits(logits, y, valid, ks=(1,)))
+                    out[f"zs_{name}_{keys[scoring]}"] = float(acc["top1"])
                 out[f"zs_{name}_count"] = float(np.asarray(valid).sum())
     return out

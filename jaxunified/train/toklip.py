@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxunified.data.text import PIPELINE_FIELDS
 from jaxunified.losses import contrastive, distill
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import toklip as toklip_lib
@@ -278,12 +279,19 @@ class TokLIPTask(Task):
         codes = self.codes(frozen, batch)
         t_img = jax.lax.stop_gradient(self.teacher_embeds(frozen, batch))
         z_txt = jax.lax.stop_gradient(self.text_embeds(frozen, batch))
+        negatives = None
+        if "neg_tokens" in batch:  # hard-negative captions through the frozen text tower (never cached)
+            neg = batch["neg_tokens"]
+            negatives = jax.lax.stop_gradient(self.teacher.apply(
+                {"params": frozen["teacher"]}, neg.reshape(-1, neg.shape[-1]), normalize=False,
+                method=siglip_lib.SigLIP.encode_text))
         z_img = self.student_embeds(student, frozen, codes)
         if lc.kind == "softmax":
-            con, m = contrastive.clip_loss(z_img, z_txt, student["logit_scale"], axis_name=axis_name)
+            con, m = contrastive.clip_loss(z_img, z_txt, student["logit_scale"], axis_name=axis_name,
+                                           negatives=negatives)
         else:
             con, m = contrastive.sigmoid_loss(z_img, z_txt, student["logit_scale"], student["logit_bias"],
-                                              axis_name=axis_name)
+                                              axis_name=axis_name, negatives=negatives)
         mse = distill.embedding_mse(z_img, t_img)
         cos = distill.cosine_similarity(z_img, t_img)
         total = float(lc.contrastive_weight) * con + float(lc.distill_weight) * mse
@@ -327,8 +335,10 @@ class TokLIPTask(Task):
             h.update(str((a.shape, a.dtype)).encode())
             h.update(a.tobytes())
         d = self.config.data
-        h.update(repr((self.vq_cfg, self.teacher_cfg, [d.get(k) for k in _CACHE_DATA_FIELDS],
-                       d.get("text").to_dict() if d.get("text") is not None else None)).encode())
+        text = d.get("text")
+        # Hard negatives are drawn per step, never cached: they do not key the cache.
+        text = None if text is None else {k: v for k, v in text.to_dict().items() if k not in PIPELINE_FIELDS}
+        h.update(repr((self.vq_cfg, self.teacher_cfg, [d.get(k) for k in _CACHE_DATA_FIELDS], text)).encode())
         return h.hexdigest()[:16]
 
     # ---- evaluation ----
@@ -454,7 +464,6 @@ def cached_dataset(data_cfg, split: str, mesh, cache_dir, key: str = ""):
     """Training batches whose records come from the cache (``precompute_cache``) instead of pixels,
     in the same shuffled order ``pipeline.build_dataset`` would give."""
     from jaxunified.data import pipeline
-    from jaxunified.data.text import TokenizeCaptions, make_tokenizer
 
     path = cache_path(cache_dir, split, key)
     if not path.exists():
@@ -463,9 +472,7 @@ def cached_dataset(data_cfg, split: str, mesh, cache_dir, key: str = ""):
         arrays = {k: z[k] for k in z.files}
     pixels_needed = not {"codes", "teacher_embeds"} <= set(arrays)
     source = CachedSource(pipeline.make_source(data_cfg, split), arrays, drop=() if pixels_needed else ("image",))
-    text = data_cfg.get("text")
-    transforms = (TokenizeCaptions(make_tokenizer(text)),) if (text is not None and text.get("tokenizer")
-                                                               and "text_embeds" not in arrays) else ()
+    transforms = pipeline.text_transforms(data_cfg, split, tokens="text_embeds" not in arrays)
     bs = int(data_cfg.batch_size)
     loader = pipeline.make_loader(source, bs, seed=int(data_cfg.get("seed", 0)), shuffle=bool(data_cfg.get("shuffle", True)),
                                   num_epochs=data_cfg.get("num_epochs"), drop_remainder=True, transforms=transforms,
