@@ -176,7 +176,9 @@ def _siglip_shapes_text() -> mlc.ConfigDict:
 
     from jaxunified.train.restore import load_config
 
-    return load_config(str(pathlib.Path(__file__).with_name("siglip.py")) + ":shapes").data.text
+    text = load_config(str(pathlib.Path(__file__).with_name("siglip.py")) + ":shapes").data.text
+    text.hard_negatives = 0  # the teacher's training captions; DualToken's losses take no negatives
+    return text
 
 
 def get_config(arg: str = "shapes") -> mlc.ConfigDict:
