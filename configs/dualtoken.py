@@ -8,15 +8,16 @@ Arguments after the colon pick a preset:
       python train.py --config configs/siglip.py:shapes    --workdir runs/siglip_shapes
       python train.py --config configs/dualtoken.py:shapes --workdir runs/dualtoken_shapes
       python eval.py  --config configs/dualtoken.py:shapes --workdir runs/dualtoken_shapes
-  Target: at most 15 minutes on 2 idle CPU cores. Measured on 2 cores shared with other jobs
-  (load 2-5): 11 min 38 s wall for the whole command (≈ 1 step/s, compile ≈ 1 min, final eval
-  ≈ 1 min), peak RSS 1.9 GB. eval_test.json reports reconstruction ``psnr``/``ssim``, codebook
+  Target: at most 15 minutes on 2 idle CPU cores. Measured alone on 2 cores against the current
+  shapes SigLIP (configs/siglip.py:shapes): 6 min 21 s wall for the whole command (compile and final
+  eval included), peak RSS 2.2 GB. eval_test.json reports reconstruction ``psnr``/``ssim``, codebook
   usage per depth (``usage_{pix,sem}_d{d}``) and of the shared codebook over all depths
   (``usage_{pix,sem}_all``), and zero-shot / retrieval through the semantic path (``zs_*``,
-  ``i2t_r*``) next to the original tower (``teacher_*``). Measured from the 2000-step shapes
-  SigLIP: PSNR 26.5 dB, SSIM 0.83; codebook usage over all depths 100% (pixel and semantic),
-  per depth pixel 22/78/77/74%, semantic 32/80/73/67%; zero-shot colour / shape / count
-  100 / 53.9 / 47.6% through the semantic path vs 100 / 55.0 / 48.1% for the original tower.
+  ``i2t_r*``) next to the original tower (``teacher_*``): PSNR 26.4 dB, SSIM 0.87; codebook usage
+  over all depths 100% (pixel and semantic); zero-shot colour / shape / count 100 / 97.1 / 85.6%
+  and text→image R@1 71.0% through the semantic path vs 100 / 96.7 / 84.2% and 70.8% for the
+  original tower. (Against the older 2000-step teacher: PSNR 26.5 dB, SSIM 0.83, shape 53.9 vs
+  55.0% under prompt-ensemble scoring.)
   No LPIPS weights ship with the repository, so the perceptual term is off unless
   ``--config.loss.lpips_path`` is given; the GAN term (tiny PatchGAN) joins at ``loss.disc_start``.
   ``--config.model.pix_rq.restart=False --config.model.sem_rq.restart=False`` is the no-restart
