@@ -109,7 +109,7 @@ def test_hard_negatives_reach_the_contrastive_loss_but_not_the_cache_key(task, t
     got = jax.jit(lambda s, b: t.loss_and_metrics(s, frozen, b)[1])(student, batch)
 
     z_img = t.student_embeds(student, frozen, batch["codes"])
-    negs = t.text_embeds(frozen, {"tokens": batch["neg_tokens"].reshape(32, -1)})
+    negs = t.caption_embeds(frozen, batch["neg_tokens"].reshape(32, -1))
     want, _ = contrastive.clip_loss(z_img, batch["text_embeds"], student["logit_scale"], negatives=negs)
     plain, _ = contrastive.clip_loss(z_img, batch["text_embeds"], student["logit_scale"])
     np.testing.assert_allclose(float(got["contrastive"]), float(want), rtol=1e-5)

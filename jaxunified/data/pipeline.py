@@ -310,13 +310,14 @@ def read_threads(cfg: Any) -> int | None:
     return _get(cfg, "read_threads", 0 if _get(cfg, "name") == "shapes" else None)
 
 
-def text_transforms(cfg: Any, split: str, *, tokens: bool = True) -> tuple:
+def text_transforms(cfg: Any, split: str, *, tokens: bool = True, negatives: bool = True) -> tuple:
     """The caption transforms ``cfg.text`` asks for: ``tokens`` (skip with ``tokens=False`` when a
     cache already holds the text embeddings) and, on the train split with ``text.hard_negatives``
-    = K > 0, ``neg_tokens`` [K, max_len] (shapes only). Empty without ``text.tokenizer``."""
+    = K > 0, ``neg_tokens`` [K, max_len] (shapes only; ``negatives=False`` skips them for a
+    one-pass read such as a cache build). Empty without ``text.tokenizer``."""
     text = _get(cfg, "text")
-    negatives = int(_get(text, "hard_negatives", 0) or 0) if text is not None else 0
-    if negatives and _get(cfg, "name") != "shapes":
+    num_negatives = int(_get(text, "hard_negatives", 0) or 0) if text is not None else 0
+    if num_negatives and _get(cfg, "name") != "shapes":
         raise ValueError("data.text.hard_negatives needs the shapes caption grammar (data.name='shapes'); "
                          f"got data.name={_get(cfg, 'name')!r}")
     if text is None or _get(text, "tokenizer") is None:
@@ -325,10 +326,10 @@ def text_transforms(cfg: Any, split: str, *, tokens: bool = True) -> tuple:
 
     tokenizer = make_tokenizer(text)
     out = (TokenizeCaptions(tokenizer),) if tokens else ()
-    if negatives and split == "train":
+    if num_negatives and negatives and split == "train":
         from jaxunified.data.shapes_text import HardNegativeCaptions
 
-        out += (HardNegativeCaptions(tokenizer, negatives, _get(text, "negative_kinds")),)
+        out += (HardNegativeCaptions(tokenizer, num_negatives, _get(text, "negative_kinds")),)
     return out
 
 

@@ -78,8 +78,9 @@ def clip_loss(
     ``axis_name``); row ``i`` of each is a positive pair. ``logit_scale``: the learnable log-scale
     (scalar). ``negatives``: optional extra captions ``[M, D]`` (this device's under ``axis_name``,
     gathered like the texts) that match no image, NegCLIP's hard negatives: they join every
-    image's softmax over captions (image→text term only). Returns ``(loss, metrics)`` with metrics ``i2t_acc``, ``t2i_acc`` (in-batch top-1
-    over the global batch) and ``logit_scale`` (the scale actually used).
+    image's softmax over captions (image→text term only). Returns ``(loss, metrics)`` with metrics
+    ``i2t_acc``, ``t2i_acc`` (in-batch top-1 over the global batch) and ``logit_scale`` (the scale
+    actually used).
     """
     zimg, ztxt = _prepare(zimg, ztxt, normalize, "clip_loss")
     negatives = _prepare_negatives(negatives, zimg, normalize, "clip_loss")

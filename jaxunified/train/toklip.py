@@ -264,11 +264,15 @@ class TokLIPTask(Task):
             x = jax.image.resize(x, (x.shape[0], r, r, x.shape[3]), "bilinear")
         return self.teacher.apply({"params": frozen["teacher"]}, x, normalize=False, method=siglip_lib.SigLIP.encode_image)
 
+    def caption_embeds(self, frozen, tokens):
+        """The frozen text tower on ``tokens`` [N, L]: raw (unnormalised) caption embeddings [N, D]."""
+        return self.teacher.apply({"params": frozen["teacher"]}, tokens, normalize=False,
+                                  method=siglip_lib.SigLIP.encode_text)
+
     def text_embeds(self, frozen, batch):
         if "text_embeds" in batch:
             return batch["text_embeds"]
-        return self.teacher.apply({"params": frozen["teacher"]}, batch["tokens"], normalize=False,
-                                  method=siglip_lib.SigLIP.encode_text)
+        return self.caption_embeds(frozen, batch["tokens"])
 
     def student_embeds(self, student, frozen, codes):
         return self.model.apply(self._student_vars(student, frozen), codes=codes,
@@ -282,9 +286,7 @@ class TokLIPTask(Task):
         negatives = None
         if "neg_tokens" in batch:  # hard-negative captions through the frozen text tower (never cached)
             neg = batch["neg_tokens"]
-            negatives = jax.lax.stop_gradient(self.teacher.apply(
-                {"params": frozen["teacher"]}, neg.reshape(-1, neg.shape[-1]), normalize=False,
-                method=siglip_lib.SigLIP.encode_text))
+            negatives = jax.lax.stop_gradient(self.caption_embeds(frozen, neg.reshape(-1, neg.shape[-1])))
         z_img = self.student_embeds(student, frozen, codes)
         if lc.kind == "softmax":
             con, m = contrastive.clip_loss(z_img, z_txt, student["logit_scale"], axis_name=axis_name,
@@ -410,11 +412,9 @@ def in_order_batches(data_cfg, split: str, batch_size: int, source=None):
     """Every record of ``split`` (or of ``source``) once, in index order, in padded batches (with
     ``mask``). Returns ``(source, iterator)``."""
     from jaxunified.data import pipeline
-    from jaxunified.data.text import TokenizeCaptions, make_tokenizer
 
     source = pipeline.make_source(data_cfg, split) if source is None else source
-    text = data_cfg.get("text")
-    transforms = (TokenizeCaptions(make_tokenizer(text)),) if text is not None and text.get("tokenizer") else ()
+    transforms = pipeline.text_transforms(data_cfg, split, negatives=False)
     pixels = not (isinstance(source, CachedSource) and "image" in source.drop)
     loader = pipeline.make_loader(source, batch_size, seed=0, shuffle=False, num_epochs=1, drop_remainder=False,
                                   transforms=transforms, shard_by_process=False, normalize=pixels,
@@ -427,8 +427,8 @@ def precompute_cache(task: TokLIPTask, frozen, split: str = "train", cache_dir=N
                      key: str | None = None) -> pathlib.Path:
     """Runs the frozen parts once over ``split`` and writes ``toklip_cache_<split>_<key>.npz``
     (``codes`` [N, h, w] int32, ``teacher_embeds`` / ``text_embeds`` [N, D] float32; ``key``
-    defaults to ``task.cache_key(frozen)``, pass it when already computed). Valid while the data has no random augmentation (the built-in shapes
-    pipeline has none). Single-process."""
+    defaults to ``task.cache_key(frozen)``, pass it when already computed). Valid while the data
+    has no random augmentation (the built-in shapes pipeline has none). Single-process."""
     cfg = task.config
     cache_dir = cache_dir or cfg.data.get("cache_dir")
     if not cache_dir:
