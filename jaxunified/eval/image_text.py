@@ -68,7 +68,8 @@ def evaluate_image_text(
             mask &= np.cumsum(mask) <= num_examples
         out: dict[str, float] = {"num_examples": float(mask.sum())}
         groups = retrieval.caption_groups(captions)
-        rec = retrieval.image_text_retrieval(jnp.asarray(img), jnp.asarray(txt), groups, image_mask=mask, ks=ks,
+        img = jnp.asarray(img)  # one host→device copy for retrieval and every zero-shot score below
+        rec = retrieval.image_text_retrieval(img, jnp.asarray(txt), groups, image_mask=mask, ks=ks,
                                              mesh=mesh)
         out.update({k: float(v) for k, v in rec.items()})
         if len(labels) == 6:  # the shapes dataset: its zero-shot tasks
@@ -81,8 +82,8 @@ def evaluate_image_text(
             for name, task in templates.shapes_tasks().items():
                 prompts, owner = zero_shot.prompt_embeddings(encode_prompts, task.prompts, batch_size=prompt_batch)
                 y, valid = targets[name]
-                scores = {"best": zero_shot.best_prompt_logits(jnp.asarray(img), prompts, owner),
-                          "mean": zero_shot.zero_shot_logits(jnp.asarray(img), zero_shot.ensemble(prompts, owner))}
+                scores = {"best": zero_shot.best_prompt_logits(img, prompts, owner),
+                          "mean": zero_shot.zero_shot_logits(img, zero_shot.ensemble(prompts, owner))}
                 if task.scoring not in scores:
                     raise ValueError(f"zero-shot task {name!r}: unknown scoring {task.scoring!r}; use {sorted(scores)}")
                 keys = {"best": "best_top1", "mean": "ensemble_top1", task.scoring: "top1"}
