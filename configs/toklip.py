@@ -102,6 +102,9 @@ def _base() -> mlc.ConfigDict:
     c.model.init = "teacher"  # student ViT from the teacher's vision tower, or "random"
     c.model.init_logit_scale = mlc.FieldReference(None, field_type=float)  # None: the teacher's, clamped
     c.model.vision = mlc.ConfigDict()  # student VisionConfig overrides, e.g. dict(scan=True, remat=True)
+    # ((features, kernel), ...) raster-causal convs between the code MLP and the ViT (not in TokLIP;
+    # models/toklip.py TokLIPConfig.causal_stem). () is the reference model.
+    c.model.causal_stem = ()
 
     c.loss = mlc.ConfigDict()
     c.loss.kind = "softmax"  # TokLIP: softmax CLIP, no bias; "sigmoid": SigLIP's loss (bias from the teacher)

@@ -244,6 +244,29 @@ def test_prefix_features_equal_full_sequence(golden):
         model.apply(variables, codes=jnp.zeros((1, 17), jnp.int32), method=T.TokLIP.encode)
 
 
+def test_causal_stem_stays_causal_and_prefix_exact():
+    """The optional raster-causal conv stem (not in TokLIP): every code j changes exactly the
+    features at positions ≥ j, a raster prefix encodes to the full sequence's features, and the
+    stem's receptive field reaches the row above (a neighbour the MLP alone cannot see)."""
+    cfg = T.get_config("tiny", vq=dict(codebook_size=64), causal_stem=((8, 5), (8, 3)))
+    model = T.TokLIP(cfg)
+    codes = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+    variables = model.init(jax.random.key(0), codes=codes, method=T.TokLIP.encode)
+    batch = jnp.concatenate([codes] + [codes.at[:, j].set((codes[:, j] + 1) % 64) for j in range(16)])
+    run = jax.jit(lambda v, c: model.apply(v, codes=c, method=T.TokLIP.encode)["features"])
+    f = np.asarray(run(variables, batch))
+    base, changed = f[:2], f[2:].reshape(16, 2, 16, -1)
+    for j, new in enumerate(changed):
+        np.testing.assert_array_equal(new[:, :j], base[:, :j])
+        assert np.abs(new[:, j] - base[:, j]).max() > 0
+    np.testing.assert_allclose(np.asarray(run(variables, codes[:, :7])), base[:, :7], atol=1e-6)
+    # Below the ViT: the stem's output at (1, 1) depends on (0, 2), the row above, right of it.
+    emb = jax.jit(lambda v, c: model.apply(v, c, (4, 4), method=T.TokLIP.embed_codes))
+    shifted = codes.at[:, 2].set((codes[:, 2] + 1) % 64)
+    d = np.abs(np.asarray(emb(variables, shifted) - emb(variables, codes)))
+    assert d[:, 5].max() > 0 and d[:, :2].max() == 0
+
+
 def test_input_errors(golden):
     model, variables, ref = golden
     with pytest.raises(ValueError, match="exactly one"):

@@ -17,7 +17,14 @@ gradient checkpointing and adds it after the softmax in its non-fused path; the 
 runs inference only (no entropy loss, no usage buffers, float32 argmin); the conv patch embedding
 the reference constructs but never calls is not part of the model.
 
-Parameters: ``tokenizer`` (VQGAN; frozen), ``adapter/{vq_table, vq_mapping}``, ``vision``
+One addition, off unless asked for (``causal_stem``; the shapes preset uses it): raster-causal
+convolutions over the code grid between the MLP and the ViT, added back to the MLP's output. The
+per-code MLP sees one code at a time and a small ViT trained for minutes learns little local
+geometry from attention; a causal conv gives it that and keeps "features at t depend only on
+codes ≤ t".
+
+Parameters: ``tokenizer`` (VQGAN; frozen), ``adapter/{vq_table, vq_mapping}``, ``stem`` (only
+with ``causal_stem``), ``vision``
 (``VisionTower``; no ``patch_embed``), ``text`` (``TextTower``; frozen) and the scalar
 ``logit_scale`` (softmax CLIP temperature; TokLIP uses no logit bias); the last two only when
 the config has a text tower.
@@ -38,7 +45,7 @@ from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.models.siglip import TextConfig, TextTower, VisionConfig, VisionTower, l2_normalize
 from jaxunified.models.vqgan import VQGAN, VQGANConfig
-from jaxunified.nn.conv import torch_default_init
+from jaxunified.nn.conv import RasterCausalConv, torch_default_init
 from jaxunified.nn.transformer import activation
 from jaxunified.quant.vq import VQConfig
 
@@ -52,6 +59,9 @@ class TokLIPConfig:
     mlp_act: str = "gelu"  # exact-erf GELU (torch nn.GELU), not SigLIP's tanh form
     init_logit_scale: float = math.log(10.0)
     init_logit_bias: float | None = None  # only for the sigmoid-loss option; TokLIP's softmax loss has none
+    # ((features, kernel), ...) raster-causal convs between the MLP and the ViT (module docstring);
+    # () — the reference model — for every released variant.
+    causal_stem: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         f = self.vq.downsample_factor
@@ -179,6 +189,22 @@ class CodeAdapter(nn.Module):
                         bias_init=nn.with_logical_partitioning(_torch_bias(self.hidden), ("embed",)))(x)
 
 
+class CausalStem(nn.Module):
+    """Adapter output [B, h, w, W] → + Dense(GELU(raster-causal conv)…): local context, still causal."""
+
+    layers: tuple[tuple[int, int], ...]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x
+        for i, (features, kernel) in enumerate(self.layers):
+            h = nn.gelu(RasterCausalConv(features, kernel, self.dtype, name=f"conv_{i}")(h), approximate=False)
+        return x + nn.Dense(x.shape[-1], dtype=self.dtype, name="proj",
+                            kernel_init=nn.with_logical_partitioning(torch_default_init, ("mlp", "embed")),
+                            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)
+
+
 def _torch_bias(fan_in: int):
     bound = 1.0 / math.sqrt(fan_in)
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -193,6 +219,8 @@ class TokLIP(nn.Module):
         c = self.cfg
         self.tokenizer = VQGAN(c.vq)
         self.adapter = CodeAdapter(c.width, c.mlp_ratio * c.width, c.mlp_act, c.vision.dtype)
+        if c.causal_stem:
+            self.stem = CausalStem(c.causal_stem, c.vision.dtype)
         self.vision = VisionTower(c.vision)
         if c.text is not None:  # the image-only form (with_text=False) has no temperature either
             self.text = TextTower(c.text)
@@ -238,15 +266,27 @@ class TokLIP(nn.Module):
             raise ValueError(f"{length} codes exceed the {g}×{g} position grid; pass codes as [batch, h, w] to resize")
         return self.vision.posemb()[:length]  # a raster prefix: causal, so its features are prefix-exact
 
+    def _adapt(self, quant: jax.Array, grid: tuple[int, int] | None) -> jax.Array:
+        """Codebook vectors [B, L, d] → ViT input [B, L, W]: MLP (→ causal stem) → + position embedding."""
+        x = self.adapter(quant)
+        length = x.shape[1]
+        pos = self._posemb(length, grid).astype(x.dtype)[None]
+        if self.cfg.causal_stem:
+            b, w = x.shape[0], x.shape[-1]
+            gh, gw = grid or (self.cfg.grid, self.cfg.grid)
+            # A raster prefix is laid out on the full grid; being causal, the stem's outputs at the
+            # prefix ignore the zero padding after it.
+            padded = jnp.pad(x, ((0, 0), (0, gh * gw - length), (0, 0))) if grid is None else x
+            x = self.stem(padded.reshape(b, gh, gw, w)).reshape(b, gh * gw, w)[:, :length]
+        return x + pos
+
     def embed_codes(self, codes: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
-        """Raster codes [B, L] → ViT input [B, L, W] (codebook vectors → MLP → + position embedding)."""
-        x = self.adapter(self.codebook_vectors(codes))
-        return x + self._posemb(codes.shape[1], grid).astype(x.dtype)[None]
+        """Raster codes [B, L] → ViT input [B, L, W] (codebook vectors → MLP (→ causal stem) → + position embedding)."""
+        return self._adapt(self.codebook_vectors(codes), grid)
 
     def encode_quant(self, quant: jax.Array, grid: tuple[int, int] | None = None) -> dict[str, jax.Array]:
         """From codebook vectors [B, L, d] directly (the reference's ``quant``); same outputs as ``encode``."""
-        x = self.adapter(quant) + self._posemb(quant.shape[1], grid).astype(self.cfg.vision.dtype)[None]
-        return self._run(x)
+        return self._run(self._adapt(quant, grid))
 
     def _run(self, x: jax.Array) -> dict[str, jax.Array]:
         x, _ = self.vision.encode(x, causal=self.cfg.vision.causal)
@@ -337,6 +377,7 @@ def num_params(cfg: TokLIPConfig, *, full: bool = True) -> dict[str, int]:
 
 
 __all__ = [
+    "CausalStem",
     "CodeAdapter",
     "IBQ_262144",
     "TokLIP",

@@ -159,16 +159,49 @@ class Upsample(nn.Module):
         return conv(x.shape[-1], 3, dtype=self.dtype, name="conv")(x)
 
 
+def raster_causal_mask(kernel_size: int) -> jax.Array:
+    """[k, k, 1, 1] mask of the taps at or before the centre in raster order (PixelCNN's type B)."""
+    k, c = kernel_size, kernel_size // 2
+    rows = jnp.arange(k)[:, None]
+    cols = jnp.arange(k)[None, :]
+    return ((rows < c) | ((rows == c) & (cols <= c))).astype(jnp.float32)[:, :, None, None]
+
+
+class RasterCausalConv(nn.Module):
+    """A stride-1 k×k conv whose output at (r, c) reads only inputs at or before (r, c) in raster
+    order (rows above, and this row up to c), so a stack of them stays causal in the raster
+    sequence; zero padding at the borders (no wrap-around between rows)."""
+
+    features: int
+    kernel_size: int = 3
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        if k % 2 == 0:
+            raise ValueError(f"RasterCausalConv needs an odd kernel size, got {k}")
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_KERNEL_AXES),
+                            (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)), (self.features,))
+        kernel = (kernel * raster_causal_mask(k)).astype(self.dtype)
+        y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias.astype(self.dtype)
+
+
 __all__ = [
     "AttnBlock",
     "CONV_KERNEL_AXES",
     "DENSE_KERNEL_AXES",
     "Downsample",
     "GroupNorm",
+    "RasterCausalConv",
     "ResnetBlock",
     "Upsample",
     "conv",
     "dense",
     "group_count",
+    "raster_causal_mask",
     "torch_default_init",
 ]

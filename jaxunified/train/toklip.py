@@ -6,8 +6,9 @@ from a frozen SigLIP teacher (TokLIP, arXiv 2505.05422).
          + 1000 · MSE(l2n(student pooled), l2n(teacher pooled))
 
 Parameters (``params["student"]``, the only thing the optimizer sees): the code MLP
-(``adapter``), the ViT (blocks, position embedding, final norm, MAP head) and ``logit_scale``
-(+ ``logit_bias`` for the sigmoid option). The frozen parts — the VQ tokenizer (encoder and
+(``adapter``), the optional causal conv ``stem`` (``model.causal_stem``; not in TokLIP), the ViT
+(blocks, position embedding, final norm, MAP head) and ``logit_scale`` (+ ``logit_bias`` for the
+sigmoid option). The frozen parts — the VQ tokenizer (encoder and
 codebook; its decoder is not loaded), the teacher SigLIP and its text tower, which is also the
 student's — live in ``collections["frozen"]``: no gradients, no optimizer state, no all-reduce,
 but saved with the run so evaluation needs nothing else.
@@ -141,12 +142,13 @@ def load_teacher(tc) -> tuple[siglip_lib.SigLIPConfig, dict]:
 
 
 def student_config(teacher: siglip_lib.SigLIPConfig, vq: vqgan_lib.VQGANConfig, resolution: int,
-                   loss_kind: str, vision: Mapping | None = None) -> toklip_lib.TokLIPConfig:
+                   loss_kind: str, vision: Mapping | None = None, causal_stem=()) -> toklip_lib.TokLIPConfig:
     """The student: the teacher's ViT shape over the tokenizer's code grid, causal, with the teacher's text tower."""
     v = dataclasses.replace(teacher.vision, causal=True, pool="map", patch_size=vq.downsample_factor,
                             image_size=resolution, stem=(), **dict(vision or {}))
     bias = teacher.init_logit_bias if loss_kind == "sigmoid" else None
-    return toklip_lib.TokLIPConfig(vision=v, vq=vq, text=teacher.text, init_logit_bias=bias)
+    stem = tuple((int(f), int(k)) for f, k in (causal_stem or ()))
+    return toklip_lib.TokLIPConfig(vision=v, vq=vq, text=teacher.text, init_logit_bias=bias, causal_stem=stem)
 
 
 def _is_pixel_stem(name: str) -> bool:
@@ -194,7 +196,8 @@ class TokLIPTask(Task):
         self.teacher_cfg, self._teacher_params = load_teacher(config.teacher)
         self.teacher = siglip_lib.SigLIP(self.teacher_cfg)
         r = int(config.data.resolution)
-        self.cfg = student_config(self.teacher_cfg, self.vq_cfg, r, self.loss_cfg.kind, _plain(config.model.get("vision")))
+        self.cfg = student_config(self.teacher_cfg, self.vq_cfg, r, self.loss_cfg.kind, _plain(config.model.get("vision")),
+                                  config.model.get("causal_stem", ()))
         self.model = toklip_lib.TokLIP(self.cfg)
         self.tokenizer = make_tokenizer(config.data.text)
         if self.tokenizer.max_len > self.cfg.text.max_len:
