@@ -281,7 +281,7 @@ class TokLIP(nn.Module):
         return x + pos
 
     def embed_codes(self, codes: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
-        """Raster codes [B, L] → ViT input [B, L, W] (codebook vectors → MLP (→ causal stem) → + position embedding)."""
+        """Raster codes [B, L] → ViT input [B, L, W]: codebook vectors → MLP (→ stem) → + positions."""
         return self._adapt(self.codebook_vectors(codes), grid)
 
     def encode_quant(self, quant: jax.Array, grid: tuple[int, int] | None = None) -> dict[str, jax.Array]:

@@ -1,4 +1,5 @@
-"""Taming/LlamaGen VQGAN building blocks, NHWC: GroupNorm, ResnetBlock, AttnBlock, Down/Upsample.
+"""Taming/LlamaGen VQGAN building blocks, NHWC: GroupNorm, ResnetBlock, AttnBlock, Down/Upsample;
+and a raster-causal conv (TokLIP's optional code stem).
 
 Numerics follow the PyTorch reference: GroupNorm(32, eps 1e-6) with two-pass float32 statistics,
 swish, attention softmax in float32, Downsample = pad (0, 1, 0, 1) then a VALID stride-2 3×3 conv,
