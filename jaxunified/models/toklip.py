@@ -45,7 +45,7 @@ from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.models.siglip import TextConfig, TextTower, VisionConfig, VisionTower, l2_normalize
 from jaxunified.models.vqgan import VQGAN, VQGANConfig
-from jaxunified.nn.conv import RasterCausalConv, torch_default_init
+from jaxunified.nn.conv import raster_causal_conv, torch_default_init
 from jaxunified.nn.transformer import activation
 from jaxunified.quant.vq import VQConfig
 
@@ -199,7 +199,8 @@ class CausalStem(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x
         for i, (features, kernel) in enumerate(self.layers):
-            h = nn.gelu(RasterCausalConv(features, kernel, self.dtype, name=f"conv_{i}")(h), approximate=False)
+            conv = raster_causal_conv(features, kernel, h.shape[-1], dtype=self.dtype, name=f"conv_{i}")
+            h = nn.gelu(conv(h), approximate=False)
         return x + nn.Dense(x.shape[-1], dtype=self.dtype, name="proj",
                             kernel_init=nn.with_logical_partitioning(torch_default_init, ("mlp", "embed")),
                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)

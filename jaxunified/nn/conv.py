@@ -168,27 +168,25 @@ def raster_causal_mask(kernel_size: int) -> jax.Array:
     return ((rows < c) | ((rows == c) & (cols <= c))).astype(jnp.float32)[:, :, None, None]
 
 
-class RasterCausalConv(nn.Module):
+def raster_causal_conv(features: int, kernel_size: int, in_features: int, *, dtype: Dtype = jnp.float32,
+                       name: str | None = None) -> nn.Conv:
     """A stride-1 k×k conv whose output at (r, c) reads only inputs at or before (r, c) in raster
     order (rows above, and this row up to c), so a stack of them stays causal in the raster
     sequence; zero padding at the borders (no wrap-around between rows)."""
-
-    features: int
-    kernel_size: int = 3
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel_size
-        if k % 2 == 0:
-            raise ValueError(f"RasterCausalConv needs an odd kernel size, got {k}")
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_KERNEL_AXES),
-                            (k, k, x.shape[-1], self.features))
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)), (self.features,))
-        kernel = (kernel * raster_causal_mask(k)).astype(self.dtype)
-        y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel, (1, 1), "SAME",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + bias.astype(self.dtype)
+    k = kernel_size
+    if k % 2 == 0:
+        raise ValueError(f"a raster-causal conv needs an odd kernel size, got {k}")
+    return nn.Conv(
+        features,
+        (k, k),
+        padding="SAME",
+        mask=jnp.broadcast_to(raster_causal_mask(k), (k, k, in_features, features)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+        name=name,
+    )
 
 
 __all__ = [
@@ -197,12 +195,12 @@ __all__ = [
     "DENSE_KERNEL_AXES",
     "Downsample",
     "GroupNorm",
-    "RasterCausalConv",
     "ResnetBlock",
     "Upsample",
     "conv",
     "dense",
     "group_count",
+    "raster_causal_conv",
     "raster_causal_mask",
     "torch_default_init",
 ]

@@ -8,10 +8,10 @@ from a frozen SigLIP teacher (TokLIP, arXiv 2505.05422).
 Parameters (``params["student"]``, the only thing the optimizer sees): the code MLP
 (``adapter``), the optional causal conv ``stem`` (``model.causal_stem``; not in TokLIP), the ViT
 (blocks, position embedding, final norm, MAP head) and ``logit_scale`` (+ ``logit_bias`` for the
-sigmoid option). The frozen parts — the VQ tokenizer (encoder and
-codebook; its decoder is not loaded), the teacher SigLIP and its text tower, which is also the
-student's — live in ``collections["frozen"]``: no gradients, no optimizer state, no all-reduce,
-but saved with the run so evaluation needs nothing else.
+sigmoid option). The frozen parts — the VQ tokenizer (encoder and codebook; its decoder is not
+loaded), the teacher SigLIP and its text tower, which is also the student's — live in
+``collections["frozen"]``: no gradients, no optimizer state, no all-reduce, but saved with the run
+so evaluation needs nothing else.
 
 Frozen work is only what the loss uses: the tokenizer runs inference only, the teacher encodes
 images only (the reference also encodes, all-gathers and scores texts with it), and the text
