@@ -164,6 +164,7 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.optim.weight_decay = 1e-4
         c.model.init_logit_scale = math.log(30.0)
         c.model.causal_stem = ((32, 3),) * 4
+        c.model.vision = mlc.ConfigDict(dict(causal_chunks=4))
         # As for the teacher: captions with one shape word swapped, scored by the frozen text tower.
         c.data.text.hard_negatives = 2
         c.data.text.negative_kinds = ("shape",)

@@ -12,6 +12,7 @@ import pytest
 from jaxunified import convert
 from jaxunified.convert.common import CheckpointMismatchError, read_state_dict
 from jaxunified.convert.siglip import config_from_hf, convert_state_dict
+from jaxunified.nn.transformer import MultiHeadAttention, causal_mask
 from jaxunified.models import siglip as S
 from jaxunified.nn.transformer import stack_layers, unstack_layers
 
@@ -81,6 +82,39 @@ def test_converter_reports_bad_keys(golden_dir, golden):
     bad["vision_config"]["intermediate_size"] = 48
     with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
         convert_state_dict(read_state_dict(golden_dir / "hf_siglip_tiny.safetensors"), config_from_hf(bad))
+
+
+def test_blockwise_causal_attention_equals_dense_and_rejects_non_causal_masks():
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    dense = MultiHeadAttention(4)
+    variables = dense.init(jax.random.key(1), x)
+    # Causal, and causal with padded keys (a [B, 1, L, L] mask built inside jit is not checkable).
+    valid = jnp.arange(16)[None, :] < jnp.array([[16], [11]])
+    masks = [causal_mask(16), jnp.logical_and(causal_mask(16), valid[:, None, None, :])]
+    for mask in masks:
+        def loss(v, x, chunks, mask=mask):
+            return (MultiHeadAttention(4, causal_chunks=chunks).apply(v, x, mask=mask) ** 2).sum()
+
+        ref_out = dense.apply(variables, x, mask=mask)
+        ref_grad = jax.grad(loss, argnums=(0, 1))(variables, x, 1)
+        for chunks in (2, 4, 16):
+            out = MultiHeadAttention(4, causal_chunks=chunks).apply(variables, x, mask=mask)
+            np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-6, rtol=0)
+            grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(variables, x, chunks)
+            for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+    chunked = MultiHeadAttention(4, causal_chunks=4)
+    with pytest.raises(ValueError, match="causal"):  # a full mask lets early queries see later keys
+        chunked.apply(variables, x, mask=np.ones((1, 1, 16, 16), bool))
+    with pytest.raises(ValueError, match="causal"):  # a key-only (padding) mask
+        chunked.apply(variables, x, mask=valid[:, None, None, :])
+    with pytest.raises(ValueError, match="divides"):
+        MultiHeadAttention(4, causal_chunks=3).apply(variables, x, mask=causal_mask(16))
+    # No mask: dense attention, whatever causal_chunks says.
+    np.testing.assert_allclose(np.asarray(chunked.apply(variables, x)), np.asarray(dense.apply(variables, x)),
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="causal_chunks"):
+        S.get_config("tiny", vision=dict(causal=True, causal_chunks=0), with_text=False)
 
 
 def test_causal_mask_blocks_future_tokens():

@@ -202,13 +202,20 @@ def _scanned(model, variables, remat=True):
     return T.TokLIP(cfg), {"params": {**p, "vision": vision}}
 
 
+def _chunked(model, variables, chunks):
+    cfg = model.cfg
+    return T.TokLIP(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, causal_chunks=chunks))), variables
+
+
 def test_causality_under_remat_and_scan(golden):
     """Changing code j changes no feature at positions < j, in every encoder form (the reference
-    loses its mask under gradient checkpointing), and the features match the golden there too."""
+    loses its mask under gradient checkpointing; blockwise causal attention skips later keys
+    outright), and the features match the golden there too."""
     model, variables, ref = golden
     codes = jnp.asarray(ref["codes"], jnp.int32).reshape(2, -1)
     L = codes.shape[1]
-    forms = [(model, variables), _scanned(model, variables, remat=True)]
+    forms = [(model, variables), _scanned(model, variables, remat=True), _chunked(model, variables, 4),
+             _scanned(*_chunked(model, variables, 2), remat=True)]
     js = (0, 5, L - 1)
     # One batch: the codes, then a copy with code j changed for each j.
     batch = jnp.concatenate([codes] + [codes.at[:, j].set((codes[:, j] + 1234) % 16384) for j in js])

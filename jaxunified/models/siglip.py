@@ -53,6 +53,9 @@ class VisionConfig:
     # covers the remaining patch_size / prod(strides). () is the plain SigLIP patch conv.
     stem: tuple[tuple[int, int], ...] = ()
     causal: bool = False
+    # With causal=True: attention in this many query blocks that skip the keys after their end
+    # (nn/transformer.py; same outputs, less work). Must divide the token count.
+    causal_chunks: int = 1
     scan: bool = False
     remat: bool = False
     dtype: Dtype = jnp.float32
@@ -66,6 +69,8 @@ class VisionConfig:
         return math.prod(int(s) for _, s in self.stem)
 
     def __post_init__(self):
+        if self.causal_chunks < 1:
+            raise ValueError(f"causal_chunks must be ≥ 1, got {self.causal_chunks}")
         if self.stem and self.patch_size % self.stem_stride:
             raise ValueError(f"the stem's strides (product {self.stem_stride}) must divide patch_size "
                              f"{self.patch_size}")
@@ -180,7 +185,9 @@ class VisionTower(nn.Module):
         self.pos_embedding = self.param(
             "pos_embedding", nn.with_logical_partitioning(_embed_init(), ("length", "embed")), (c.num_patches, c.width)
         )
-        self.encoder = Encoder(c.depth, c.num_heads, c.mlp_dim, c.act, c.ln_eps, c.dtype, c.scan, c.remat)
+        # Chunking only ever sees this tower's own causal mask: encode(causal=False) passes none.
+        self.encoder = Encoder(c.depth, c.num_heads, c.mlp_dim, c.act, c.ln_eps, c.dtype, c.scan, c.remat,
+                               c.causal_chunks if c.causal else 1)
         self.post_ln = layer_norm(c.ln_eps)
         if c.pool == "map":
             self.head = MAPHead(c.num_heads, c.mlp_dim, c.act, c.ln_eps, c.dtype)
