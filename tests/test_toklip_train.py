@@ -185,8 +185,9 @@ def test_tiny_run_trains_and_evaluates_with_teacher(tmp_path):
 
     from jaxunified.train.evaluate import evaluate_run
 
-    # With the optional causal stem, so its config round-trips through the run's config.json.
-    config = tiny_config(total_steps=6, **{"model.causal_stem": ((8, 3),)})
+    # With the shapes preset's optional causal stem and blockwise attention, so both round-trip
+    # through the run's config.json.
+    config = tiny_config(total_steps=6, **{"model.causal_stem": ((8, 3),), "model.vision.causal_chunks": 4})
     looplib.Trainer(config, tmp_path).run()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["split"] == "train"]
