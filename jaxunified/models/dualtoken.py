@@ -42,7 +42,7 @@ from jaxunified.models import siglip as siglip_lib
 from jaxunified.models.siglip import SigLIP, SigLIPConfig, l2_normalize
 from jaxunified.models.vqgan import Decoder, VQGANConfig
 from jaxunified.nn.conv import GroupNorm, conv
-from jaxunified.nn.transformer import causal_mask
+from jaxunified.nn.transformer import attend, causal_mask
 from jaxunified.quant.rq import RQConfig, ResidualQuantizer
 
 Dtype = Any
@@ -216,11 +216,7 @@ class ResizingAttention(nn.Module):
         q = qkv[:, :, 0] + q_bias.astype(qkv.dtype)
         k = qkv[:, :, 1]
         v = qkv[:, :, 2] + v_bias.astype(qkv.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * np.float32(hd**-0.5)
-        if self.causal:
-            logits = jnp.where(causal_mask(n), logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = attend(q, k, v, causal_mask(n) if self.causal else None)
         if in_dim > self.out_dim:
             out = jnp.mean(out.astype(jnp.float32), axis=2)
             if hd != self.out_dim:

@@ -53,15 +53,12 @@ def layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
     )
 
 
-def causal_mask(length: int) -> np.ndarray:
-    """[1, 1, L, L] boolean: position i attends to j ≤ i (raster order for image tokens).
-
-    A NumPy constant, so blockwise attention can check it is causal while tracing.
-    """
-    return np.tril(np.ones((length, length), np.bool_))[None, None]
+def causal_mask(length: int) -> jax.Array:
+    """[1, 1, L, L] boolean: position i attends to j ≤ i (raster order for image tokens)."""
+    return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """softmax(q·k/√d, masked) · v for q [B, Lq, H, D], k/v [B, Lk, H, D]."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits * np.float32(q.shape[-1] ** -0.5)
@@ -72,19 +69,20 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) ->
 
 
 def _attend_causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask, chunks: int) -> jax.Array:
-    """``_attend`` for a mask that lets no query see a later key, one query block at a time."""
+    """``attend`` for a mask that lets no query see a later key, one query block at a time."""
     length = q.shape[1]
     if k.shape[1] != length or length % chunks:
         raise ValueError(f"causal_chunks={chunks} needs self-attention over a length it divides; "
                          f"got {length} queries and {k.shape[1]} keys")
-    # A key-only mask ([..., 1, L], padding) cannot be causal; a NumPy one is checked outright.
-    if mask.shape[-2] != length or (isinstance(mask, np.ndarray) and np.triu(mask, 1).any()):
+    # A key-only mask ([..., 1, L], padding) cannot be causal; a concrete one is checked outright.
+    concrete = not isinstance(mask, jax.core.Tracer)
+    if mask.shape[-2] != length or (concrete and np.triu(np.asarray(mask), 1).any()):
         raise ValueError("causal_chunks > 1 needs a causal [..., L, L] mask: no query may attend to a later key")
     step = length // chunks
     outs = []
     for i in range(chunks):
         lo, hi = i * step, (i + 1) * step
-        outs.append(_attend(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[..., lo:hi, :hi]))
+        outs.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[..., lo:hi, :hi]))
     return jnp.concatenate(outs, axis=1)
 
 
@@ -152,7 +150,7 @@ class MultiHeadAttention(nn.Module):
         if mask is not None and self.causal_chunks > 1:
             out = _attend_causal_blocks(q, k, v, mask, self.causal_chunks)
         else:
-            out = _attend(q, k, v, mask)
+            out = attend(q, k, v, mask)
         return nn.DenseGeneral(
             width,
             axis=(-2, -1),
