@@ -1,85 +1,51 @@
 r"""DualToken tokenizer training (task ``dualtoken``): a SigLIP tower with a residual-quantised pixel
 branch (reconstruction) and semantic branch (distillation from the frozen original tower).
 
-Arguments after the colon pick a preset:
+Presets (the argument after the colon):
 
-* ``shapes`` — the built-in pipeline's dual tokenizer on 32 px shapes, started from the shapes
-  SigLIP teacher (train that first; its workdir is ``model.siglip_workdir``):
+* ``shapes`` — the built-in pipeline's dual tokenizer on 32 px shapes, started from the shapes SigLIP
+  teacher (``model.siglip_workdir``):
       python train.py --config configs/siglip.py:shapes    --workdir runs/siglip_shapes
       python train.py --config configs/dualtoken.py:shapes --workdir runs/dualtoken_shapes
       python eval.py  --config configs/dualtoken.py:shapes --workdir runs/dualtoken_shapes
-  Target: at most 15 minutes on 2 idle CPU cores. Measured alone on 2 cores against the current
-  shapes SigLIP (configs/siglip.py:shapes): 6 min 21 s wall for the whole command (compile and final
-  eval included), peak RSS 2.2 GB. eval_test.json reports reconstruction ``psnr``/``ssim``, codebook
-  usage per depth (``usage_{pix,sem}_d{d}``) and of the shared codebook over all depths
-  (``usage_{pix,sem}_all``), and zero-shot / retrieval through the semantic path (``zs_*``,
-  ``i2t_r*``) next to the original tower (``teacher_*``): PSNR 26.4 dB, SSIM 0.87; codebook usage
-  over all depths 100% (pixel and semantic); zero-shot colour / shape / count 100 / 97.1 / 85.6%
-  and text→image R@1 71.0% through the semantic path vs 100 / 96.7 / 84.2% and 70.8% for the
-  original tower. (Against the older 2000-step teacher: PSNR 26.5 dB, SSIM 0.83, shape 53.9 vs
-  55.0% under prompt-ensemble scoring.)
-  No LPIPS weights ship with the repository, so the perceptual term is off unless
-  ``--config.loss.lpips_path`` is given; the GAN term (tiny PatchGAN) joins at ``loss.disc_start``.
-  ``--config.model.pix_rq.restart=False --config.model.sem_rq.restart=False`` is the no-restart
-  comparison (measured: semantic codebook 21% used over all depths, 11-20% per depth; pixel
-  99.6%, 13/88/84/73% per depth; PSNR 26.9 dB, zero-shot within 1.5 points of the above).
-* ``tiny`` — seconds-long smoke run used by the tests: random tiny tower, every loss term on
-  (GAN with adaptive weight, contrastive), also ``runlocal``.
-* ``so400m`` — the released recipe: SigLIP2 So400m/14 at 384 px (``--config.model.siglip_init_from``:
-  an HF folder with config.json + model.safetensors), pixel and semantic RQ 16384 × 32, depth 8,
-  loss weights as the reference's stage 1, AdamW lr 7.2e-5, betas (0.5, 0.9), wd 1e-4, warmup 10k,
-  batch 256 (32/GPU × 8 in the paper), LPIPS from ``--config.loss.lpips_path``, image–caption
-  shards from ``--config.data.path``. Sized for a TPU v5p-64 slice; the reference trains 20
-  epochs over 10M CC12M images.
+  Target: at most 15 minutes on 2 idle CPU cores. Measured alone on 2 cores: 6 min 21 s wall for the
+  whole command (compile and final eval included), peak RSS 2.2 GB. eval_test.json: PSNR 26.4 dB,
+  SSIM 0.87; codebook usage over all depths (``usage_{pix,sem}_all``) 100% (pixel and semantic);
+  zero-shot colour / shape / count 100 / 97.1 / 85.6% and text→image R@1 71.0% through the semantic
+  path (``zs_*``, ``i2t_r*``) vs 100 / 96.7 / 84.2% and 70.8% for the original tower (``teacher_*``).
+  No LPIPS weights ship with the repository: the perceptual term is off unless ``--config.loss.lpips_path``.
+* ``tiny`` (also ``runlocal``) — seconds-long smoke run used by the tests: random tiny tower, every loss
+  term on (GAN with adaptive weight, contrastive).
+* ``so400m`` — the released recipe: SigLIP2 So400m/14 at 384 px, pixel and semantic RQ 16384 × 32,
+  depth 8, the reference's stage-1 loss weights:
+      python train.py --config configs/dualtoken.py:so400m --workdir runs/dualtoken_so400m \
+          --config.model.siglip_init_from=<HF folder with config.json + model.safetensors> \
+          --config.loss.lpips_path=<LPIPS weights> --config.data.path=<image–caption shards>
+  Sized for a TPU v5p-64 slice; the reference trains 20 epochs over 10M CC12M images.
 
-``--config.model.stage=0|1|2`` picks the reference's freezing (0: embeddings and layers
-1..layer_sem frozen; 1: all but the text tower and logit scale/bias; 2: embeddings, layers
-1..layer_shortcut and the pixel branch frozen, pixel codebook not updated). The reference's
-stage 0 loss keeps only the pooled term (``loss.sem_token_weight=0 loss.sem_pooled_weight=5``)
-and no GAN; its stage 2 trains the semantic side alone (pixel, perceptual, GAN and pixel-commit
-weights 0).
+Any field can be overridden: ``--config.model.stage=2``; an unknown key is an error.
 """
+
+import importlib.util
+import pathlib
 
 import ml_collections as mlc
 
+# Executed by path (config_flags, runs.load_config): load the shared base beside this file the same way.
+_spec = importlib.util.spec_from_file_location("_jaxunified_config_common",
+                                               pathlib.Path(__file__).resolve().with_name("common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
 
 def _base() -> mlc.ConfigDict:
-    c = mlc.ConfigDict()
-    c.task = "dualtoken"
-    c.seed = 0
-    c.mesh_shape = (1, -1, 1)
-    c.logical_rules = mlc.FieldReference(None, field_type=list)
-    c.step_form = "global"  # or "per_device": shard_map with psum'ed codebook EMA, SyncBN, per-device contrastive
-    c.total_steps = 1000
-    c.log_every = 50
-    c.eval_every = 0
-    c.final_eval = True
-    c.checkpoint_every = 500
-    c.keep_checkpoints = 2
-    c.progress = True
-
-    c.data = mlc.ConfigDict()
-    c.data.name = "shapes"
-    c.data.data_dir = "~/.cache/jaxunified/datasets"
-    c.data.path = ""
-    c.data.captions_file = ""
-    c.data.resolution = 32
-    c.data.num_train = 20000
-    c.data.num_test = 1000
+    # step_form "per_device": shard_map with psum'ed codebook EMA, SyncBN, per-device contrastive.
+    c = common.base("dualtoken")
     c.data.batch_size = 32
     c.data.eval_batch_size = 200
-    c.data.seed = 0
-    c.data.shuffle = True
-    c.data.num_epochs = mlc.FieldReference(None, field_type=int)
-    c.data.worker_count = 0
     # Caption tokens for the contrastive term and zero-shot evaluation; they must be the text
     # tower's own (the task checks them against a siglip_workdir's config).
-    c.data.text = mlc.ConfigDict()
-    c.data.text.tokenizer = "byte"
-    c.data.text.path = ""
-    c.data.text.max_len = 56
-    c.data.text.canonicalize = False
-    c.data.text.eos = "no"
+    c.data.text = common.text(negatives=False)
 
     c.model = mlc.ConfigDict()
     c.model.variant = ""  # a released size (models.dualtoken.VARIANTS); "" builds from the fields below
@@ -104,55 +70,42 @@ def _base() -> mlc.ConfigDict:
     c.model.decoder = mlc.ConfigDict(dict(ch=128, ch_mult=(1, 1, 4, 4, 8), num_res_blocks=2, z_channels=1024,
                                           norm_groups=32))
     c.model.decoder_latent_shape = (24, 24)  # () keeps the token grid
+    # The reference's freezing. 0: embeddings and layers 1..layer_sem frozen (its loss keeps only the
+    # pooled term, loss.sem_token_weight=0 loss.sem_pooled_weight=5, and no GAN); 1: all but the text
+    # tower and logit scale/bias; 2: embeddings, layers 1..layer_shortcut and the pixel branch frozen,
+    # pixel codebook not updated (it trains the semantic side alone: pixel, perceptual, GAN and
+    # pixel-commit weights 0).
     c.model.stage = 1
     c.model.train_text = False
     c.model.train_logits = False
 
-    c.loss = mlc.ConfigDict()
+    c.loss = common.gan_loss()
     c.loss.sem_weight = 1.0
     c.loss.sem_token_weight = 5.0  # (MSE − cos) of zq_sem vs the teacher's layer-layer_sem tokens
     c.loss.sem_pooled_weight = 1.0  # (MSE − cos) of the pooled outputs
     c.loss.commit_pix_weight = 5.0
     c.loss.commit_sem_weight = 5.0
-    c.loss.pixel = "l2"
     c.loss.pixel_weight = 5.0
     c.loss.perceptual_weight = 1.0
-    c.loss.lpips_path = ""
-    c.loss.vgg_path = ""
     c.loss.disc_weight = 0.75
-    c.loss.disc_start = 0
-    c.loss.disc_loss = "hinge"
     c.loss.hinge_slope = 0.01  # DualToken writes the D hinge with leaky_relu (slope 0.01)
     c.loss.disc_loss_weight = 0.75
-    c.loss.gen_loss = "hinge"
     c.loss.adaptive_weight = True
     c.loss.adaptive_min = 0.3
     c.loss.adaptive_max = 10.0
     c.loss.contrastive_weight = 0.0
     c.loss.contrastive_kind = "sigmoid"
 
-    c.disc = mlc.ConfigDict()
-    c.disc.ndf = 64
-    c.disc.n_layers = 3
+    c.disc = common.discriminator()
     c.disc.negative_slope = 0.2
 
-    c.optim = mlc.ConfigDict()
-    c.optim.name = "adamw"
+    # The reference: AdamW lr 7.2e-5, betas (0.5, 0.9), warmup 10k, no clipping.
     c.optim.lr = 7.2e-5
-    c.optim.disc_lr = mlc.FieldReference(None, field_type=float)
+    c.optim.disc_lr = common.optional(float)
     c.optim.b1 = 0.5
     c.optim.b2 = 0.9
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 1e-4
     c.optim.warmup_steps = 10_000
-    c.optim.schedule = "cosine"
-    c.optim.end_lr_factor = 0.0
-    c.optim.total_steps = c.get_ref("total_steps")
-    c.optim.clip_norm = mlc.FieldReference(None, field_type=float)
-    c.optim.ema_decay = mlc.FieldReference(None, field_type=float)
-
-    c.eval = mlc.ConfigDict()
-    c.eval.num_examples = 0
+    c.optim.clip_norm = common.optional(float)
     return c
 
 
@@ -171,26 +124,15 @@ def _small_tokenizer(c: mlc.ConfigDict, codebook_size: int, depth: int) -> None:
     c.model.decoder_latent_shape = ()
 
 
-def _siglip_shapes_text() -> mlc.ConfigDict:
-    """The shapes teacher's caption tokenizer (configs/siglip.py:shapes), so the two never drift."""
-    import pathlib
-
-    from jaxunified.train.restore import load_config
-
-    text = load_config(str(pathlib.Path(__file__).with_name("siglip.py")) + ":shapes").data.text
-    text.hard_negatives = 0  # the teacher's training captions; DualToken's losses take no negatives
-    return text
-
-
 def get_config(arg: str = "shapes") -> mlc.ConfigDict:
     c = _base()
     if arg == "shapes":
         c.total_steps = 600
         c.log_every = 25
         c.checkpoint_every = 200
-        c.data.batch_size = 32
         c.model.siglip_workdir = "runs/siglip_shapes"
-        c.data.text = _siglip_shapes_text()
+        # The teacher's caption tokens; DualToken's losses take no hard negatives.
+        c.data.text = common.shapes_text(hard_negatives=0)
         _small_tokenizer(c, codebook_size=256, depth=4)
         c.loss.perceptual_weight = 0.0
         c.loss.disc_start = 300
@@ -202,13 +144,7 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.optim.weight_decay = 0.0
         c.optim.clip_norm = 1.0
     elif arg in ("tiny", "runlocal"):
-        c.total_steps = 4
-        c.log_every = 2
-        c.checkpoint_every = 2
-        c.data.num_train = 256
-        c.data.num_test = 64
-        c.data.batch_size = 16
-        c.data.eval_batch_size = 32
+        common.smoke(c)
         c.model.siglip_variant = "shapes-S"
         c.model.vision = mlc.ConfigDict(dict(width=32, depth=3, mlp_dim=64, num_heads=2, patch_size=8))
         c.model.text = mlc.ConfigDict(dict(width=32, depth=1, mlp_dim=64, num_heads=2, proj_dim=32))
@@ -228,7 +164,6 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.disc.n_layers = 1
         c.optim.lr = 1e-3
         c.optim.warmup_steps = 0
-        c.progress = False
     elif arg == "so400m":
         c.total_steps = 800_000
         c.log_every = 100
@@ -236,16 +171,11 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.checkpoint_every = 5_000
         c.data.name = "webdataset"
         c.data.resolution = 384
-        c.data.batch_size = 256
+        c.data.batch_size = 256  # the paper: 32 per GPU × 8
         c.data.worker_count = 8
-        c.data.text.tokenizer = "sentencepiece"
-        c.data.text.max_len = 64
-        c.data.text.canonicalize = True
-        c.data.text.eos = "sticky"
+        c.data.text.update(common.SIGLIP2_TEXT)
         c.model.variant = "So400m/14-384"
         c.model.vision = mlc.ConfigDict(dict(remat=True))
-        c.disc.ndf = 64
-        c.disc.n_layers = 3
         c.eval.num_examples = 10_000
     else:
         raise ValueError(f"unknown dualtoken preset {arg!r}; use shapes, tiny or so400m")

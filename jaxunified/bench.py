@@ -13,7 +13,7 @@ r"""Benchmarks that print figures: plan a TPU run from a laptop, and time the re
 
 Each command prints human-readable lines and, last, one JSON line with the same figures.
 The same functions are importable: :func:`bench_step`, :func:`measure_matmul_peak`, and
-``jaxunified.parallel.aot.compile_train_step``.
+``jaxunified.train.compile.compile_train_step``.
 """
 
 from __future__ import annotations
@@ -310,10 +310,10 @@ def _main(argv):
     if cmd == "aot":
         if not F.topology:
             raise app.UsageError("--topology is required, e.g. --topology v5e:4x4")
-        from jaxunified.parallel import aot
+        from jaxunified.train import compile as aot_compile
 
         try:
-            report = aot.compile_train_step(config, F.topology, batch_size=F.batch_size, num_slices=F.num_slices)
+            report = aot_compile.compile_train_step(config, F.topology, batch_size=F.batch_size, num_slices=F.num_slices)
         except (RuntimeError, ValueError) as e:
             sys.exit(f"error: {e}")
         print(f"config          {name}")
@@ -322,7 +322,7 @@ def _main(argv):
         return
 
     # step
-    from jaxunified.parallel.aot import with_batch_size
+    from jaxunified.train.compile import with_batch_size
 
     cfg = with_batch_size(config, F.batch_size)
     peak = None

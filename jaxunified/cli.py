@@ -61,7 +61,8 @@ def _run(fn):
         app.run(fn)
     except (AttributeError, KeyError) as e:
         # ml-collections reports an overridden key that the config lacks this way, during flag parsing.
-        if "--config." in " ".join(sys.argv) and "Did you mean" in str(e) or "Could not override" in str(e):
+        overriding = "--config." in " ".join(sys.argv)
+        if overriding and ("Did you mean" in str(e) or "Could not override" in str(e)):
             msg = str(e).replace("\\n", " ").replace("\\'", "").strip("'\" ")
             sys.exit(f"error: bad --config override: unknown key {msg} (the fields are listed in the config file)")
         raise

@@ -8,6 +8,7 @@ import pytest
 
 from jaxunified import bench
 from jaxunified.parallel import aot
+from jaxunified.train import compile as aot_compile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import vqgan as vqgan_configs  # noqa: E402
@@ -68,7 +69,7 @@ def test_oom_detection_and_figure():
     msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
            "(21.12G) exceeds available HBM (15.75G).")
     assert aot.is_oom(msg) and not aot.is_oom("INVALID_ARGUMENT: shapes differ")
-    assert abs(aot._oom_required_bytes(msg) / aot.GiB - 21.12) < 1e-6
+    assert abs(aot.oom_required_bytes(msg) / aot.GiB - 21.12) < 1e-6
 
 
 def test_missing_libtpu_error_names_the_fix(monkeypatch):
@@ -94,7 +95,7 @@ def test_topology_devices_single_and_multislice():
 def test_lower_for_v5p_is_fast_and_uses_the_config_mesh():
     cfg = tiny_config()
     cfg.mesh_shape = (2, -1, 1)
-    low = aot.lower_train_step(cfg, "v5p:2x2x2")
+    low = aot_compile.lower_train_step(cfg, "v5p:2x2x2")
     assert low.report.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
     assert low.report.num_params > 0 and low.report.per_device_batch == cfg.data.batch_size / 8
 
@@ -102,14 +103,14 @@ def test_lower_for_v5p_is_fast_and_uses_the_config_mesh():
 @needs_libtpu
 def test_batch_that_does_not_split_is_a_clear_error():
     with pytest.raises(ValueError, match="data-parallel shards"):
-        aot.lower_train_step(tiny_config(), "v5e:2x4", batch_size=12)
+        aot_compile.lower_train_step(tiny_config(), "v5e:2x4", batch_size=12)
 
 
 @pytest.fixture(scope="module")
 def tiny_report():
     # One image per chip at 16 px: the TPU backend's code generation time grows with the per-device
     # batch (16 images at 32 px take minutes on 2 cores), the program and its collectives do not.
-    return aot.compile_train_step(tiny_config(resolution=16), "v5e:2x2", batch_size=4, with_model_flops=False)
+    return aot_compile.compile_train_step(tiny_config(resolution=16), "v5e:2x2", batch_size=4, with_model_flops=False)
 
 
 @needs_libtpu
@@ -131,7 +132,7 @@ def test_compile_tiny_for_v5e(tiny_report):
 @pytest.mark.slow
 def test_huge_batch_reports_does_not_fit():
     # 32768 images of 16 px per chip: the activations need well over a v5e's 16 GiB of HBM.
-    r = aot.compile_train_step(tiny_config(resolution=16), "v5e:2x2", batch_size=2**17)
+    r = aot_compile.compile_train_step(tiny_config(resolution=16), "v5e:2x2", batch_size=2**17)
     assert not r.fits and r.required_bytes > r.hbm_capacity_bytes
     assert aot.is_oom(r.message) or "HBM" in r.message, r.message
     assert "does not fit" in r.summary()

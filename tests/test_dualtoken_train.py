@@ -12,12 +12,12 @@ import pytest
 from jaxunified.parallel.mesh import make_mesh
 from jaxunified.train.dualtoken import DualTokenTask, model_config
 from jaxunified.train.optim import FROZEN
-from jaxunified.train.restore import load_config
-from tests.configutil import override
+from jaxunified.train.runs import load_config
+from tests import helpers
 
 
 def _tiny(**overrides):
-    return override(load_config("configs/dualtoken.py:tiny"), **overrides)
+    return helpers.tiny_config("dualtoken", **overrides)
 
 
 def _task(cfg):
@@ -95,10 +95,10 @@ def test_one_step_combines_every_term():
         is_leaf=lambda x: hasattr(x, "value")))(jax.random.key(0))
     grads, new_colls, m = jax.jit(lambda p, c, b: task.grad_fn(p, c, b, jax.random.key(1), jnp.int32(5)))(
         params, colls, batch)
-    for k in ("sem_token", "sem_pooled", "commit_pix", "commit_sem", "pixel", "contrastive", "g_loss", "g_weight",
+    for k in ("sem_token", "sem_pooled", "commit_pix", "commit_sem", "pixel", "contrastive", "g_loss", "d_weight",
               "d_loss", "loss", "usage_pix", "usage_sem"):
         assert np.isfinite(float(m[k])), k
-    assert 0.3 <= float(m["g_weight"]) <= 10.0
+    assert 0.3 <= float(m["d_weight"]) <= 10.0
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["teacher"]))
     for part in ("prequant_sem", "postquant_sem", "decoder", "prequant_pix", "prequant_shortcut"):
         assert float(optax.global_norm(grads["tokenizer"][part])) > 0, part
@@ -150,6 +150,6 @@ def test_per_device_step_equals_single_device():
     assert len(jax.devices()) == 8
     chex.assert_trees_all_close(got[0], ref[0], atol=2e-5, rtol=2e-4)
     chex.assert_trees_all_close(got[1], ref[1], atol=2e-5, rtol=2e-4)
-    for k in ("loss", "sem_token", "sem_pooled", "commit_pix", "commit_sem", "contrastive", "g_weight", "d_loss",
+    for k in ("loss", "sem_token", "sem_pooled", "commit_pix", "commit_sem", "contrastive", "d_weight", "d_loss",
               "usage_pix", "usage_sem", "grad_norm"):
         np.testing.assert_allclose(got[2][k], ref[2][k], rtol=1e-4, atol=1e-6, err_msg=k)

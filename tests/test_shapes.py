@@ -174,7 +174,7 @@ def test_negative_captions_contradict_and_stay_grammatical():
 
     tok = make_tokenizer(tokenizer="sentencepiece", path="builtin:shapes_words", max_len=16)
     rng = np.random.default_rng(0)
-    shape_words = set(shapes.SHAPES) | set(shapes._PLURALS)
+    shape_words = set(shapes.SHAPES) | set(shapes.PLURALS)
     for i in range(200):
         caption = shapes.render_example(i, "train", 0, 32)["caption"]
         for kind in shapes.NEGATIVE_KINDS:
@@ -196,7 +196,7 @@ def test_negative_captions_contradict_and_stay_grammatical():
                          "count": {"two", "three", "four"}}[kind]
                 assert len(changed) == 1 and set(changed[0]) <= vocab, (caption, neg)
                 if kind == "shape":  # plurality kept
-                    assert (changed[0][0] in shapes._PLURALS) == (changed[0][1] in shapes._PLURALS)
+                    assert (changed[0][0] in shapes.PLURALS) == (changed[0][1] in shapes.PLURALS)
     binding = "a red circle and a blue square"
     assert shapes.negative_caption(binding, rng, ("swap",)) == "a red square and a blue circle"
     same_shape = "a red circle above an orange circle"

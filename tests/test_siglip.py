@@ -12,7 +12,7 @@ import pytest
 from jaxunified import convert
 from jaxunified.convert.common import CheckpointMismatchError, read_state_dict
 from jaxunified.convert.siglip import config_from_hf, convert_state_dict
-from jaxunified.nn.transformer import MultiHeadAttention, causal_mask
+from jaxunified.nn.attention import MultiHeadAttention, causal_mask
 from jaxunified.models import siglip as S
 from jaxunified.nn.transformer import stack_layers, unstack_layers
 

@@ -7,18 +7,15 @@ import jax
 import numpy as np
 import pytest
 
-from configs import siglip as siglip_config
 from jaxunified.data.pipeline import build_dataset
 from jaxunified.train import loop as looplib
-from jaxunified.train.siglip import load_siglip_from_workdir
-from tests.configutil import TEST_DATA_DIR, override
-from tests.test_train_loop import one_step
+from jaxunified.train.runs import load_run
+from tests import helpers
+from tests.helpers import one_step
 
 
 def tiny_config(**kw):
-    c = siglip_config.get_config("tiny")
-    c.data.data_dir = TEST_DATA_DIR
-    return override(c, **kw)
+    return helpers.tiny_config("siglip", **kw)
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
@@ -59,11 +56,12 @@ def test_tiny_run_learns_and_evaluates(tiny_run):
 
 def test_finished_run_loads_back(tiny_run):
     config, workdir = tiny_run
-    cfg_a, params_a = load_siglip_from_workdir(workdir, config)
-    cfg_b, params_b = load_siglip_from_workdir(workdir)  # from the config.json the run wrote
-    assert cfg_a == cfg_b
-    chex.assert_trees_all_equal(params_a, params_b)
-    assert np.asarray(params_a["logit_bias"]).shape == ()
+    _, model_a, vars_a = load_run(workdir, config)
+    run_cfg, model_b, vars_b = load_run(workdir)  # from the config.json the run wrote
+    assert run_cfg.task == "siglip"
+    assert model_a.cfg == model_b.cfg
+    chex.assert_trees_all_equal(vars_a, vars_b)
+    assert np.asarray(vars_a["params"]["logit_bias"]).shape == ()
 
 
 def test_tokenizer_longer_than_text_tower_is_an_error():

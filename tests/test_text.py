@@ -270,12 +270,12 @@ def test_builtin_shapes_word_model(tmp_path, monkeypatch):
         caption = shapes.render_example(i, "train", 0, 32)["caption"]
         ids = tok.encode(caption)
         words = caption.split()
-        plurals = sum(w in shapes._PLURALS for w in words)
+        plurals = sum(w in shapes.PLURALS for w in words)
         assert (ids != tok.pad_id).sum() == len(words) + plurals, caption  # a word each, plurals + suffix
         assert 1 not in ids  # the built-in model's unk id
         assert tok.decode(ids) == caption
     # A plural shares its singular's token, so both train one embedding.
-    for singular, plural in zip(shapes.SHAPES, shapes._PLURALS):
+    for singular, plural in zip(shapes.SHAPES, shapes.PLURALS):
         one, many = tok.encode(f"a red {singular}"), tok.encode(f"two red {plural}")
         assert one[2] == many[2] and many[3] != tok.pad_id
     with pytest.raises(ValueError, match="unknown built-in"):

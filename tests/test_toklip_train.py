@@ -10,20 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import toklip as toklip_config
+from jaxunified.data import cache
 from jaxunified.data.pipeline import build_dataset
 from jaxunified.nn.transformer import stack_layers
 from jaxunified.parallel import mesh as meshlib
 from jaxunified.train import loop as looplib
 from jaxunified.train import toklip as T
-from tests.configutil import TEST_DATA_DIR, override
-from tests.test_train_loop import one_step
+from tests import helpers
+from tests.helpers import one_step
 
 
 def tiny_config(**kw):
-    c = toklip_config.get_config("tiny")
-    c.data.data_dir = TEST_DATA_DIR
-    return override(c, **kw)
+    return helpers.tiny_config("toklip", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +34,15 @@ def task():
 
 def test_cached_batch_gives_the_image_batch_loss(task, tmp_path):
     t, student, frozen = task
-    source, data = T.in_order_batches(t.config.data, "train", 16)
+    source, data = cache.in_order_batches(t.config.data, "train", 16)
     host = next(data)
     images = {"image": jnp.asarray(host["image"]), "tokens": jnp.asarray(host["tokens"])}
 
-    path = T.precompute_cache(t, frozen, "train", tmp_path)
+    path = t.precompute_cache(frozen, "train", tmp_path)
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
     assert arrays["codes"].shape == (256, 16, 16) and arrays["teacher_embeds"].shape == (256, 32)
-    _, cached_data = T.in_order_batches(t.config.data, "train", 16, source=T.CachedSource(source, arrays))
+    _, cached_data = cache.in_order_batches(t.config.data, "train", 16, source=cache.CachedSource(source, arrays))
     cached = next(cached_data)
     assert "image" not in cached  # training from the cache reads no pixels
     cached = {k: jnp.asarray(cached[k]) for k in ("codes", "teacher_embeds", "text_embeds")}
@@ -60,8 +58,8 @@ def test_cached_batch_gives_the_image_batch_loss(task, tmp_path):
                                rtol=1e-6)
 
     # The training iterator over the cache: shuffled, fixed-shape batches without pixels.
-    assert path == T.cache_path(tmp_path, "train", t.cache_key())
-    it = T.cached_dataset(t.config.data, "train", t.mesh, tmp_path, t.cache_key())
+    assert path == cache.cache_path(tmp_path, "train", t.cache_key())
+    it = cache.cached_dataset(t.config.data, "train", t.mesh, cache.cache_path(tmp_path, "train", t.cache_key()))
     batch = next(it)
     assert batch["codes"].shape == (16, 16, 16) and batch["codes"].dtype == np.int32 and "image" not in batch
 
@@ -78,7 +76,7 @@ def test_task_builds_its_cache_on_first_use_and_keys_it_by_the_frozen_weights(ta
         data.build_cache = True
         batch = next(iter(t.build_dataset("train")))
         assert {"codes", "teacher_embeds", "text_embeds"} <= set(batch) and "image" not in batch
-        assert T.cache_path(tmp_path, "train", t.cache_key()).exists()
+        assert cache.cache_path(tmp_path, "train", t.cache_key()).exists()
         key = t.cache_key()
         teacher = t._teacher_params
         t._teacher_params = jax.tree.map(lambda x: np.asarray(x) + 1.0, teacher)  # a retrained teacher
@@ -96,12 +94,12 @@ def test_hard_negatives_reach_the_contrastive_loss_but_not_the_cache_key(task, t
     t, student, frozen = task
     text = t.config.data.text
     key = t.cache_key()
-    path = T.precompute_cache(t, frozen, "train", tmp_path, key=key)
+    path = t.precompute_cache(frozen, "train", tmp_path, key=key)
     old = text.hard_negatives, text.negative_kinds
     try:
         text.hard_negatives, text.negative_kinds = 2, ("shape",)
         assert t.cache_key() == key  # drawn per step, never cached
-        batch = next(T.cached_dataset(t.config.data, "train", t.mesh, tmp_path, key))
+        batch = next(cache.cached_dataset(t.config.data, "train", t.mesh, cache.cache_path(tmp_path, "train", key)))
     finally:
         text.hard_negatives, text.negative_kinds = old
     assert path.exists() and batch["neg_tokens"].shape == (16, 2, 16)
@@ -132,7 +130,7 @@ def test_student_starts_from_teacher_and_frozen_parts_are_not_params(task):
 
 def test_scanned_student_from_unscanned_teacher(task):
     t, student, frozen = task
-    cfg = dataclasses.replace(t.cfg, vision=dataclasses.replace(t.cfg.vision, scan=True))
+    cfg = dataclasses.replace(t.model_cfg, vision=dataclasses.replace(t.model_cfg.vision, scan=True))
     fresh = {**student, "vision": {**student["vision"], "encoder": stack_layers(student["vision"]["encoder"], 1)}}
     out = T.student_from_teacher(fresh, frozen["teacher"], cfg, t.teacher_cfg)
     np.testing.assert_array_equal(out["vision"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"][0],
@@ -140,7 +138,7 @@ def test_scanned_student_from_unscanned_teacher(task):
     wide = dataclasses.replace(t.teacher_cfg, vision=dataclasses.replace(t.teacher_cfg.vision, width=48))
     with pytest.raises(ValueError, match="does not fit"):
         bad = jax.tree.map(lambda x: np.zeros(x.shape[:-1] + (48,)) if x.ndim else x, frozen["teacher"])
-        T.student_from_teacher(student, bad, t.cfg, wide)
+        T.student_from_teacher(student, bad, t.model_cfg, wide)
 
 
 @pytest.mark.parametrize("form", ["global", "per_device"])

@@ -13,30 +13,17 @@ import jax
 import numpy as np
 import pytest
 
-from configs import vqgan as vqgan_config
-from jaxunified.data.pipeline import build_dataset, to_global
+from jaxunified.data.pipeline import build_dataset
 from jaxunified.train import loop as looplib
-from jaxunified.train.checkpoint import Checkpointer, abstract_with_shardings
-from tests.configutil import TEST_DATA_DIR, override
+from jaxunified.train.checkpoint import Checkpointer
+from tests import helpers
+from tests.helpers import TEST_DATA_DIR, one_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**kw):
-    c = vqgan_config.get_config("tiny")
-    c.data.data_dir = TEST_DATA_DIR
-    override(c, **kw).lock()
-    return c
-
-
-def one_step(config, devices, batch_np):
-    trainer = looplib.Trainer(config, "/tmp/unused", devices=devices)
-    state = trainer.init_state()
-    batch = to_global(batch_np, trainer.mesh)
-    step = trainer.make_step(batch)
-    with jax.set_mesh(trainer.mesh):
-        new, metrics = step(state, batch)
-    return jax.device_get(new.params), jax.device_get(new.collections), jax.device_get(metrics)
+    return helpers.tiny_config("vqgan", **kw)
 
 
 @pytest.mark.parametrize("form", ["global", "per_device"])
@@ -60,7 +47,7 @@ def test_sharded_step_equals_single_device(form):
 def _final_params(workdir, config):
     trainer = looplib.Trainer(config, workdir)
     ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
-    state = ckpt.restore(abstract_with_shardings(trainer.abstract_state, trainer.state_shardings))
+    state = ckpt.restore(trainer.layout.target)
     ckpt.close()
     return int(state.step), jax.device_get(state.params), jax.device_get(state.collections)
 

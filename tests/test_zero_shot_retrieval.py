@@ -61,7 +61,7 @@ def test_imagenet_templates():
 
 def test_shapes_prompts_follow_the_caption_grammar():
     tasks = shapes_tasks()
-    colors, names, plurals = "|".join(shapes.COLORS), "|".join(shapes.SHAPES), "|".join(shapes._PLURALS)
+    colors, names, plurals = "|".join(shapes.COLORS), "|".join(shapes.SHAPES), "|".join(shapes.PLURALS)
     single = re.compile(rf"^(a|an) ({colors}) ({names})$")
     several = re.compile(rf"^(two|three|four) ({colors}) ({plurals})$")
 
@@ -71,7 +71,7 @@ def test_shapes_prompts_follow_the_caption_grammar():
             return 1, shapes.COLORS.index(m[2]), shapes.SHAPES.index(m[3])
         m = several.match(prompt)
         assert m, f"{prompt!r} is not a shapes caption"
-        return ["two", "three", "four"].index(m[1]) + 2, shapes.COLORS.index(m[2]), shapes._PLURALS.index(m[3])
+        return ["two", "three", "four"].index(m[1]) + 2, shapes.COLORS.index(m[2]), shapes.PLURALS.index(m[3])
 
     assert tasks["color"].class_names == shapes.COLORS and tasks["shape"].class_names == shapes.SHAPES
     assert tasks["count"].class_names == ("one", "two", "three", "four")

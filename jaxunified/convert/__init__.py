@@ -19,6 +19,8 @@ _LOADERS: dict[str, str] = {
     "lpips": "jaxunified.convert.lpips:load_lpips",
     "hf_siglip": "jaxunified.convert.siglip:load_hf_siglip",
     "toklip": "jaxunified.convert.toklip:load_toklip",
+    "ibq": "jaxunified.convert.toklip:load_ibq",
+    "open_clip_siglip": "jaxunified.convert.toklip:load_open_clip_siglip",
     "dualtoken": "jaxunified.convert.dualtoken:load_dualtoken",
 }
 

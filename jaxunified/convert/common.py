@@ -212,7 +212,7 @@ def apply_rules(
     return out, unmapped
 
 
-# ---- attention layouts (PyTorch Linear → ``nn.transformer.MultiHeadAttention``) ----
+# ---- attention layouts (PyTorch Linear → ``nn.attention.MultiHeadAttention``) ----
 
 def qkv_kernel(w: np.ndarray, num_heads: int) -> np.ndarray:
     """q/k/v projection weight [H·hd, D] → DenseGeneral kernel [D, H, hd]."""

@@ -62,6 +62,7 @@ from jaxunified.convert.common import (
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import toklip as toklip_lib
 from jaxunified.models.toklip import TokLIP, TokLIPConfig
+from jaxunified.models.vqgan import VQGAN
 from jaxunified.nn.transformer import stack_layers
 
 log = logging.getLogger(__name__)
@@ -334,6 +335,18 @@ def load_toklip(path, variant: str = "S", *, config: Mapping | str | None = None
     return TokLIP(cfg), variables
 
 
+_VQ_PARTS = ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")
+
+
+def load_ibq(path) -> tuple[VQGAN, dict]:
+    """TokLIP-XL's IBQ tokenizer (262144 codes) from its Lightning checkpoint, whose loss and EMA
+    entries are not part of the model; the taming layout is renamed to LlamaGen's."""
+    cfg = toklip_lib.IBQ_262144
+    sd = {taming_to_llamagen(k, len(cfg.ch_mult)): v for k, v in read_state_dict(path).items()
+          if k.split(".")[0] in _VQ_PARTS}
+    return VQGAN(cfg), vq_convert.convert_state_dict(sd, cfg, what=f"IBQ checkpoint {path}")
+
+
 # ---------------------------------------------------------------------------------------------
 # open_clip SigLIP (teacher / init weights written by TokLIP's covert.py)
 
@@ -369,6 +382,7 @@ __all__ = [
     "convert_open_clip_siglip",
     "convert_state_dict",
     "ignored_keys",
+    "load_ibq",
     "load_open_clip_siglip",
     "load_toklip",
     "taming_to_llamagen",

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -42,6 +43,13 @@ def normalize_images(batch: dict, key: str = "image") -> dict:
     out = dict(batch)
     out[key] = np.asarray(batch[key], np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
     return out
+
+
+def as_float_images(x):
+    """On device: uint8 [0, 255] or float [-1, 1] → float32 [-1, 1] (a step takes either)."""
+    if x.dtype == jnp.uint8:
+        return x.astype(jnp.float32) / 127.5 - 1.0
+    return x.astype(jnp.float32)
 
 
 class NormalizeImages(grain.transforms.Map):

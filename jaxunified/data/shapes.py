@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
-_PLURALS = ("circles", "squares", "triangles", "stars", "diamonds", "crosses")
+PLURALS = ("circles", "squares", "triangles", "stars", "diamonds", "crosses")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 # Far from each other and from the background, so that even anti-aliased edge pixels (blends of
 # one colour with the background) are told apart by detect_objects.
@@ -37,7 +37,7 @@ SIZE_RADIUS = (0.09, 0.15)  # half the box side, as a fraction of the image side
 TEMPLATES = ("single", "count", "relation", "binding")
 RELATIONS = ("left", "right", "above", "below")
 _RELATION_PHRASES = ("to the left of", "to the right of", "above", "below")
-_NUMBERS = {2: "two", 3: "three", 4: "four"}
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 MAX_OBJECTS = 4
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 256
 SUPERSAMPLE = 4
@@ -185,7 +185,7 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _phrase(shape: int, color: int) -> str:
+def object_phrase(shape: int, color: int) -> str:
     return f"{_article(COLORS[color])} {COLORS[color]} {SHAPES[shape]}"
 
 
@@ -195,12 +195,12 @@ def _sample_scene(rng: np.random.Generator):
     n_shapes, n_colors = len(SHAPES), len(COLORS)
     if TEMPLATES[template] == "single":
         objs = [(int(rng.integers(n_shapes)), int(rng.integers(n_colors)))]
-        caption = _phrase(*objs[0])
+        caption = object_phrase(*objs[0])
     elif TEMPLATES[template] == "count":
         n = int(rng.integers(2, MAX_OBJECTS + 1))
         shape, color = int(rng.integers(n_shapes)), int(rng.integers(n_colors))
         objs = [(shape, color)] * n
-        caption = f"{_NUMBERS[n]} {COLORS[color]} {_PLURALS[shape]}"
+        caption = f"{NUMBER_WORDS[n]} {COLORS[color]} {PLURALS[shape]}"
     elif TEMPLATES[template] == "relation":
         a = (int(rng.integers(n_shapes)), int(rng.integers(n_colors)))
         b = a
@@ -208,12 +208,12 @@ def _sample_scene(rng: np.random.Generator):
             b = (int(rng.integers(n_shapes)), int(rng.integers(n_colors)))
         objs = [a, b]
         relation = int(rng.integers(len(RELATIONS)))
-        caption = f"{_phrase(*a)} {_RELATION_PHRASES[relation]} {_phrase(*b)}"
+        caption = f"{object_phrase(*a)} {_RELATION_PHRASES[relation]} {object_phrase(*b)}"
     else:  # binding: both attributes differ, so swapping them changes the caption's meaning
         s = rng.choice(n_shapes, size=2, replace=False)
         c = rng.choice(n_colors, size=2, replace=False)
         objs = [(int(s[0]), int(c[0])), (int(s[1]), int(c[1]))]
-        caption = f"{_phrase(*objs[0])} and {_phrase(*objs[1])}"
+        caption = f"{object_phrase(*objs[0])} and {object_phrase(*objs[1])}"
 
     sizes = [int(rng.integers(len(SIZES))) for _ in objs]
     centres = _place(rng, [SIZE_RADIUS[s] for s in sizes], relation)
@@ -270,7 +270,7 @@ def render_example(index: int, split: str = "train", seed: int = 0, resolution: 
 # Hard-negative captions
 
 NEGATIVE_KINDS = ("shape", "color", "count", "relation", "swap")
-_WORD_SETS = {"shape": (SHAPES, _PLURALS), "color": (COLORS,), "count": (tuple(_NUMBERS.values()),)}
+_WORD_SETS = {"shape": (SHAPES, PLURALS), "color": (COLORS,), "count": (tuple(NUMBER_WORDS.values()),)}
 
 
 def negative_caption(caption: str, rng: np.random.Generator, kinds=NEGATIVE_KINDS) -> str:

@@ -31,9 +31,9 @@ PLURAL_SUFFIXES = ("s", "es")
 
 def _grammar_words() -> list[str]:
     """Every word a shapes caption can contain except the plurals (stem + suffix), sorted."""
-    phrases = [shapes._phrase(s, c) for s in range(len(shapes.SHAPES)) for c in range(len(shapes.COLORS))]
+    phrases = [shapes.object_phrase(s, c) for s in range(len(shapes.SHAPES)) for c in range(len(shapes.COLORS))]
     words = {w for p in phrases for w in p.split()}
-    words |= set(shapes._NUMBERS.values()) | {"and"}
+    words |= set(shapes.NUMBER_WORDS.values()) | {"and"}
     words |= {w for p in shapes._RELATION_PHRASES for w in p.split()}
     return sorted(words)
 

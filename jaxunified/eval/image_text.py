@@ -1,14 +1,14 @@
 """Zero-shot classification and image↔text retrieval over one split, for any image/text encoder pair.
 
-Shared by the SigLIP, TokLIP and DualToken tasks: each passes its own ``encode_image`` (which
-takes the global batch, so TokLIP can read cached ``codes`` and SigLIP ``image``) and
-``encode_text``. Image and caption embeddings of the whole split are gathered once; retrieval
+Shared by the SigLIP, TokLIP and DualToken tasks: each builds one ``EncoderPair`` (its image
+encoder takes the global batch, so TokLIP can read cached ``codes`` and SigLIP ``image``). Image and caption embeddings of the whole split are gathered once; retrieval
 then runs sharded over the mesh (``eval.retrieval``), zero-shot against prompt-ensembled class
 embeddings (``eval.zero_shot``; the shapes tasks come from ``eval.templates``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
@@ -20,14 +20,29 @@ from jaxunified.data.text import TextTokenizer, tokenize_batch
 from jaxunified.eval import retrieval, templates, zero_shot
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderPair:
+    """``image(global_batch) -> [B, D]`` and ``text(tokens [N, L]) -> [N, D]``, both compiled."""
+
+    image: Callable[[Mapping[str, jax.Array]], jax.Array]
+    text: Callable[[jax.Array], jax.Array]
+
+
+def encoder_pair(image_fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array],
+                 text_fn: Callable[[Any, jax.Array], jax.Array], weights: Any) -> EncoderPair:
+    """Jits ``image_fn(weights, batch)`` and ``text_fn(weights, tokens)`` with the weights as
+    arguments, not closed-over constants (at So400m size those are gigabytes baked into the program)."""
+    image, text = jax.jit(image_fn), jax.jit(text_fn)
+    return EncoderPair(image=lambda batch: image(weights, batch), text=lambda tokens: text(weights, tokens))
+
+
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts, axis=0) if parts else np.zeros((0,), np.float32)
 
 
 def evaluate_image_text(
-    encode_image: Callable[[Mapping[str, jax.Array]], jax.Array],
-    encode_text: Callable[[jax.Array], jax.Array],
-    tokenizer: TextTokenizer,
+    encoders: EncoderPair,
+    text_tokenizer: TextTokenizer,
     data_cfg: Any,
     split: str,
     mesh,
@@ -41,9 +56,9 @@ def evaluate_image_text(
     defined count), ``i2t_r{k}``/``t2i_r{k}`` (an image whose caption equals the
     query's counts as a hit) and ``num_examples``.
 
-    ``encode_image(global_batch) -> [B, D]`` and ``encode_text(tokens [N, L]) -> [N, D]`` should be
-    jitted; the batches come from ``build_dataset(data_cfg, split, mesh)`` with ``data_cfg.text`` set.
+    The batches come from ``build_dataset(data_cfg, split, mesh)`` with ``data_cfg.text`` set.
     """
+    encode_image, encode_text = encoders.image, encoders.text
     data = build_dataset(data_cfg, split, mesh)
     img_parts, txt_parts, masks, captions = [], [], [], []
     labels: dict[str, list[np.ndarray]] = {}
@@ -77,7 +92,7 @@ def evaluate_image_text(
             targets = templates.shapes_targets(lab, mask)
 
             def encode_prompts(prompts: list[str]) -> jax.Array:
-                return encode_text(jnp.asarray(tokenize_batch(tokenizer, prompts)))
+                return encode_text(jnp.asarray(tokenize_batch(text_tokenizer, prompts)))
 
             for name, task in templates.shapes_tasks().items():
                 prompts, owner = zero_shot.prompt_embeddings(encode_prompts, task.prompts, batch_size=prompt_batch)

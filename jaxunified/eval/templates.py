@@ -15,7 +15,7 @@ from typing import Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxunified.data.shapes import _NUMBERS, _PLURALS, COLORS, MAX_OBJECTS, SHAPES, _phrase
+from jaxunified.data.shapes import COLORS, MAX_OBJECTS, NUMBER_WORDS, PLURALS, SHAPES, object_phrase
 
 # The 80 prompts OpenAI's CLIP ensembles for ImageNet (its "Prompt Engineering for ImageNet"
 # notebook), in that order; the grammar slips ("a origami", "a embroidered") are theirs and kept,
@@ -122,12 +122,12 @@ class ZeroShotTask(NamedTuple):
 
 SHAPES_TASK_NAMES = ("color", "shape", "count")
 COUNT_CLASSES = tuple(range(1, MAX_OBJECTS + 1))  # class i is a count of i + 1 objects
-_COUNT_WORDS = {1: "one", **_NUMBERS}
+_COUNT_WORDS = {1: "one", **NUMBER_WORDS}
 
 
 def _count_caption(n: int, shape: int, color: int) -> str:
     # The dataset's "count" template; one object is the "single" template's phrase.
-    return _phrase(shape, color) if n == 1 else f"{_NUMBERS[n]} {COLORS[color]} {_PLURALS[shape]}"
+    return object_phrase(shape, color) if n == 1 else f"{NUMBER_WORDS[n]} {COLORS[color]} {PLURALS[shape]}"
 
 
 @functools.lru_cache(maxsize=None)

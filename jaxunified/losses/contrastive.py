@@ -244,3 +244,19 @@ def _sigmoid_ring(zimg, ztxt, negatives, scale, b, pos, axis_name):
         "t2i_acc": jnp.mean(txt_pos > txt_best),
     }
     return total, metrics
+
+
+LOSS_KINDS = ("sigmoid", "softmax")
+
+
+def contrastive_loss(kind: str, zimg, ztxt, params, *, negatives=None, axis_name=None):
+    """The configured loss on raw (unnormalised) embeddings; ``params`` holds ``logit_scale`` (and
+    ``logit_bias`` for the sigmoid loss). Returns ``(loss, metrics)``.
+
+    ``negatives``: embeddings of hard-negative captions [M, D] (``data.text.hard_negatives``)."""
+    if kind == "sigmoid":
+        return sigmoid_loss(zimg, ztxt, params["logit_scale"], params["logit_bias"],
+                            negatives=negatives, axis_name=axis_name)
+    if kind == "softmax":
+        return clip_loss(zimg, ztxt, params["logit_scale"], negatives=negatives, axis_name=axis_name)
+    raise ValueError(f"loss kind {kind!r}; use one of {LOSS_KINDS}")

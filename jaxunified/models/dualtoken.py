@@ -41,8 +41,9 @@ import numpy as np
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.models.siglip import SigLIP, SigLIPConfig, l2_normalize
 from jaxunified.models.vqgan import Decoder, VQGANConfig
+from jaxunified.nn.attention import attend, causal_mask
 from jaxunified.nn.conv import GroupNorm, conv
-from jaxunified.nn.transformer import attend, causal_mask
+from jaxunified.nn.dense import dense
 from jaxunified.quant.rq import RQConfig, ResidualQuantizer
 
 Dtype = Any
@@ -161,18 +162,6 @@ def adaptive_avg_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def _dense(features: int, axes: tuple, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
-        name=name,
-    )
-
-
 def _axis(dim: int, wide: int) -> str | None:
     """Logical name of a feature axis: the tower width shards as 'embed', the code dim stays whole."""
     return "embed" if dim == wide else "code_dim"
@@ -198,17 +187,9 @@ class ResizingAttention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"attention width {width} does not split into {self.num_heads} heads")
         hd = width // self.num_heads
-        qkv = nn.DenseGeneral(
-            (3, self.num_heads, hd),
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.xavier_uniform(),  # DenseGeneral inits the flat [in, 3·H·hd] kernel
-                (_axis(in_dim, wide), None, "heads", "kv"),
-            ),
-            name="qkv",
-        )(x)
+        # A DenseGeneral: xavier sees the flat [in, 3·H·hd] kernel, as the reference's one Linear.
+        qkv = dense((3, self.num_heads, hd), (_axis(in_dim, wide), None, "heads", "kv"), use_bias=False,
+                    dtype=self.dtype, name="qkv")(x)
         bias_axes = ("heads", "kv")
         bias_init = nn.with_logical_partitioning(nn.initializers.zeros, bias_axes)
         q_bias = self.param("q_bias", bias_init, (self.num_heads, hd))
@@ -225,7 +206,7 @@ class ResizingAttention(nn.Module):
         else:
             out = out.reshape(b, n, width)
         concat_axis = "heads" if in_dim < self.out_dim else "code_dim"
-        return _dense(self.out_dim, (concat_axis, _axis(self.out_dim, wide)), "proj", self.dtype)(out)
+        return dense(self.out_dim, (concat_axis, _axis(self.out_dim, wide)), dtype=self.dtype, name="proj")(out)
 
 
 class GeGluMlp(nn.Module):
@@ -241,9 +222,9 @@ class GeGluMlp(nn.Module):
         ax = _axis(dim, self.wide)
         hid = "mlp" if dim == self.wide else None
         y = siglip_lib.layer_norm(1e-6, "norm")(x).astype(self.dtype)
-        h = jax.nn.gelu(_dense(self.hidden_dim, (ax, hid), "w0", self.dtype)(y), approximate=True)
-        h = h * _dense(self.hidden_dim, (ax, hid), "w1", self.dtype)(y)
-        return _dense(dim, (hid, ax), "w2", self.dtype)(h)
+        h = jax.nn.gelu(dense(self.hidden_dim, (ax, hid), dtype=self.dtype, name="w0")(y), approximate=True)
+        h = h * dense(self.hidden_dim, (ax, hid), dtype=self.dtype, name="w1")(y)
+        return dense(dim, (hid, ax), dtype=self.dtype, name="w2")(h)
 
 
 class AttnProjection(nn.Module):
@@ -264,7 +245,7 @@ class AttnProjection(nn.Module):
         wide = max(in_dim, self.out_dim)
         ln = lambda name: siglip_lib.layer_norm(self.ln_eps, name)  # noqa: E731
         ax_in, ax_out = _axis(in_dim, wide), _axis(self.out_dim, wide)
-        y = _dense(self.out_dim, (ax_in, ax_out), "proj", self.dtype)(ln("norm3")(x).astype(self.dtype))
+        y = dense(self.out_dim, (ax_in, ax_out), dtype=self.dtype, name="proj")(ln("norm3")(x).astype(self.dtype))
         y = y + ResizingAttention(self.out_dim, self.num_heads, self.causal, self.dtype, name="attn")(
             ln("norm1")(x).astype(self.dtype)
         )

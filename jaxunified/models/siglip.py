@@ -23,15 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunified.nn.transformer import (
-    Encoder,
-    MAPHead,
-    causal_mask,
-    layer_norm,
-    padding_mask,
-    resize_posemb,
-)
-from jaxunified.quant.vq import l2_normalize as vq_l2_normalize
+from jaxunified.nn.attention import causal_mask, padding_mask
+from jaxunified.nn.norm import l2_normalize, layer_norm
+from jaxunified.nn.transformer import Encoder, MAPHead, resize_posemb
 
 Dtype = Any
 
@@ -54,7 +48,7 @@ class VisionConfig:
     stem: tuple[tuple[int, int], ...] = ()
     causal: bool = False
     # With causal=True: attention in this many query blocks that skip the keys after their end
-    # (nn/transformer.py; same outputs, less work). Must divide the token count.
+    # (nn/attention.py; same outputs, less work). Must divide the token count.
     causal_chunks: int = 1
     scan: bool = False
     remat: bool = False
@@ -318,11 +312,6 @@ class TextTower(nn.Module):
         if return_hidden:
             out["hidden_states"] = (x0, *hidden)
         return out
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Embeddings are compared in float32 whatever the towers' compute dtype."""
-    return vq_l2_normalize(x.astype(jnp.float32), eps)
 
 
 class SigLIP(nn.Module):

@@ -45,8 +45,8 @@ from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.models.siglip import TextConfig, TextTower, VisionConfig, VisionTower, l2_normalize
 from jaxunified.models.vqgan import VQGAN, VQGANConfig
+from jaxunified.nn.activations import activation
 from jaxunified.nn.conv import raster_causal_conv, torch_default_init
-from jaxunified.nn.transformer import activation
 from jaxunified.quant.vq import VQConfig
 
 

@@ -15,10 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxunified.nn.dense import DENSE_KERNEL_AXES, dense
+
 Dtype = Any
 
 CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
-DENSE_KERNEL_AXES = ("embed", "mlp")
 
 torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
@@ -44,18 +45,6 @@ def conv(
         param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(torch_default_init, CONV_KERNEL_AXES),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-        name=name,
-    )
-
-
-def dense(features: int, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
-    """A 1×1 conv written as a Dense over the channel axis."""
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(torch_default_init, DENSE_KERNEL_AXES),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
         name=name,
     )
 
@@ -128,13 +117,14 @@ class AttnBlock(nn.Module):
         hd = c // self.num_heads
         h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x).reshape(b, hgt * wid, c)
         split = lambda t: t.reshape(b, hgt * wid, self.num_heads, hd)  # noqa: E731
-        q = split(dense(c, dtype=self.dtype, name="q")(h))
-        k = split(dense(c, dtype=self.dtype, name="k")(h))
-        v = split(dense(c, dtype=self.dtype, name="v")(h))
+        # 1×1 convs written as Dense over the channel axis, with PyTorch's default init.
+        proj = lambda name: dense(c, DENSE_KERNEL_AXES, kernel_init=torch_default_init, dtype=self.dtype,  # noqa: E731
+                                  name=name)
+        q, k, v = split(proj("q")(h)), split(proj("k")(h)), split(proj("v")(h))
         scores = jnp.einsum("blhc,bmhc->bhlm", q, k, preferred_element_type=jnp.float32) * hd**-0.5
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhlm,bmhc->blhc", probs, v).reshape(b, hgt * wid, c)
-        out = dense(c, dtype=self.dtype, name="proj_out")(out)
+        out = proj("proj_out")(out)
         return x + out.reshape(x.shape).astype(x.dtype)
 
 
@@ -192,13 +182,11 @@ def raster_causal_conv(features: int, kernel_size: int, in_features: int, *, dty
 __all__ = [
     "AttnBlock",
     "CONV_KERNEL_AXES",
-    "DENSE_KERNEL_AXES",
     "Downsample",
     "GroupNorm",
     "ResnetBlock",
     "Upsample",
     "conv",
-    "dense",
     "group_count",
     "raster_causal_conv",
     "raster_causal_mask",

@@ -36,6 +36,16 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("height", None),
     ("width", None),
     ("channels", None),
+    # Activations (``nn.with_logical_constraint``), named apart from the weights above so a
+    # config can reshard one without the other; the batch splits over both data axes, the
+    # head/MLP/vocab dims follow their weights onto 'tensor'.
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxunified.nn.conv import DENSE_KERNEL_AXES, torch_default_init
+from jaxunified.nn.conv import torch_default_init
+from jaxunified.nn.dense import DENSE_KERNEL_AXES
+from jaxunified.nn.norm import l2_normalize
 
 UPDATES = ("grad", "ema", "ibq")
 _HIGHEST = lax.Precision.HIGHEST  # TPUs would otherwise run f32 matmuls as bf16 passes.
@@ -65,12 +67,6 @@ class VQConfig:
 
 
 # ---------------------------------------------------------------- pure helpers
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """``x / max(‖x‖, eps)`` along the last axis (PyTorch ``F.normalize`` semantics)."""
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
 
 
 def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -73,8 +71,3 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-
-def abstract_with_shardings(abstract_tree, shardings) -> Any:
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
-    )

@@ -6,7 +6,7 @@ One generator step combines every term, each weighted in ``config.loss`` and log
                   + sem_pooled_weight · (MSE − cos)(pooled, teacher pooled))
     + commit_pix_weight · commit_pix + commit_sem_weight · commit_sem
     + pixel_weight · MSE(recon, x) + perceptual_weight · LPIPS(recon, x)
-    + disc_weight · g_weight · G(recon)                 (g_weight adaptive, clamped to [0.3, 10])
+    + disc_weight · d_weight · G(recon)                 (d_weight adaptive, clamped to [0.3, 10])
     + contrastive_weight · SigLIP/CLIP loss(pooled, text tower)           (optional)
 
 The teacher is a frozen copy of the initial vision tower (``params["teacher"]``). The discriminator
@@ -23,45 +23,45 @@ HF SigLIP folder (``model.siglip_init_from``) or a fresh random tower (``model.s
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxunified import convert
+from jaxunified.convert.common import read_state_dict
+from jaxunified.convert.siglip import config_from_hf, convert_state_dict
+from jaxunified.data.pipeline import as_float_images
+from jaxunified.data.text import make_tokenizer
 from jaxunified.eval import image_metrics
-from jaxunified.losses import distill
+from jaxunified.eval.image_text import encoder_pair, evaluate_image_text
+from jaxunified.eval.recon import depth_usage, evaluate_reconstruction, grid_path
+from jaxunified.losses import contrastive, distill
 from jaxunified.losses import recon as recon_losses
 from jaxunified.models import discriminator as disc_lib
 from jaxunified.models import dualtoken as dt
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.models.vqgan import VQGANConfig
+from jaxunified.nn.transformer import unstack_layers
 from jaxunified.quant.rq import RQConfig
-from jaxunified.train import gan
-from jaxunified.train.metrics import image_grid, save_png
+from jaxunified.train import gan, runs
 from jaxunified.train.optim import FROZEN
-from jaxunified.train.task import Task
-from jaxunified.train.vqgan import as_float_images
-
+from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
 STAGES = (0, 1, 2)
 # Parts the reference's stage 2 freezes: the pixel branch after the shared layers.
 _PIXEL_BRANCH = ("prequant_pix", "prequant_shortcut", "postquant_pix", "post_quant_conv", "decoder")
 
 
-def _plain(d) -> dict:
-    d = d.to_dict() if hasattr(d, "to_dict") else dict(d or {})
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-
-
-def _tower_overrides(m) -> tuple[dict, dict]:
-    vision, text = _plain(m.get("vision")), _plain(m.get("text"))
-    for d in (vision, text):
-        if "dtype" in d:
-            d["dtype"] = jnp.dtype(d["dtype"])
-    vision["scan"] = False  # DualToken runs sub-ranges of the tower
-    return vision, text
+def _with_towers(sc: siglip_lib.SigLIPConfig, m) -> siglip_lib.SigLIPConfig:
+    """``sc`` with ``model.vision`` / ``model.text`` overrides; scan off (DualToken runs sub-ranges of the tower)."""
+    vision = {**kwargs(m.get("vision")), "scan": False}
+    sc = dataclasses.replace(sc, vision=dataclasses.replace(sc.vision, **vision))
+    if sc.text is not None:
+        sc = dataclasses.replace(sc, text=dataclasses.replace(sc.text, **kwargs(m.get("text"))))
+    return sc
 
 
 def siglip_source(m) -> str:
@@ -76,22 +76,11 @@ def siglip_source(m) -> str:
 def siglip_source_config(cfg) -> siglip_lib.SigLIPConfig:
     """The SigLIP tower config of the run's weight source (see ``siglip_source``), scan off."""
     m = cfg.model
-    vision, text = _tower_overrides(m)
     source = siglip_source(m)
     if source == "workdir":
-        from jaxunified.train import siglip as siglip_task
-        from jaxunified.train.restore import load_config, read_run_config
-
-        spec = m.get("siglip_config") or ""
-        run_cfg = load_config(spec) if spec else read_run_config(m.siglip_workdir)
-        sc = siglip_task.model_config(run_cfg)
+        sc = runs.model_config(m.siglip_workdir, m.get("siglip_config") or None)
     elif source == "hf":
-        import json
-
-        from jaxunified.convert.siglip import config_from_hf
-
-        folder = pathlib.Path(m.siglip_init_from).expanduser()
-        sc = config_from_hf(json.loads((folder / "config.json").read_text()))
+        sc = config_from_hf(json.loads((pathlib.Path(m.siglip_init_from).expanduser() / "config.json").read_text()))
     elif m.get("siglip_variant"):
         sc = siglip_lib.get_config(m.siglip_variant, image_size=m.get("image_size") or None)
     else:
@@ -99,10 +88,7 @@ def siglip_source_config(cfg) -> siglip_lib.SigLIPConfig:
             "config.model needs one of siglip_workdir (a trained `siglip` run), siglip_init_from (an HF SigLIP "
             "folder) or siglip_variant (a random tower), or a released `variant`"
         )
-    sc = dataclasses.replace(sc, vision=dataclasses.replace(sc.vision, **vision))
-    if sc.text is not None:
-        sc = dataclasses.replace(sc, text=dataclasses.replace(sc.text, **text))
-    return sc
+    return _with_towers(sc, m)
 
 
 def model_config(cfg) -> dt.DualTokenConfig:
@@ -114,50 +100,23 @@ def model_config(cfg) -> dt.DualTokenConfig:
     m = cfg.model
     if m.get("variant"):
         base = dt.get_config(m.variant)
-        vision, text = _tower_overrides(m)
-        sc = base.siglip
-        sc = dataclasses.replace(sc, vision=dataclasses.replace(sc.vision, **vision))
-        if sc.text is not None:
-            sc = dataclasses.replace(sc, text=dataclasses.replace(sc.text, **text))
-        return dataclasses.replace(base, siglip=sc)
-    sc = siglip_source_config(cfg)
+        return dataclasses.replace(base, siglip=_with_towers(base.siglip, m))
     latent = m.get("decoder_latent_shape")
     return dt.DualTokenConfig(
-        siglip=sc,
+        siglip=siglip_source_config(cfg),
         layer_recon=int(m.layer_recon),
         layer_sem=int(m.layer_sem),
         layer_shortcut=int(m.layer_shortcut) if m.get("layer_shortcut") else None,
         weight_shortcut=float(m.weight_shortcut),
-        pix_rq=RQConfig(**_plain(m.pix_rq)),
-        sem_rq=RQConfig(**_plain(m.sem_rq)),
-        decoder=VQGANConfig(**_plain(m.decoder)),
+        pix_rq=RQConfig(**kwargs(m.pix_rq)),
+        sem_rq=RQConfig(**kwargs(m.sem_rq)),
+        decoder=VQGANConfig(**kwargs(m.decoder)),
         decoder_latent_shape=tuple(latent) if latent else None,
     )
 
 
-def _fill(boxed, values, what: str):
-    """Puts ``values`` (a plain tree) into the logical-axis boxes of ``boxed``; same structure and shapes."""
-    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
-    b_struct = jax.tree.structure(nn.meta.unbox(boxed))
-    v_struct = jax.tree.structure(values)
-    if b_struct != v_struct:
-        raise ValueError(f"{what} does not have the model's parameter structure; check the tower config")
-
-    def put(box, v):
-        v = jnp.asarray(v)
-        target = box.value if is_box(box) else box
-        if v.shape != target.shape:
-            raise ValueError(f"{what}: shape {v.shape} where the model has {target.shape}")
-        v = v.astype(target.dtype)
-        return box.replace_boxed(v) if is_box(box) else v
-
-    return jax.tree.map(put, boxed, values, is_leaf=is_box)
-
-
 def _unscanned(siglip_params: dict, sc: siglip_lib.SigLIPConfig) -> dict:
     """A scanned tower's stacked ``layers`` → ``layers_{i}`` (DualToken runs sub-ranges of layers)."""
-    from jaxunified.nn.transformer import unstack_layers
-
     out = dict(siglip_params)
     for name, tc in (("vision", sc.vision), ("text", sc.text)):
         if tc is not None and name in out and "layers" in out[name]["encoder"]:
@@ -175,25 +134,20 @@ class DualTokenTask(Task):
         self.model_cfg = model_config(config)
         self.model = dt.DualToken(self.model_cfg)
         self.teacher = siglip_lib.VisionTower(self.model_cfg.siglip.vision)
-        self._init_cache = None
-        self._check_teacher_text()
+        if siglip_source(config.model) == "workdir":  # zero-shot is noise unless the captions are the tower's
+            runs.check_same_text(config.data.get("text"), config.model.siglip_workdir,
+                                 config.model.get("siglip_config") or None)
         # Read checkpoints now: init_variables also runs under jax.eval_shape, where a restore cannot.
-        self._initial_weights()
-        self.tokenizer = None
+        self._siglip_params, self._init_vars = self._initial_weights()
         text_cfg = config.data.get("text")
-        if text_cfg is not None and text_cfg.get("tokenizer"):
-            from jaxunified.data.text import make_tokenizer
-
-            self.tokenizer = make_tokenizer(text_cfg)
+        self.text_tokenizer = make_tokenizer(text_cfg) if text_cfg is not None and text_cfg.get("tokenizer") else None
         self.use_contrastive = float(self.lc.get("contrastive_weight", 0.0)) > 0
         if self.use_contrastive:
-            if self.tokenizer is None or self.model_cfg.siglip.text is None:
+            if self.text_tokenizer is None or self.model_cfg.siglip.text is None:
                 raise ValueError("loss.contrastive_weight > 0 needs data.text (caption tokens) and a text tower")
-            if self.tokenizer.max_len > self.model_cfg.siglip.text.max_len:
-                raise ValueError(
-                    f"data.text.max_len={self.tokenizer.max_len} exceeds the text tower's max_len "
-                    f"{self.model_cfg.siglip.text.max_len}"
-                )
+            if self.text_tokenizer.max_len > self.model_cfg.siglip.text.max_len:
+                raise ValueError(f"data.text.max_len={self.text_tokenizer.max_len} exceeds the text tower's max_len "
+                                 f"{self.model_cfg.siglip.text.max_len}")
         self.use_disc = float(self.lc.disc_weight) > 0
         self.use_lpips = float(self.lc.perceptual_weight) > 0
         if self.use_disc:
@@ -203,59 +157,34 @@ class DualTokenTask(Task):
         if self.use_lpips:
             self.lpips, self._lpips_vars = gan.load_lpips(self.lc)
 
-    def _check_teacher_text(self):
-        """Caption tokens must be the ones the text tower was trained on, or zero-shot is noise."""
-        m = self.config.model
-        ours = self.config.data.get("text")
-        if siglip_source(m) != "workdir" or ours is None or not ours.get("tokenizer"):
-            return
-        from jaxunified.train.restore import load_config, read_run_config
+    @classmethod
+    def model_config(cls, config) -> dt.DualTokenConfig:
+        return model_config(config)
 
-        spec = m.get("siglip_config") or ""
-        theirs = (load_config(spec) if spec else read_run_config(m.siglip_workdir)).data.get("text")
-        if theirs is None:
-            return
-        keys = ("tokenizer", "path", "max_len", "eos", "canonicalize")
-        diff = {k: (ours.get(k), theirs.get(k)) for k in keys if ours.get(k) != theirs.get(k)}
-        if diff:
-            raise ValueError(
-                f"data.text differs from the text tower's training run {m.siglip_workdir}: "
-                + ", ".join(f"{k}={a!r} (run: {b!r})" for k, (a, b) in diff.items())
-                + "; set data.text to the run's settings"
-            )
+    def export(self, params, collections):
+        return self.model, {"params": params["tokenizer"], **collections.get("tokenizer", {})}
 
     # ---- building ----
     def dummy_batch(self):
-        r = int(self.config.data.resolution)
-        b = int(self.config.data.batch_size)
+        r, b = int(self.config.data.resolution), int(self.config.data.batch_size)
         batch = {"image": np.zeros((b, r, r, 3), np.float32)}
         if self.use_contrastive:
-            batch["tokens"] = np.zeros((b, self.tokenizer.max_len), np.int32)
+            batch["tokens"] = np.zeros((b, self.text_tokenizer.max_len), np.int32)
         return batch
 
     def _initial_weights(self):
-        """(SigLIP params or None, DualToken variables or None), read once per task."""
-        if self._init_cache is None:
-            m = self.config.model
-            siglip_params = None
-            source = siglip_source(m)
-            if source == "workdir":
-                from jaxunified.train.siglip import load_siglip_from_workdir
-
-                _, siglip_params = load_siglip_from_workdir(m.siglip_workdir, m.get("siglip_config") or None)
-                siglip_params = _unscanned(siglip_params, self.model_cfg.siglip)
-            elif source == "hf":
-                from jaxunified.convert.common import read_state_dict
-                from jaxunified.convert.siglip import convert_state_dict
-
-                siglip_params = convert_state_dict(read_state_dict(m.siglip_init_from), self.model_cfg.siglip)["params"]
-            tok_vars = None
-            if m.get("init_from"):
-                from jaxunified import convert
-
-                _, tok_vars = convert.load("dualtoken", m.init_from, **_plain(m.get("init_from_overrides")))
-            self._init_cache = (siglip_params, tok_vars)
-        return self._init_cache
+        """(SigLIP params or None, DualToken variables or None)."""
+        m = self.config.model
+        siglip_params, source = None, siglip_source(m)
+        if source == "workdir":
+            _, _, variables = runs.load_run(m.siglip_workdir, m.get("siglip_config") or None)
+            siglip_params = _unscanned(variables["params"], self.model_cfg.siglip)
+        elif source == "hf":
+            siglip_params = convert_state_dict(read_state_dict(m.siglip_init_from), self.model_cfg.siglip)["params"]
+        tok_vars = None
+        if m.get("init_from"):
+            _, tok_vars = convert.load("dualtoken", m.init_from, **kwargs(m.get("init_from_overrides")))
+        return siglip_params, tok_vars
 
     def init_variables(self, rng, batch):
         x = as_float_images(jnp.asarray(batch["image"][:1]))
@@ -265,22 +194,20 @@ class DualTokenTask(Task):
             tokens = jnp.zeros((1, self.model_cfg.siglip.text.max_len), jnp.int32)
         tv = self.model.init({"params": k_tok, "quant": k_q}, x, tokens)
         tparams, tcolls = tv["params"], {k: v for k, v in tv.items() if k != "params"}
-        siglip_params, tok_vars = self._initial_weights()
-        if siglip_params is not None:
-            keep = {k: siglip_params[k] for k in tparams["siglip"] if k in siglip_params}
+        if self._siglip_params is not None:
+            keep = {k: self._siglip_params[k] for k in tparams["siglip"] if k in self._siglip_params}
             missing = sorted(set(tparams["siglip"]) - set(keep))
             if missing:
                 raise ValueError(f"the initial SigLIP weights lack {missing}")
-            tparams = dict(tparams, siglip=_fill(tparams["siglip"], keep, "the initial SigLIP weights"))
+            tparams = dict(tparams, siglip=fill_boxes(tparams["siglip"], keep, "the initial SigLIP weights"))
         # The teacher is the original vision tower, frozen; a DualToken checkpoint (init_from) only
         # replaces the student's starting point.
         teacher = tparams["siglip"]["vision"]
-        if tok_vars is not None:
-            tparams = _fill(tparams, tok_vars["params"], f"model.init_from {self.config.model.init_from}")
-            if "codebook" in tok_vars:
-                tcolls = dict(tcolls, codebook=_fill(tcolls["codebook"], tok_vars["codebook"], "the codebooks"))
-        params = {"tokenizer": tparams, "teacher": teacher}
-        collections = {"tokenizer": tcolls}
+        if self._init_vars is not None:
+            tparams = fill_boxes(tparams, self._init_vars["params"], f"model.init_from {self.config.model.init_from}")
+            if "codebook" in self._init_vars:
+                tcolls = dict(tcolls, codebook=fill_boxes(tcolls["codebook"], self._init_vars["codebook"], "the codebooks"))
+        params, collections = {"tokenizer": tparams, "teacher": teacher}, {"tokenizer": tcolls}
         gan.init_disc_and_lpips(
             params, collections, x, k_disc, k_lp,
             disc=self.disc if self.use_disc else None,
@@ -375,26 +302,16 @@ class DualTokenTask(Task):
                 m["perceptual"] = self._perceptual(params, x, recon)
                 total = total + float(lc.perceptual_weight) * m["perceptual"]
             if self.use_contrastive:
-                from jaxunified.train.siglip import siglip_loss
-
-                c_loss, c_metrics = siglip_loss(lc.contrastive_kind, out["pooled"], out["text_embeds"], tp["siglip"],
-                                                axis_name)
+                c_loss, c_metrics = contrastive.contrastive_loss(lc.contrastive_kind, out["pooled"], out["text_embeds"],
+                                                                 tp["siglip"], axis_name=axis_name)
                 m.update(contrastive=c_loss, i2t_acc=c_metrics["i2t_acc"], t2i_acc=c_metrics["t2i_acc"])
                 total = total + float(lc.contrastive_weight) * c_loss
             if self.use_disc:
-                def gan_fn(r):
-                    logits, _ = gan.disc_logits(self.disc, params["disc"], collections["disc"], r, axis_name)
-                    return recon_losses.generator_loss(logits, kind=lc.gen_loss)
-
-                g = gan_fn(recon)
-                if lc.adaptive_weight:
-                    w = gan.adaptive_gan_weight(
-                        tp["decoder"]["conv_out"], out["dec_features"], lambda r: self._nll(params, x, r), gan_fn,
-                        axis_name=axis_name, min_weight=float(lc.adaptive_min), max_weight=float(lc.adaptive_max))
-                else:
-                    w = jnp.ones((), jnp.float32)
+                g, w = gan.generator_term(self.disc, params, collections, recon, lc,
+                                          conv_out_params=tp["decoder"]["conv_out"], dec_features=out["dec_features"],
+                                          nll_fn=lambda r: self._nll(params, x, r), axis_name=axis_name)
                 total = total + float(lc.disc_weight) * disc_on * w * g
-                m.update(g_loss=g, g_weight=w)
+                m.update(g_loss=g, d_weight=w)
             m.update(
                 loss=total,
                 psnr=image_metrics.psnr(recon, x).mean(),
@@ -409,124 +326,57 @@ class DualTokenTask(Task):
         grads = {"tokenizer": g_tok, "teacher": jax.tree.map(jnp.zeros_like, params["teacher"])}
         new_colls = dict(collections, tokenizer=tok_mut)
         if self.use_disc:
-            slope = float(lc.get("hinge_slope", 0.0))
-            if lc.disc_loss == "hinge":
-                fn = lambda r, f: recon_losses.hinge_d_loss(r, f, negative_slope=slope)  # noqa: E731
-            else:
-                fn = recon_losses.vanilla_d_loss
             weight = float(lc.disc_loss_weight) * disc_on
             grads["disc"], new_colls["disc"], d_metrics = gan.disc_grads(
-                self.disc, params["disc"], collections["disc"], x, jax.lax.stop_gradient(recon), fn, weight, axis_name)
+                self.disc, params["disc"], collections["disc"], x, jax.lax.stop_gradient(recon), gan.d_loss_fn(lc),
+                weight, axis_name)
             metrics.update(d_metrics)
         if self.use_lpips:
             grads["lpips"] = jax.tree.map(jnp.zeros_like, params["lpips"])
         return grads, new_colls, metrics
 
     # ---- evaluation ----
-    def eval_params(self, state):
-        return state.ema_params if state.ema_params else state.params
-
     def evaluate(self, state, split, workdir, step) -> dict:
         """Reconstruction PSNR/SSIM, per-depth codebook usage of both branches, and (with caption
         tokens) zero-shot/retrieval through the semantic path next to the frozen original tower."""
-        params = self.eval_params(state)
-        tparams, tcolls = params["tokenizer"], state.collections.get("tokenizer", {})
-        metrics = self._recon_and_usage(tparams, tcolls, split, workdir, step)
-        if self.tokenizer is not None and self.model_cfg.siglip.text is not None:
-            from jaxunified.eval.image_text import evaluate_image_text
+        params = eval_params(state)
+        variables = {"params": params["tokenizer"], **state.collections.get("tokenizer", {})}
+        metrics = self._recon_and_usage(variables, split, workdir, step)
+        if self.text_tokenizer is None or self.model_cfg.siglip.text is None:
+            return metrics
 
-            variables = {"params": tparams, **tcolls}
-            limit = int(self.config.eval.get("num_examples", 0)) or None
+        def image(w, batch):
+            x = as_float_images(batch["image"])
+            return self.model.apply(w["tokenizer"], x, method=dt.DualToken.encode_image)["image_embeds"]
 
-            # Weights are arguments, not closed-over constants: at So400m size they are gigabytes.
-            @jax.jit
-            def image_embeds(v, batch):
-                x = as_float_images(batch["image"])
-                return self.model.apply(v, x, method=dt.DualToken.encode_image)["image_embeds"]
+        def teacher(w, batch):
+            pooled = self.teacher.apply({"params": w["teacher"]}, as_float_images(batch["image"]))["pooled"]
+            return siglip_lib.l2_normalize(pooled)
 
-            @jax.jit
-            def teacher_embeds(vp, batch):
-                x = as_float_images(batch["image"])
-                return siglip_lib.l2_normalize(self.teacher.apply({"params": vp}, x)["pooled"])
+        def text(w, tokens):
+            return self.model.apply(w["tokenizer"], tokens, method=dt.DualToken.encode_text)
 
-            @jax.jit
-            def text_embeds(v, tokens):
-                return self.model.apply(v, tokens, method=dt.DualToken.encode_text)
-
-            enc_img = lambda batch: image_embeds(variables, batch)  # noqa: E731
-            enc_teacher = lambda batch: teacher_embeds(params["teacher"], batch)  # noqa: E731
-            enc_txt = lambda tokens: text_embeds(variables, tokens)  # noqa: E731
-            for prefix, enc in (("", enc_img), ("teacher_", enc_teacher)):
-                res = evaluate_image_text(enc, enc_txt, self.tokenizer, self.config.data, split, self.mesh,
-                                          num_examples=limit)
-                metrics.update({prefix + k: v for k, v in res.items() if k != "num_examples"})
+        weights = {"tokenizer": variables, "teacher": params["teacher"]}
+        pairs = {"": encoder_pair(image, text, weights), "teacher_": encoder_pair(teacher, text, weights)}
+        for prefix, enc in pairs.items():
+            res = evaluate_image_text(enc, self.text_tokenizer, self.config.data, split, self.mesh,
+                                      num_examples=self.eval_num_examples())
+            metrics.update({prefix + k: v for k, v in res.items() if k != "num_examples"})
         return metrics
 
-    def _recon_and_usage(self, tparams, tcolls, split, workdir, step) -> dict:
-        from jaxunified.data.pipeline import build_dataset, to_global
-
+    def _recon_and_usage(self, variables, split, workdir, step) -> dict:
         c = self.model_cfg
-        variables = {"params": tparams, **tcolls}
 
-        def counts_of(codes, depth, k, mask):
-            # [B, h, w, D] codes → [D, K] histogram over the valid rows.
-            flat = codes.reshape(codes.shape[0], -1, depth)
-            w = jnp.broadcast_to(mask[:, None, None].astype(jnp.float32), flat.shape)
-            onehot_idx = flat.transpose(2, 0, 1).reshape(depth, -1)
-            return jax.vmap(lambda i, ww: jnp.zeros((k,), jnp.float32).at[i].add(ww))(
-                onehot_idx, w.transpose(2, 0, 1).reshape(depth, -1))
+        def reconstruct(v, x):
+            out = self.model.apply(v, x)
+            return out["recon"], {"pix": out["code_pix"], "sem": out["code_sem"]}
 
-        @jax.jit
-        def eval_step(variables, images, mask):
-            x = as_float_images(images)
-            out = self.model.apply(variables, x)
-            recon = jnp.clip(out["recon"], -1.0, 1.0)
-            return {
-                "psnr": image_metrics.psnr(recon, x) * mask,
-                "ssim": image_metrics.ssim(recon, x) * mask,
-                "mask": mask.astype(jnp.float32),
-                "counts_pix": counts_of(out["code_pix"], c.pix_rq.depth, c.pix_rq.codebook_size, mask),
-                "counts_sem": counts_of(out["code_sem"], c.sem_rq.depth, c.sem_rq.codebook_size, mask),
-                "recon": recon,
-            }
-
-        data = build_dataset(self.config.data, split, self.mesh)
-        tot = {"psnr": 0.0, "ssim": 0.0, "n": 0.0}
-        counts = {"pix": 0.0, "sem": 0.0}
-        limit = int(self.config.eval.get("num_examples", 0)) or None
-        first = None
-        with jax.set_mesh(self.mesh):
-            for host in data:
-                b = to_global(host, self.mesh)
-                mask = b.get("mask", jnp.ones((b["image"].shape[0],), jnp.bool_))
-                out = jax.device_get(eval_step(variables, b["image"], mask))
-                for k in ("psnr", "ssim"):
-                    tot[k] += float(out[k].sum())
-                tot["n"] += float(out["mask"].sum())
-                counts["pix"] = counts["pix"] + np.asarray(out["counts_pix"], np.float64)
-                counts["sem"] = counts["sem"] + np.asarray(out["counts_sem"], np.float64)
-                if first is None:
-                    first = (np.asarray(jax.device_get(b["image"])), out["recon"])
-                if limit and tot["n"] >= limit:
-                    break
-        n = max(tot["n"], 1.0)
-        metrics = {"psnr": tot["psnr"] / n, "ssim": tot["ssim"] / n, "num_examples": n}
-        for branch in ("pix", "sem"):
-            stats = image_metrics.codebook_stats(np.asarray(counts[branch]))
-            usage, ppl = np.asarray(stats["usage"]), np.asarray(stats["perplexity"])
-            metrics[f"usage_{branch}"] = float(usage.mean())
-            if (c.pix_rq if branch == "pix" else c.sem_rq).shared_codebook:
-                # One codebook serves every depth: the fraction of it any depth uses.
-                metrics[f"usage_{branch}_all"] = float(np.mean(np.asarray(counts[branch]).sum(0) > 0))
-            for d, (u, p) in enumerate(zip(usage, ppl)):
-                metrics[f"usage_{branch}_d{d}"] = float(u)
-                metrics[f"perplexity_{branch}_d{d}"] = float(p)
-        if first is not None and jax.process_index() == 0:
-            real, rec = first
-            k = min(16, real.shape[0])
-            real = np.asarray(as_float_images(jnp.asarray(real[:k])))
-            save_png(pathlib.Path(workdir) / f"recon_{split}_{step:07d}.png",
-                     image_grid(np.concatenate([real, rec[:k]], axis=0), ncol=k), upscale=4)
+        books = {"pix": (c.pix_rq.depth, c.pix_rq.codebook_size), "sem": (c.sem_rq.depth, c.sem_rq.codebook_size)}
+        res = evaluate_reconstruction(reconstruct, variables, books, self.config.data, split, self.mesh,
+                                      num_examples=self.eval_num_examples(), grid_path=grid_path(workdir, split, step))
+        metrics = {k: res[k] for k in ("psnr", "ssim", "num_examples")}
+        for branch, rq in (("pix", c.pix_rq), ("sem", c.sem_rq)):
+            metrics.update(depth_usage(res["counts"][branch], branch, shared=rq.shared_codebook))
         return metrics
 
 

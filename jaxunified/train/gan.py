@@ -16,6 +16,7 @@ import logging
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxunified.losses import recon as recon_losses
 from jaxunified.models.vqgan import vqgan_conv_out
@@ -71,6 +72,32 @@ def disc_grads(disc, dparams, stats, real, fake, loss_fn: Callable, weight: Any 
     return grads, mut, {"d_loss": d_loss, "logits_real": real_mean, "logits_fake": fake_mean}
 
 
+def d_loss_fn(loss_cfg) -> Callable:
+    """The discriminator loss ``loss.disc_loss`` names; ``loss.hinge_slope`` > 0 leaks the hinge (DualToken)."""
+    if loss_cfg.disc_loss == "hinge":
+        slope = float(loss_cfg.get("hinge_slope", 0.0))
+        return lambda real, fake: recon_losses.hinge_d_loss(real, fake, negative_slope=slope)
+    return recon_losses.vanilla_d_loss
+
+
+def generator_term(disc, params, collections, recon, loss_cfg, *, conv_out_params, dec_features, nll_fn,
+                   axis_name=None) -> tuple[jax.Array, jax.Array]:
+    """``(G loss, its weight)`` for ``recon``: the weight is ``adaptive_gan_weight`` when
+    ``loss.adaptive_weight`` (clamped to ``[loss.adaptive_min, loss.adaptive_max]``), else 1."""
+
+    def gan_fn(r):
+        logits, _ = disc_logits(disc, params["disc"], collections["disc"], r, axis_name)
+        return recon_losses.generator_loss(logits, kind=loss_cfg.gen_loss)
+
+    g = gan_fn(recon)
+    if not loss_cfg.adaptive_weight:
+        return g, jnp.ones((), jnp.float32)
+    w = adaptive_gan_weight(conv_out_params, dec_features, nll_fn, gan_fn, axis_name=axis_name,
+                            min_weight=float(loss_cfg.get("adaptive_min", 0.0)),
+                            max_weight=float(loss_cfg.adaptive_max))
+    return g, w
+
+
 def adaptive_gan_weight(
     conv_out_params,
     dec_features: jax.Array,
@@ -102,4 +129,4 @@ def adaptive_gan_weight(
     return recon_losses.adaptive_weight(g_rec, g_gan, max_weight=max_weight, min_weight=min_weight)
 
 
-__all__ = ["adaptive_gan_weight", "disc_grads", "disc_logits", "load_lpips"]
+__all__ = ["adaptive_gan_weight", "d_loss_fn", "disc_grads", "disc_logits", "generator_term", "load_lpips"]

@@ -22,13 +22,12 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxunified.data.pipeline import to_global
 from jaxunified.parallel import mesh as meshlib
 from jaxunified.train import state as statelib
-from jaxunified.train.checkpoint import Checkpointer, abstract_with_shardings
+from jaxunified.train.checkpoint import Checkpointer
 from jaxunified.train.metrics import MetricWriter
-from jaxunified.train.optim import make_optimizer
-from jaxunified.train.restore import save_config
-from jaxunified.train.task import get_task
+from jaxunified.train.runs import save_config
 
 log = logging.getLogger("jaxunified.train")
 
@@ -44,27 +43,16 @@ class Trainer:
         self.config = config
         self.workdir = pathlib.Path(workdir)
         self.mesh = meshlib.make_mesh(tuple(config.mesh_shape), devices)
-        self.rules = meshlib.rules_from_config(config.get("logical_rules"))
-        self.task = get_task(config.task)(config, self.mesh)
-        self.tx = make_optimizer(config.optim, self.task.param_labels, self.task.group_lr())
-        ema = config.optim.get("ema_decay", None)
-        self.ema_decay = float(ema) if ema else None
-        self._build_state_shardings()
+        self.layout = statelib.abstract_state(config, self.mesh)
+        self.task, self.tx, self.ema_decay = self.layout.task, self.layout.tx, self.layout.ema_decay
+        self.state_shardings = self.layout.shardings
+        self.abstract_state = self.layout.abstract
 
     # ---- state ----
-    def _init_fn(self, rng):
-        params, collections = self.task.init_variables(rng, self.task.dummy_batch())
-        return statelib.create(params, collections, self.tx, rng, ema=bool(self.ema_decay))
-
-    def _build_state_shardings(self):
-        key = jax.random.PRNGKey(int(self.config.seed))
-        boxed = jax.eval_shape(self._init_fn, key)
-        self.state_shardings = meshlib.tree_shardings(boxed, self.mesh, self.rules)
-        self.abstract_state = meshlib.unbox(boxed)
-
     def init_state(self):
         key = jax.random.PRNGKey(int(self.config.seed))
-        init = jax.jit(lambda k: meshlib.unbox(self._init_fn(k)), out_shardings=self.state_shardings)
+        init_fn = self.layout.init_fn
+        init = jax.jit(lambda k: meshlib.unbox(init_fn(k)), out_shardings=self.state_shardings)
         with jax.set_mesh(self.mesh):
             return init(key)
 
@@ -95,8 +83,6 @@ class Trainer:
 
     # ---- the run ----
     def run(self) -> Any:
-        from jaxunified.data.pipeline import to_global
-
         cfg = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
         is_main = jax.process_index() == 0
@@ -107,8 +93,7 @@ class Trainer:
         data_iter = iter(self.task.build_dataset("train"))
 
         if ckpt.latest_step() is not None:
-            target = abstract_with_shardings(self.abstract_state, self.state_shardings)
-            state = ckpt.restore(target, data_iter)
+            state = ckpt.restore(self.layout.target, data_iter)
             log.info("resumed from step %d in %s", int(state.step), ckpt.directory)
         else:
             state = self.init_state()

@@ -101,11 +101,3 @@ def make_optimizer(
 
     return optax.GradientTransformation(init, update)
 
-
-def label_by_top_key(mapping: Mapping[str, str], default: str = FROZEN) -> Callable[[Any], Any]:
-    """Labels every leaf under top-level key ``k`` of the params dict as ``mapping[k]``."""
-
-    def fn(params):
-        return {k: jax.tree.map(lambda _: mapping.get(k, default), v) for k, v in params.items()}
-
-    return fn

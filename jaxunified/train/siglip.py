@@ -10,42 +10,29 @@ in the global form XLA inserts them. ``model.freeze`` lists top-level parts kept
 from __future__ import annotations
 
 import dataclasses
-import logging
-from typing import Any
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxunified.convert.common import read_state_dict
+from jaxunified.convert.siglip import config_from_hf, convert_state_dict
 from jaxunified.data.text import make_tokenizer
+from jaxunified.eval.image_text import encoder_pair, evaluate_image_text
 from jaxunified.losses import contrastive
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.train.optim import FROZEN
-from jaxunified.train.task import Task
-
-log = logging.getLogger(__name__)
-
-
-def _plain(d) -> dict:
-    d = d.to_dict() if hasattr(d, "to_dict") else dict(d or {})
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+from jaxunified.train.task import Task, eval_params, kwargs
 
 
 def model_config(cfg) -> siglip_lib.SigLIPConfig:
     """The SigLIPConfig a run's ``config.model`` describes (variant + tower overrides, or init_from's config.json)."""
     m = cfg.model
-    vision, text = _plain(m.get("vision")), _plain(m.get("text"))
-    if "dtype" in vision:
-        vision["dtype"] = jnp.dtype(vision["dtype"])
-    if "dtype" in text:
-        text["dtype"] = jnp.dtype(text["dtype"])
+    vision, text = kwargs(m.get("vision")), kwargs(m.get("text"))
     init_from = m.get("init_from") or ""
     if init_from:
-        import json
-        import pathlib
-
-        from jaxunified.convert.siglip import config_from_hf
-
         hf = json.loads((pathlib.Path(init_from).expanduser() / "config.json").read_text())
         mc = config_from_hf(hf, vision=vision, text=text)
     else:
@@ -58,49 +45,41 @@ def model_config(cfg) -> siglip_lib.SigLIPConfig:
     return mc
 
 
-def siglip_loss(kind: str, zimg, ztxt, params, axis_name=None, negatives=None):
-    """The configured contrastive loss on raw (unnormalised) embeddings; returns (loss, metrics).
-
-    ``negatives``: embeddings of hard-negative captions [M, D] (``data.text.hard_negatives``)."""
-    if kind == "sigmoid":
-        return contrastive.sigmoid_loss(zimg, ztxt, params["logit_scale"], params["logit_bias"],
-                                        negatives=negatives, axis_name=axis_name)
-    if kind == "softmax":
-        return contrastive.clip_loss(zimg, ztxt, params["logit_scale"], negatives=negatives, axis_name=axis_name)
-    raise ValueError(f"loss.kind={kind!r}; use 'sigmoid' or 'softmax'")
-
-
 class SigLIPTask(Task):
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.model_cfg = model_config(config)
         self.model = siglip_lib.SigLIP(self.model_cfg)
-        self.tokenizer = make_tokenizer(config.data.text)
-        if self.tokenizer.max_len > self.model_cfg.text.max_len:
+        self.text_tokenizer = tok = make_tokenizer(config.data.text)
+        if tok.max_len > self.model_cfg.text.max_len:
             raise ValueError(
-                f"data.text.max_len={self.tokenizer.max_len} exceeds the text tower's max_len {self.model_cfg.text.max_len}"
+                f"data.text.max_len={tok.max_len} exceeds the text tower's max_len {self.model_cfg.text.max_len}"
             )
-        if self.tokenizer.vocab_size > self.model_cfg.text.vocab_size:
+        if tok.vocab_size > self.model_cfg.text.vocab_size:
             raise ValueError(
-                f"the {type(self.tokenizer).__name__} has {self.tokenizer.vocab_size} ids but the text tower "
+                f"the {type(tok).__name__} has {tok.vocab_size} ids but the text tower "
                 f"only {self.model_cfg.text.vocab_size}; set model.text.vocab_size"
             )
+
+    @classmethod
+    def model_config(cls, config) -> siglip_lib.SigLIPConfig:
+        return model_config(config)
+
+    def export(self, params, collections):
+        return self.model, {"params": params["siglip"]}
 
     def dummy_batch(self):
         r = int(self.config.data.resolution)
         b = int(self.config.data.batch_size)
-        batch = {"image": np.zeros((b, r, r, 3), np.float32), "tokens": np.zeros((b, self.tokenizer.max_len), np.int32)}
+        batch = {"image": np.zeros((b, r, r, 3), np.float32), "tokens": np.zeros((b, self.text_tokenizer.max_len), np.int32)}
         k = int(self.config.data.text.get("hard_negatives", 0) or 0)
         if k:
-            batch["neg_tokens"] = np.zeros((b, k, self.tokenizer.max_len), np.int32)
+            batch["neg_tokens"] = np.zeros((b, k, self.text_tokenizer.max_len), np.int32)
         return batch
 
     def init_variables(self, rng, batch):
         init_from = self.config.model.get("init_from") or ""
         if init_from:
-            from jaxunified.convert.siglip import convert_state_dict
-            from jaxunified.convert.common import read_state_dict
-
             params = convert_state_dict(read_state_dict(init_from), self.model_cfg)["params"]
             return {"siglip": params}, {}
         x = jnp.asarray(batch["image"][:1])
@@ -146,7 +125,8 @@ class SigLIPTask(Task):
         def loss_fn(p):
             zimg, ztxt = self.embed(p, batch["image"], tokens)
             b = zimg.shape[0]
-            return siglip_loss(kind, zimg, ztxt[:b], p, axis_name, negatives=None if negatives is None else ztxt[b:])
+            return contrastive.contrastive_loss(kind, zimg, ztxt[:b], p, axis_name=axis_name,
+                                                negatives=None if negatives is None else ztxt[b:])
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params["siglip"])
         metrics = {**metrics, "loss": loss}
@@ -154,37 +134,14 @@ class SigLIPTask(Task):
 
     # ---- evaluation ----
     def encoders(self, params):
-        @jax.jit
-        def enc_img(batch):
-            return self.model.apply({"params": params}, batch["image"], method=siglip_lib.SigLIP.encode_image)
+        def image(p, batch):
+            return self.model.apply({"params": p}, batch["image"], method=siglip_lib.SigLIP.encode_image)
 
-        @jax.jit
-        def enc_txt(tokens):
-            return self.model.apply({"params": params}, tokens, method=siglip_lib.SigLIP.encode_text)
+        def text(p, tokens):
+            return self.model.apply({"params": p}, tokens, method=siglip_lib.SigLIP.encode_text)
 
-        return enc_img, enc_txt
+        return encoder_pair(image, text, params)
 
     def evaluate(self, state, split, workdir, step) -> dict:
-        from jaxunified.eval.image_text import evaluate_image_text
-
-        params = (state.ema_params or state.params)["siglip"]
-        enc_img, enc_txt = self.encoders(params)
-        limit = int(self.config.eval.get("num_examples", 0)) or None
-        return evaluate_image_text(enc_img, enc_txt, self.tokenizer, self.config.data, split, self.mesh,
-                                   num_examples=limit)
-
-
-def load_siglip_from_workdir(workdir, config=None) -> tuple[siglip_lib.SigLIPConfig, Any]:
-    """A trained ``siglip`` run's model config and parameters (EMA when kept), host-resident.
-
-    ``config``: the run's config (a ConfigDict or a spec like ``"configs/siglip.py:shapes"``);
-    default the ``config.json`` the run wrote.
-    """
-    from jaxunified.train.restore import load_config, read_run_config, restore_params
-
-    if config is None:
-        config = read_run_config(workdir)
-    elif isinstance(config, str):
-        config = load_config(config)
-    params, _ = restore_params(workdir, config)
-    return model_config(config), params["siglip"]
+        return evaluate_image_text(self.encoders(eval_params(state)["siglip"]), self.text_tokenizer, self.config.data,
+                                   split, self.mesh, num_examples=self.eval_num_examples())

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxunified.parallel import mesh as meshlib
+from jaxunified.train.optim import make_optimizer
+from jaxunified.train.task import get_task
 
 
 @flax.struct.dataclass
@@ -78,3 +83,38 @@ def make_train_step(grad_fn: GradFn, tx, ema_decay: float | None, axis_name=None
         return new, metrics
 
     return step
+
+
+@dataclasses.dataclass
+class StateLayout:
+    """A run's train state before any array exists: what restore, the loop and AOT all start from."""
+
+    task: Any
+    tx: optax.GradientTransformation
+    ema_decay: float | None
+    init_fn: Callable[[jax.Array], TrainState]  # rng -> TrainState with logical boxes
+    abstract: TrainState  # ShapeDtypeStructs, unboxed
+    shardings: Any  # NamedShardings of the same tree
+
+    @property
+    def target(self) -> TrainState:
+        """``abstract`` with each leaf carrying its sharding (a restore or lowering target)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract, self.shardings)
+
+
+def abstract_state(config, mesh, *, task=None) -> StateLayout:
+    """Shapes and shardings of ``config``'s train state over ``mesh`` (``task`` built when not given)."""
+    task = get_task(config.task)(config, mesh) if task is None else task
+    tx = make_optimizer(config.optim, task.param_labels, task.group_lr())
+    ema = config.optim.get("ema_decay", None)
+    ema_decay = float(ema) if ema else None
+
+    def init_fn(rng):
+        params, collections = task.init_variables(rng, task.dummy_batch())
+        return create(params, collections, tx, rng, ema=bool(ema_decay))
+
+    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(int(config.seed)))
+    rules = meshlib.rules_from_config(config.get("logical_rules"))
+    return StateLayout(task, tx, ema_decay, init_fn, meshlib.unbox(boxed),
+                       meshlib.tree_shardings(boxed, mesh, rules))

@@ -1,13 +1,19 @@
-"""What a task module provides to the shared loop, and the registry of tasks."""
+"""What a task module provides to the shared loop, the helpers every task shares, and the registry."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-# task name -> "module:Class"
+from jaxunified.data.pipeline import build_dataset
+
+# task name -> "module:Class". Looked up by name so that a task taking a sub-model from another
+# task's run (train.runs.load_run) never imports that task's module.
 TASKS = {
     "vqgan": "jaxunified.train.vqgan:VQGANTask",
     "siglip": "jaxunified.train.siglip:SigLIPTask",
@@ -28,12 +34,21 @@ class Task:
         reduce anything that needs the global batch (EMA stats, BN stats, adaptive weights) itself;
         the loop averages the returned gradients and metrics.
       * ``evaluate(state, split, workdir, step) -> dict`` for eval.py and periodic eval.
+      * ``export(params, collections) -> (module, variables)``: the run's model as another run
+        uses it (``train.runs.load_run``), and ``model_config(config)``: that module's config.
     and may override ``param_labels`` (optimizer groups; ``"frozen"`` = not trained) and ``group_lr``.
     """
 
     def __init__(self, config, mesh):
         self.config = config
         self.mesh = mesh
+
+    @classmethod
+    def model_config(cls, config):
+        raise NotImplementedError(f"{cls.__name__} does not export a model config")
+
+    def export(self, params, collections):
+        raise NotImplementedError(f"{type(self).__name__} does not export a model")
 
     def dummy_batch(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -52,16 +67,59 @@ class Task:
 
     def build_dataset(self, split: str):
         """The run's host batches for ``split``; tasks with cached inputs (TokLIP codes) override it."""
-        from jaxunified.data.pipeline import build_dataset
-
         return build_dataset(self.config.data, split, self.mesh)
 
     def evaluate(self, state, split: str, workdir, step: int) -> dict:
         raise NotImplementedError
 
+    def eval_num_examples(self) -> int | None:
+        """``config.eval.num_examples``; 0 or unset is the whole split (None)."""
+        return int(self.config.eval.get("num_examples", 0)) or None
 
-def get_task(name: str):
+
+def get_task(name: str) -> type[Task]:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     mod, cls = TASKS[name].split(":")
     return getattr(importlib.import_module(mod), cls)
+
+
+def kwargs(node) -> dict:
+    """A config node as dataclass keyword arguments: lists (JSON round trips) → tuples, ``dtype`` names → dtypes."""
+    d = node.to_dict() if hasattr(node, "to_dict") else dict(node or {})
+    out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+    if "dtype" in out:
+        out["dtype"] = jnp.dtype(out["dtype"])
+    return out
+
+
+def eval_params(state):
+    """The weights evaluation uses: the EMA copy when the run keeps one."""
+    return state.ema_params if state.ema_params else state.params
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def fill_boxes(boxed, values, what: str):
+    """Loaded ``values`` (a plain tree) wearing the logical-partitioning boxes of ``boxed`` (init's
+    output), so they shard like the module's own params; structure and shapes must match, dtypes
+    follow ``boxed``."""
+    if jax.tree.structure(nn.meta.unbox(boxed)) != jax.tree.structure(values):
+        raise ValueError(f"{what} does not have the model's parameter structure; check the model config")
+
+    def put(box, v):
+        v = jnp.asarray(v)
+        target = box.value if _is_box(box) else box
+        if v.shape != target.shape:
+            raise ValueError(f"{what}: shape {v.shape} where the model has {target.shape}")
+        v = v.astype(target.dtype)
+        return box.replace_boxed(v) if _is_box(box) else v
+
+    return jax.tree.map(put, boxed, values, is_leaf=_is_box)
+
+
+def host_variables(module, rng, *args, **kw) -> dict:
+    """``module.init`` run once, unboxed and host-resident (random frozen parts of smoke tests)."""
+    return jax.device_get(nn.meta.unbox(jax.jit(lambda r: module.init(r, *args, **kw))(rng)))

@@ -16,7 +16,7 @@ so evaluation needs nothing else.
 Frozen work is only what the loss uses: the tokenizer runs inference only, the teacher encodes
 images only (the reference also encodes, all-gathers and scores texts with it), and the text
 tower runs forward only. Each of the three can also be precomputed once per dataset
-(``precompute_cache``: codes, teacher embeddings, text embeddings); a batch may carry any of
+(``TokLIPTask.precompute_cache``, stored by ``data.cache``: codes, teacher embeddings, text embeddings); a batch may carry any of
 ``codes`` / ``teacher_embeds`` / ``text_embeds`` and the step then skips that computation, so a
 cached batch and the image batch it came from give the same loss.
 
@@ -30,9 +30,6 @@ reference. ``logit_scale`` starts from the teacher's, clamped to [0, ln 100].
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
-import pathlib
 from typing import Mapping
 
 import flax.linen as nn
@@ -40,105 +37,77 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunified.data.text import PIPELINE_FIELDS
+from jaxunified import convert
+from jaxunified.data import cache
+from jaxunified.data.text import PIPELINE_FIELDS, make_tokenizer
+from jaxunified.eval.image_text import encoder_pair, evaluate_image_text
 from jaxunified.losses import contrastive, distill
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import toklip as toklip_lib
 from jaxunified.models import vqgan as vqgan_lib
-from jaxunified.nn.transformer import resize_posemb
-from jaxunified.train.task import Task
-
-log = logging.getLogger(__name__)
+from jaxunified.nn.transformer import resize_posemb, stack_layers, unstack_layers
+from jaxunified.train.runs import load_run
+from jaxunified.train.task import Task, eval_params, fill_boxes, host_variables, kwargs
 
 CACHE_FIELDS = ("codes", "teacher_embeds", "text_embeds")
 # The data fields that decide which records (and pixels) a cache holds.
 _CACHE_DATA_FIELDS = ("name", "path", "captions_file", "data_dir", "resolution", "num_train", "num_test", "shapes_seed")
 
 
-def _plain(d) -> dict:
-    d = d.to_dict() if hasattr(d, "to_dict") else dict(d or {})
-    out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-    if "dtype" in out:
-        out["dtype"] = jnp.dtype(out["dtype"])
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Frozen parts
 
 
+def _split(variables) -> tuple[dict, dict]:
+    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+
 def load_tokenizer(tc) -> tuple[vqgan_lib.VQGANConfig, dict]:
-    """The frozen VQ from ``config.tokenizer``: a ``vqgan`` run (``workdir`` + ``config`` spec), a
-    checkpoint file (``kind`` "llamagen_vq" / "star_vq" / "ibq", ``path``) or, for smoke tests,
-    ``"random"`` (``variant`` + ``overrides``). Returns the inference config and
-    the params the encoder path needs (encoder, quant_conv, codebook; an EMA codebook moved to params)."""
+    """The frozen VQ from ``config.tokenizer``: a ``vqgan`` run (``workdir`` + optional ``config``
+    spec), a checkpoint (``kind`` "llamagen_vq" / "star_vq" / "ibq", ``path``) or, for smoke tests,
+    ``"random"`` (``variant`` + ``overrides``). Returns the inference config and the params the
+    encoder path needs (encoder, quant_conv, codebook; an EMA codebook moved to params)."""
     kind = tc.kind
     if kind == "workdir":
-        from jaxunified.train.restore import load_config, read_run_config, restore_params
-        from jaxunified.train.vqgan import model_config
-
-        run_cfg = load_config(tc.config) if tc.get("config") else read_run_config(tc.workdir)
-        vq_cfg = model_config(run_cfg)
-        params, colls = restore_params(tc.workdir, run_cfg)
-        params, colls = params["generator"], colls.get("generator", {})
+        _, module, variables = load_run(tc.workdir, tc.get("config") or None)
     elif kind in ("llamagen_vq", "star_vq"):
-        from jaxunified import convert
-
-        module, variables = convert.load(kind, tc.path, **_plain(tc.get("overrides")))
-        vq_cfg, params, colls = module.cfg, variables["params"], {k: v for k, v in variables.items() if k != "params"}
+        module, variables = convert.load(kind, tc.path, **kwargs(tc.get("overrides")))
     elif kind == "ibq":
-        from jaxunified.convert import vq as vq_convert
-        from jaxunified.convert.common import read_state_dict
-        from jaxunified.convert.toklip import taming_to_llamagen
-
-        vq_cfg = toklip_lib.IBQ_262144
-        sd = read_state_dict(tc.path)  # a Lightning checkpoint: loss/EMA entries are not the model
-        sd = {taming_to_llamagen(k, len(vq_cfg.ch_mult)): v for k, v in sd.items()
-              if k.split(".")[0] in ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")}
-        params, colls = vq_convert.convert_state_dict(sd, vq_cfg, what=f"IBQ checkpoint {tc.path}")["params"], {}
+        module, variables = convert.load("ibq", tc.path)
     elif kind == "random":  # smoke tests only: an untrained tokenizer
-        vq_cfg = vqgan_lib.get_config(tc.variant, **_plain(tc.get("overrides")))
-        f = vq_cfg.downsample_factor
-        variables = jax.jit(vqgan_lib.VQGAN(vq_cfg).init)(jax.random.key(int(tc.get("seed", 0))), jnp.zeros((1, f, f, 3)))
-        variables = jax.device_get(nn.meta.unbox(variables))
-        params, colls = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+        module = vqgan_lib.VQGAN(vqgan_lib.get_config(tc.variant, **kwargs(tc.get("overrides"))))
+        f = module.cfg.downsample_factor
+        variables = host_variables(module, jax.random.key(int(tc.get("seed", 0))), jnp.zeros((1, f, f, 3)))
     else:
         raise ValueError(f"tokenizer.kind={kind!r}; use 'workdir', 'llamagen_vq', 'star_vq', 'ibq' or 'random'")
+    params, colls = _split(variables)
     quantize = dict(params.get("quantize", {}))
     if "embedding" not in quantize:  # EMA codebook: its statistics stay behind, the vectors move to params
         quantize = {"embedding": colls["codebook"]["quantize"]["embedding"]}
     keep = {k: params[k] for k in ("encoder", "quant_conv")}
-    return toklip_lib.frozen_vq_config(vq_cfg), {**keep, "quantize": quantize}
+    return toklip_lib.frozen_vq_config(module.cfg), {**keep, "quantize": quantize}
 
 
 def load_teacher(tc) -> tuple[siglip_lib.SigLIPConfig, dict]:
     """The frozen SigLIP teacher from ``config.teacher``: a ``siglip`` run (``workdir`` + ``config``),
     an HF SiglipModel folder (``kind="hf_siglip"``) or an open_clip SigLIP ``.pt`` (``kind="open_clip"``,
     e.g. the file TokLIP's covert.py writes; ``variant``/``image_size`` name its shape)."""
-    kind = tc.kind
+    kind, towers = tc.kind, dict(vision=kwargs(tc.get("vision")), text=kwargs(tc.get("text")))
     if kind == "workdir":
-        from jaxunified.train.siglip import load_siglip_from_workdir
-
-        return load_siglip_from_workdir(tc.workdir, tc.get("config") or None)
-    if kind == "hf_siglip":
-        from jaxunified import convert
-
-        module, variables = convert.load("hf_siglip", tc.path, vision=_plain(tc.get("vision")),
-                                         text=_plain(tc.get("text")))
-        return module.cfg, variables["params"]
-    if kind == "open_clip":
-        from jaxunified.convert.toklip import load_open_clip_siglip
-
-        module, variables = load_open_clip_siglip(tc.path, tc.variant, tc.get("image_size") or None,
-                                                  vision=_plain(tc.get("vision")), text=_plain(tc.get("text")))
-        return module.cfg, variables["params"]
-    if kind == "random":  # smoke tests only: an untrained teacher
-        cfg = siglip_lib.get_config(tc.variant, vision=_plain(tc.get("vision")), text=_plain(tc.get("text")))
-        r = cfg.vision.image_size
-        variables = jax.jit(siglip_lib.SigLIP(cfg).init)(jax.random.key(int(tc.get("seed", 0))), jnp.zeros((1, r, r, 3)),
-                                                         jnp.zeros((1, cfg.text.max_len), jnp.int32))
-        return cfg, jax.device_get(nn.meta.unbox(variables))["params"]
-    raise ValueError(f"teacher.kind={kind!r}; use 'workdir', 'hf_siglip', 'open_clip' or 'random'")
+        _, module, variables = load_run(tc.workdir, tc.get("config") or None)
+    elif kind == "hf_siglip":
+        module, variables = convert.load("hf_siglip", tc.path, **towers)
+    elif kind == "open_clip":
+        module, variables = convert.load("open_clip_siglip", tc.path, name=tc.variant,
+                                         image_size=tc.get("image_size") or None, **towers)
+    elif kind == "random":  # smoke tests only: an untrained teacher
+        module = siglip_lib.SigLIP(siglip_lib.get_config(tc.variant, **towers))
+        r, n = module.cfg.vision.image_size, module.cfg.text.max_len
+        variables = host_variables(module, jax.random.key(int(tc.get("seed", 0))), jnp.zeros((1, r, r, 3)),
+                                   jnp.zeros((1, n), jnp.int32))
+    else:
+        raise ValueError(f"teacher.kind={kind!r}; use 'workdir', 'hf_siglip', 'open_clip' or 'random'")
+    return module.cfg, variables["params"]
 
 
 def student_config(teacher: siglip_lib.SigLIPConfig, vq: vqgan_lib.VQGANConfig, resolution: int,
@@ -160,8 +129,6 @@ def student_from_teacher(student: dict, teacher: Mapping, cfg: toklip_lib.TokLIP
                          teacher_cfg: siglip_lib.SigLIPConfig) -> dict:
     """Copies the teacher's vision tower (less its pixel stem) into fresh student params; the
     position embedding is resized to the code grid and layers are (un)stacked to the student's scan."""
-    from jaxunified.nn.transformer import stack_layers, unstack_layers
-
     tv = {k: v for k, v in teacher["vision"].items() if not _is_pixel_stem(k)}
     g, tg = cfg.grid, teacher_cfg.vision.grid
     enc = tv["encoder"]
@@ -187,33 +154,33 @@ def student_from_teacher(student: dict, teacher: Mapping, cfg: toklip_lib.TokLIP
 class TokLIPTask(Task):
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
-        from jaxunified.data.text import make_tokenizer
-
         self.loss_cfg = config.loss
-        if self.loss_cfg.kind not in ("softmax", "sigmoid"):
+        if self.loss_cfg.kind not in contrastive.LOSS_KINDS:
             raise ValueError(f"loss.kind={self.loss_cfg.kind!r}; use 'softmax' (TokLIP) or 'sigmoid'")
         self.vq_cfg, self._vq_params = load_tokenizer(config.tokenizer)
         self.teacher_cfg, self._teacher_params = load_teacher(config.teacher)
         self.teacher = siglip_lib.SigLIP(self.teacher_cfg)
-        r = int(config.data.resolution)
-        self.cfg = student_config(self.teacher_cfg, self.vq_cfg, r, self.loss_cfg.kind, _plain(config.model.get("vision")),
-                                  config.model.get("causal_stem", ()))
-        self.model = toklip_lib.TokLIP(self.cfg)
-        self.tokenizer = make_tokenizer(config.data.text)
-        if self.tokenizer.max_len > self.cfg.text.max_len:
-            raise ValueError(f"data.text.max_len={self.tokenizer.max_len} exceeds the text tower's {self.cfg.text.max_len}")
+        self.model_cfg = student_config(self.teacher_cfg, self.vq_cfg, int(config.data.resolution),
+                                        self.loss_cfg.kind, kwargs(config.model.get("vision")),
+                                        config.model.get("causal_stem", ()))
+        self.model = toklip_lib.TokLIP(self.model_cfg)
+        self.text_tokenizer = make_tokenizer(config.data.text)
+        if self.text_tokenizer.max_len > self.model_cfg.text.max_len:
+            raise ValueError(f"data.text.max_len={self.text_tokenizer.max_len} exceeds the text tower's "
+                             f"{self.model_cfg.text.max_len}")
+
+    @classmethod
+    def model_config(cls, config) -> toklip_lib.TokLIPConfig:
+        return cls(config, None).model_cfg  # the student's shape follows its teacher and tokenizer
+
+    def export(self, params, collections):
+        return self.model, self._student_vars(params["student"], collections["frozen"])
 
     # ---- variables ----
     def dummy_batch(self):
         r, b = int(self.config.data.resolution), int(self.config.data.batch_size)
-        return {"image": np.zeros((b, r, r, 3), np.float32), "tokens": np.zeros((b, self.tokenizer.max_len), np.int32)}
-
-    def _boxed_like(self, values, abstract):
-        """Loaded arrays wearing the logical-partitioning boxes of ``abstract`` (so they shard like params)."""
-        def one(box, v):
-            return box.replace_boxed(jnp.asarray(v)) if isinstance(box, nn.meta.AxisMetadata) else jnp.asarray(v)
-
-        return jax.tree.map(one, abstract, values, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+        return {"image": np.zeros((b, r, r, 3), np.float32),
+                "tokens": np.zeros((b, self.text_tokenizer.max_len), np.int32)}
 
     def init_variables(self, rng, batch):
         cfg = self.config
@@ -225,7 +192,7 @@ class TokLIPTask(Task):
         teacher = self._teacher_params
         init = cfg.model.get("init", "teacher")
         if init == "teacher":
-            student = student_from_teacher(student, teacher, self.cfg, self.teacher_cfg)
+            student = student_from_teacher(student, teacher, self.model_cfg, self.teacher_cfg)
         elif init != "random":
             raise ValueError(f"model.init={init!r}; use 'teacher' or 'random'")
         scale = cfg.model.get("init_logit_scale")
@@ -233,13 +200,14 @@ class TokLIPTask(Task):
         if self.loss_cfg.kind == "softmax":
             scale = float(np.clip(scale, 0.0, contrastive.CLIP_MAX_LOGIT_SCALE))
         student["logit_scale"] = jnp.asarray(scale, jnp.float32)
-        if self.cfg.init_logit_bias is not None:
+        if self.model_cfg.init_logit_bias is not None:
             student["logit_bias"] = jnp.asarray(teacher["logit_bias"], jnp.float32)
-        student = self._boxed_like(student, boxed_params)
+        student = fill_boxes(boxed_params, student, "the TokLIP student")
         # The teacher and tokenizer shard like the modules they belong to (FSDP at real sizes).
         t_abs = jax.eval_shape(lambda: self.teacher.init(
             jax.random.key(0), batch["image"][:1], batch["tokens"][:1]))["params"]
-        frozen = {"tokenizer": self._boxed_like(self._vq_params, tok_box), "teacher": self._boxed_like(teacher, t_abs)}
+        frozen = {"tokenizer": fill_boxes(tok_box, self._vq_params, "the frozen VQ tokenizer"),
+                  "teacher": fill_boxes(t_abs, teacher, "the frozen teacher")}
         return {"student": student}, {"frozen": frozen}
 
     def param_labels(self, params):
@@ -267,9 +235,9 @@ class TokLIPTask(Task):
             x = jax.image.resize(x, (x.shape[0], r, r, x.shape[3]), "bilinear")
         return self.teacher.apply({"params": frozen["teacher"]}, x, normalize=False, method=siglip_lib.SigLIP.encode_image)
 
-    def caption_embeds(self, frozen, tokens):
-        """The frozen text tower on ``tokens`` [N, L]: raw (unnormalised) caption embeddings [N, D]."""
-        return self.teacher.apply({"params": frozen["teacher"]}, tokens, normalize=False,
+    def caption_embeds(self, frozen, tokens, normalize: bool = False):
+        """The frozen text tower on ``tokens`` [N, L]: caption embeddings [N, D], raw by default."""
+        return self.teacher.apply({"params": frozen["teacher"]}, tokens, normalize=normalize,
                                   method=siglip_lib.SigLIP.encode_text)
 
     def text_embeds(self, frozen, batch):
@@ -291,12 +259,8 @@ class TokLIPTask(Task):
             neg = batch["neg_tokens"]
             negatives = jax.lax.stop_gradient(self.caption_embeds(frozen, neg.reshape(-1, neg.shape[-1])))
         z_img = self.student_embeds(student, frozen, codes)
-        if lc.kind == "softmax":
-            con, m = contrastive.clip_loss(z_img, z_txt, student["logit_scale"], axis_name=axis_name,
-                                           negatives=negatives)
-        else:
-            con, m = contrastive.sigmoid_loss(z_img, z_txt, student["logit_scale"], student["logit_bias"],
-                                              axis_name=axis_name, negatives=negatives)
+        con, m = contrastive.contrastive_loss(lc.kind, z_img, z_txt, student, negatives=negatives,
+                                              axis_name=axis_name)
         mse = distill.embedding_mse(z_img, t_img)
         cos = distill.cosine_similarity(z_img, t_img)
         total = float(lc.contrastive_weight) * con + float(lc.distill_weight) * mse
@@ -310,19 +274,18 @@ class TokLIPTask(Task):
 
     # ---- data ----
     def build_dataset(self, split: str):
-        """The run's batches: images, or the cache in ``data.cache_dir`` (see ``precompute_cache``) for training."""
-        from jaxunified.data.pipeline import build_dataset
-
-        cache = self.config.data.get("cache_dir") or ""
-        if split == "train" and cache:
-            key = self.cache_key()
-            if not cache_path(cache, split, key).exists():
-                if not self.config.data.get("build_cache", False):
-                    raise FileNotFoundError(f"no TokLIP cache at {cache_path(cache, split, key)}; build it with "
-                                            "train.toklip.precompute_cache or set data.build_cache=True")
-                precompute_cache(self, self.frozen_params(), split, cache, key=key)
-            return cached_dataset(self.config.data, split, self.mesh, cache, key)
-        return build_dataset(self.config.data, split, self.mesh)
+        """The run's batches: images, or the cache in ``data.cache_dir`` (``precompute_cache``) for training."""
+        cache_dir = self.config.data.get("cache_dir") or ""
+        if split != "train" or not cache_dir:
+            return super().build_dataset(split)
+        key = self.cache_key()
+        path = cache.cache_path(cache_dir, split, key)
+        if not path.exists():
+            if not self.config.data.get("build_cache", False):
+                raise FileNotFoundError(f"no TokLIP cache at {path}; build it with TokLIPTask.precompute_cache "
+                                        "or set data.build_cache=True")
+            self.precompute_cache(self.frozen_params(), split, cache_dir, key=key)
+        return cache.cached_dataset(self.config.data, split, self.mesh, path)
 
     def frozen_params(self) -> dict:
         """The frozen tokenizer and teacher, host-resident (what ``collections["frozen"]`` holds)."""
@@ -332,168 +295,53 @@ class TokLIPTask(Task):
         """A digest of what the cached values depend on: the frozen weights (default the task's own),
         their configs and the data fields that pick the records (a retrained teacher or tokenizer
         never reads a stale cache)."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for leaf in jax.tree.leaves(nn.meta.unbox(self.frozen_params() if frozen is None else frozen)):
-            a = np.ascontiguousarray(np.asarray(leaf))
-            h.update(str((a.shape, a.dtype)).encode())
-            h.update(a.tobytes())
         d = self.config.data
         text = d.get("text")
         # Hard negatives are drawn per step, never cached: they do not key the cache.
         text = None if text is None else {k: v for k, v in text.to_dict().items() if k not in PIPELINE_FIELDS}
-        h.update(repr((self.vq_cfg, self.teacher_cfg, [d.get(k) for k in _CACHE_DATA_FIELDS], text)).encode())
-        return h.hexdigest()[:16]
+        frozen = self.frozen_params() if frozen is None else frozen
+        return cache.digest([nn.meta.unbox(frozen)],
+                            (self.vq_cfg, self.teacher_cfg, [d.get(k) for k in _CACHE_DATA_FIELDS], text))
+
+    def precompute_cache(self, frozen, split: str = "train", cache_dir=None, fields: tuple[str, ...] = CACHE_FIELDS,
+                         batch_size: int = 256, key: str | None = None):
+        """Runs the frozen parts once over ``split`` and writes ``toklip_cache_<split>_<key>.npz``
+        (``codes`` [N, h, w] int32, ``teacher_embeds`` / ``text_embeds`` [N, D] float32; ``key``
+        defaults to ``cache_key(frozen)``, pass it when already computed). Returns its path."""
+        cache_dir = cache_dir or self.config.data.get("cache_dir")
+        if not cache_dir:
+            raise ValueError("no cache directory: pass cache_dir= or set data.cache_dir")
+        bad = sorted(set(fields) - set(CACHE_FIELDS))
+        if bad:
+            raise ValueError(f"unknown cache field(s) {bad}; known: {CACHE_FIELDS}")
+        g = self.model_cfg.grid
+        fns = {"codes": lambda fr, b: self.codes(fr, b).reshape(-1, g, g).astype(jnp.int32),
+               "teacher_embeds": self.teacher_embeds, "text_embeds": self.text_embeds}
+        frozen = nn.meta.unbox(frozen)
+        step = jax.jit(lambda fr, b: {k: fns[k](fr, b) for k in fields})
+        path = cache.cache_path(cache_dir, split, key or self.cache_key(frozen))
+        cache.write_cache(lambda b: step(frozen, b), self.config.data, split, path, batch_size=batch_size)
+        return path
 
     # ---- evaluation ----
     def encoders(self, student, frozen, *, teacher: bool = False):
-        @jax.jit
-        def enc_img(batch):
+        """The student's (or, with ``teacher``, the teacher's) image encoder beside the frozen text tower."""
+        def image(w, batch):
             if teacher:
-                z = self.teacher.apply({"params": frozen["teacher"]}, batch["image"], method=siglip_lib.SigLIP.encode_image)
-                return z
-            return toklip_lib.l2_normalize(self.student_embeds(student, frozen, self.codes(frozen, batch)))
+                return self.teacher.apply({"params": w["frozen"]["teacher"]}, batch["image"],
+                                          method=siglip_lib.SigLIP.encode_image)
+            z = self.student_embeds(w["student"], w["frozen"], self.codes(w["frozen"], batch))
+            return siglip_lib.l2_normalize(z)
 
-        @jax.jit
-        def enc_txt(tokens):
-            return self.teacher.apply({"params": frozen["teacher"]}, tokens, method=siglip_lib.SigLIP.encode_text)
-
-        return enc_img, enc_txt
+        text = lambda w, tokens: self.caption_embeds(w["frozen"], tokens, normalize=True)  # noqa: E731
+        return encoder_pair(image, text, {"student": student, "frozen": frozen})
 
     def evaluate(self, state, split, workdir, step) -> dict:
-        from jaxunified.eval.image_text import evaluate_image_text
-
-        student = (state.ema_params or state.params)["student"]
-        frozen = state.collections["frozen"]
-        limit = int(self.config.eval.get("num_examples", 0)) or None
-        out = evaluate_image_text(*self.encoders(student, frozen), self.tokenizer, self.config.data, split,
-                                  self.mesh, num_examples=limit)
+        student, frozen = eval_params(state)["student"], state.collections["frozen"]
+        run = lambda enc: evaluate_image_text(enc, self.text_tokenizer, self.config.data, split, self.mesh,  # noqa: E731
+                                              num_examples=self.eval_num_examples())
+        out = run(self.encoders(student, frozen))
         if self.config.eval.get("teacher", False):
-            t = evaluate_image_text(*self.encoders(student, frozen, teacher=True), self.tokenizer, self.config.data,
-                                    split, self.mesh, num_examples=limit)
+            t = run(self.encoders(student, frozen, teacher=True))
             out.update({f"teacher_{k}": v for k, v in t.items() if k != "num_examples"})
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Precomputed codes / teacher / text embeddings
-
-
-class CachedSource:
-    """A random-access source whose records carry the cached fields; ``drop`` removes fields the
-    step no longer needs (``image``), so training reads no pixels."""
-
-    def __init__(self, source, arrays: Mapping[str, np.ndarray], drop: tuple[str, ...] = ("image",)):
-        n = len(source)
-        for k, a in arrays.items():
-            if len(a) != n:
-                raise ValueError(f"cache field {k!r} has {len(a)} rows but the data source {n}; rebuild the cache")
-        self.source, self.arrays, self.drop = source, dict(arrays), tuple(drop)
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, index):
-        record = self.source[index]
-        if record is None:
-            return None
-        out = {k: v for k, v in record.items() if k not in self.drop}
-        out.update({k: a[index] for k, a in self.arrays.items()})
-        return out
-
-    def __repr__(self):
-        return f"CachedSource({self.source!r}, fields={sorted(self.arrays)})"
-
-
-def cache_path(cache_dir, split: str, key: str = "") -> pathlib.Path:
-    """``toklip_cache_<split>[_<key>].npz``; the task names its caches by ``TokLIPTask.cache_key``."""
-    return pathlib.Path(cache_dir).expanduser() / f"toklip_cache_{split}{'_' + key if key else ''}.npz"
-
-
-def in_order_batches(data_cfg, split: str, batch_size: int, source=None):
-    """Every record of ``split`` (or of ``source``) once, in index order, in padded batches (with
-    ``mask``). Returns ``(source, iterator)``."""
-    from jaxunified.data import pipeline
-
-    source = pipeline.make_source(data_cfg, split) if source is None else source
-    transforms = pipeline.text_transforms(data_cfg, split, negatives=False)
-    pixels = not (isinstance(source, CachedSource) and "image" in source.drop)
-    loader = pipeline.make_loader(source, batch_size, seed=0, shuffle=False, num_epochs=1, drop_remainder=False,
-                                  transforms=transforms, shard_by_process=False, normalize=pixels,
-                                  read_threads=pipeline.read_threads(data_cfg))
-    return source, pipeline.DataIterator(loader, batch_size, source=source)
-
-
-def precompute_cache(task: TokLIPTask, frozen, split: str = "train", cache_dir=None,
-                     fields: tuple[str, ...] = CACHE_FIELDS, batch_size: int = 256,
-                     key: str | None = None) -> pathlib.Path:
-    """Runs the frozen parts once over ``split`` and writes ``toklip_cache_<split>_<key>.npz``
-    (``codes`` [N, h, w] int32, ``teacher_embeds`` / ``text_embeds`` [N, D] float32; ``key``
-    defaults to ``task.cache_key(frozen)``, pass it when already computed). Valid while the data
-    has no random augmentation (the built-in shapes pipeline has none). Single-process."""
-    cfg = task.config
-    cache_dir = cache_dir or cfg.data.get("cache_dir")
-    if not cache_dir:
-        raise ValueError("no cache directory: pass cache_dir= or set data.cache_dir")
-    bad = sorted(set(fields) - set(CACHE_FIELDS))
-    if bad:
-        raise ValueError(f"unknown cache field(s) {bad}; known: {CACHE_FIELDS}")
-    fns = {"codes": task.codes, "teacher_embeds": task.teacher_embeds, "text_embeds": task.text_embeds}
-    frozen = nn.meta.unbox(frozen)
-    step = jax.jit(lambda fr, b: {k: fns[k](fr, b) for k in fields})
-    grid = task.cfg.grid
-    _, data = in_order_batches(cfg.data, split, batch_size)
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in fields}
-    for host in data:
-        b = {k: jnp.asarray(host[k]) for k in ("image", "tokens")}
-        out = jax.device_get(step(frozen, b))
-        keep = np.asarray(host["mask"], bool)
-        for k in fields:
-            parts[k].append(np.asarray(out[k])[keep])
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    if "codes" in arrays:
-        arrays["codes"] = arrays["codes"].reshape(-1, grid, grid).astype(np.int32)
-    path = cache_path(cache_dir, split, key or task.cache_key(frozen))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)  # atomic: an interrupted build never leaves a truncated cache behind
-    log.info("wrote %s (%s)", path, {k: v.shape for k, v in arrays.items()})
-    return path
-
-
-def cached_dataset(data_cfg, split: str, mesh, cache_dir, key: str = ""):
-    """Training batches whose records come from the cache (``precompute_cache``) instead of pixels,
-    in the same shuffled order ``pipeline.build_dataset`` would give."""
-    from jaxunified.data import pipeline
-
-    path = cache_path(cache_dir, split, key)
-    if not path.exists():
-        raise FileNotFoundError(f"no TokLIP cache at {path}; build it with train.toklip.precompute_cache")
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    pixels_needed = not {"codes", "teacher_embeds"} <= set(arrays)
-    source = CachedSource(pipeline.make_source(data_cfg, split), arrays, drop=() if pixels_needed else ("image",))
-    transforms = pipeline.text_transforms(data_cfg, split, tokens="text_embeds" not in arrays)
-    bs = int(data_cfg.batch_size)
-    loader = pipeline.make_loader(source, bs, seed=int(data_cfg.get("seed", 0)), shuffle=bool(data_cfg.get("shuffle", True)),
-                                  num_epochs=data_cfg.get("num_epochs"), drop_remainder=True, transforms=transforms,
-                                  worker_count=int(data_cfg.get("worker_count", 0)), normalize=pixels_needed,
-                                  read_threads=pipeline.read_threads(data_cfg))
-    return pipeline.DataIterator(loader, bs // jax.process_count(), source=source)
-
-
-__all__ = [
-    "CACHE_FIELDS",
-    "CachedSource",
-    "TokLIPTask",
-    "cache_path",
-    "cached_dataset",
-    "in_order_batches",
-    "load_teacher",
-    "load_tokenizer",
-    "precompute_cache",
-    "student_config",
-    "student_from_teacher",
-]

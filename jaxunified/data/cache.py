@@ -1,0 +1,122 @@
+"""Per-record values precomputed once per dataset by frozen models, read back as a data source.
+
+TokLIP's step spends most of its frozen work on the same inputs every epoch (VQ codes, teacher
+image embeddings, caption embeddings); a cache holds them as one ``.npz`` per split, keyed by a
+digest of everything they depend on, and ``cached_dataset`` serves them in the order
+``pipeline.build_dataset`` would, so a cached batch and the image batch it came from give the
+same loss. Valid while the data has no random augmentation (the built-in shapes pipeline has none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxunified.data import pipeline
+
+log = logging.getLogger(__name__)
+
+
+class CachedSource:
+    """A random-access source whose records carry the cached fields; ``drop`` removes fields the
+    step no longer needs (``image``), so training reads no pixels."""
+
+    def __init__(self, source, arrays: Mapping[str, np.ndarray], drop: tuple[str, ...] = ("image",)):
+        n = len(source)
+        for k, a in arrays.items():
+            if len(a) != n:
+                raise ValueError(f"cache field {k!r} has {len(a)} rows but the data source {n}; rebuild the cache")
+        self.source, self.arrays, self.drop = source, dict(arrays), tuple(drop)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        record = self.source[index]
+        if record is None:
+            return None
+        out = {k: v for k, v in record.items() if k not in self.drop}
+        out.update({k: a[index] for k, a in self.arrays.items()})
+        return out
+
+    def __repr__(self):
+        return f"CachedSource({self.source!r}, fields={sorted(self.arrays)})"
+
+
+def cache_path(cache_dir, split: str, key: str = "", prefix: str = "toklip") -> pathlib.Path:
+    """``<prefix>_cache_<split>[_<key>].npz`` under ``cache_dir``."""
+    return pathlib.Path(cache_dir).expanduser() / f"{prefix}_cache_{split}{'_' + key if key else ''}.npz"
+
+
+def digest(trees: Iterable[Any], extra: Any) -> str:
+    """16 hex digits of the arrays in ``trees`` (shapes, dtypes, bytes) and ``repr(extra)``."""
+    h = hashlib.sha256()
+    for tree in trees:
+        for leaf in jax.tree.leaves(tree):
+            a = np.ascontiguousarray(np.asarray(leaf))
+            h.update(str((a.shape, a.dtype)).encode())
+            h.update(a.tobytes())
+    h.update(repr(extra).encode())
+    return h.hexdigest()[:16]
+
+
+def in_order_batches(data_cfg, split: str, batch_size: int, source=None):
+    """Every record of ``split`` (or of ``source``) once, in index order, in padded batches (with
+    ``mask``). Returns ``(source, iterator)``."""
+    source = pipeline.make_source(data_cfg, split) if source is None else source
+    transforms = pipeline.text_transforms(data_cfg, split, negatives=False)
+    pixels = not (isinstance(source, CachedSource) and "image" in source.drop)
+    loader = pipeline.make_loader(source, batch_size, seed=0, shuffle=False, num_epochs=1, drop_remainder=False,
+                                  transforms=transforms, shard_by_process=False, normalize=pixels,
+                                  read_threads=pipeline.read_threads(data_cfg))
+    return source, pipeline.DataIterator(loader, batch_size, source=source)
+
+
+def write_cache(compute: Callable[[dict], Mapping[str, jax.Array]], data_cfg, split: str, path,
+                inputs: tuple[str, ...] = ("image", "tokens"), batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Runs the jitted ``compute(batch of inputs) -> {field: [B, ...]}`` once over ``split`` in order
+    and writes the fields to ``path`` atomically (an interrupted build never leaves a truncated
+    cache behind). Single-process. Returns the arrays."""
+    _, data = in_order_batches(data_cfg, split, batch_size)
+    parts: dict[str, list[np.ndarray]] = {}
+    for host in data:
+        out = jax.device_get(compute({k: jnp.asarray(host[k]) for k in inputs}))
+        keep = np.asarray(host["mask"], bool)
+        for k, v in out.items():
+            parts.setdefault(k, []).append(np.asarray(v)[keep])
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    log.info("wrote %s (%s)", path, {k: v.shape for k, v in arrays.items()})
+    return arrays
+
+
+def cached_dataset(data_cfg, split: str, mesh, path, pixel_fields: tuple[str, ...] = ("codes", "teacher_embeds"),
+                   token_field: str = "text_embeds"):
+    """Training batches whose records come from the cache at ``path`` instead of pixels, in the same
+    shuffled order ``pipeline.build_dataset`` would give. Pixels are still read unless every field
+    in ``pixel_fields`` is cached; captions are tokenized unless ``token_field`` is."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no cache at {path}; build it first (data.build_cache=True builds it on start)")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    pixels_needed = not set(pixel_fields) <= set(arrays)
+    source = CachedSource(pipeline.make_source(data_cfg, split), arrays, drop=() if pixels_needed else ("image",))
+    transforms = pipeline.text_transforms(data_cfg, split, tokens=token_field not in arrays)
+    bs = int(data_cfg.batch_size)
+    loader = pipeline.make_loader(source, bs, seed=int(data_cfg.get("seed", 0)), shuffle=bool(data_cfg.get("shuffle", True)),
+                                  num_epochs=data_cfg.get("num_epochs"), drop_remainder=True, transforms=transforms,
+                                  worker_count=int(data_cfg.get("worker_count", 0)), normalize=pixels_needed,
+                                  read_threads=pipeline.read_threads(data_cfg))
+    return pipeline.DataIterator(loader, bs // jax.process_count(), source=source)

@@ -1,0 +1,87 @@
+"""A Qwen2/LLaMA-style pre-norm decoder block: RMSNorm → GQA self-attention with RoPE (and a
+KV cache when decoding) → residual, RMSNorm → SwiGLU MLP → residual.
+
+The residual stream keeps the caller's dtype (float32 for bf16 compute, as the encoders do);
+each branch computes in ``dtype``. Qwen2's projections: q/k/v with bias, the output and all MLP
+projections without.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxunified.nn.attention import EMBED_AXES, MultiHeadAttention, causal_mask
+from jaxunified.nn.dense import dense
+from jaxunified.nn.norm import RMSNorm
+
+Dtype = Any
+
+MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")
+
+
+class SwiGluMlp(nn.Module):
+    """``down(silu(gate(x)) · up(x))``, no biases."""
+
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        gate = dense(self.mlp_dim, ("embed", "mlp"), use_bias=False, dtype=self.dtype, name="gate")(x)
+        up = dense(self.mlp_dim, ("embed", "mlp"), use_bias=False, dtype=self.dtype, name="up")(x)
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, MLP_AXES)
+        return dense(width, ("mlp", "embed"), use_bias=False, dtype=self.dtype, name="down")(h)
+
+
+class DecoderBlock(nn.Module):
+    """One causal decoder layer; ``__call__(x, mask, positions=, rotary=) → x``.
+
+    Without ``decode`` the block applies the causal mask itself (and-ed with a given padding
+    mask); with it, the attention's cache supplies causality over the cached prefix.
+    ``positions``/``rotary`` go to ``MultiHeadAttention`` (1-D RoPE positions, or a ready table).
+    """
+
+    num_heads: int
+    mlp_dim: int
+    num_kv_heads: int | None = None
+    norm_eps: float = 1e-6
+    rope_theta: float | None = 10000.0
+    rope_interleaved: bool = False
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+    decode: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        rotary: tuple[jax.Array, jax.Array] | None = None,
+    ) -> jax.Array:
+        if not self.decode:
+            causal = causal_mask(x.shape[1])
+            mask = causal if mask is None else jnp.logical_and(mask, causal)
+        attn = MultiHeadAttention(
+            self.num_heads,
+            self.dtype,
+            num_kv_heads=self.num_kv_heads,
+            qkv_bias=self.qkv_bias,
+            out_bias=False,
+            rope_theta=self.rope_theta,
+            rope_interleaved=self.rope_interleaved,
+            decode=self.decode,
+            name="attn",
+        )
+        y = RMSNorm(self.norm_eps, name="input_norm")(x).astype(self.dtype)
+        x = x + attn(y, mask=mask, positions=positions, rotary=rotary)
+        x = nn.with_logical_constraint(x, EMBED_AXES)
+        y = RMSNorm(self.norm_eps, name="post_attention_norm")(x).astype(self.dtype)
+        x = x + SwiGluMlp(self.mlp_dim, self.dtype, name="mlp")(y)
+        return nn.with_logical_constraint(x, EMBED_AXES)

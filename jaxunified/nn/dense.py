@@ -1,0 +1,63 @@
+"""The one dense-layer factory: flax's ``Dense``/``DenseGeneral`` with logical axis names.
+
+Every projection in the library is built here, so kernel/bias sharding names, float32
+parameters and initialisers are chosen at the call site in one vocabulary. A plain [in, out]
+layer stays an ``nn.Dense`` and a multi-axis one an ``nn.DenseGeneral``: the class fixes an
+unnamed layer's auto-name, and ``DenseGeneral`` initialises the *flattened* kernel (fan-in/out
+of the merged axes), so each caller keeps exactly the parameters it had.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Any
+
+xavier_uniform = nn.initializers.xavier_uniform()
+
+# The in → hidden layout: a channel-mixing 1×1 conv and the SimVQ codebook map use it.
+DENSE_KERNEL_AXES = ("embed", "mlp")
+
+
+def dense(
+    features: int | Sequence[int],
+    axes: Sequence[str | None],
+    *,
+    axis: int | Sequence[int] = -1,
+    use_bias: bool = True,
+    kernel_init: Initializer = xavier_uniform,
+    bias_init: Initializer = nn.initializers.zeros,
+    bias_axes: Sequence[str | None] | None = None,
+    dtype: Dtype | None = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    precision: Any = None,
+    name: str | None = None,
+) -> nn.Module:
+    """A dense layer whose kernel carries logical ``axes`` (one name per kernel dimension).
+
+    ``features`` may be a tuple (e.g. (heads, head_dim)) and ``axis`` several input axes, which
+    makes it a ``DenseGeneral``. The bias takes the kernel's trailing (output) axis names unless
+    ``bias_axes`` says otherwise.
+    """
+    out_dims = len(features) if isinstance(features, (tuple, list)) else 1
+    in_dims = len(axis) if isinstance(axis, (tuple, list)) else 1
+    if len(axes) != in_dims + out_dims:
+        raise ValueError(f"dense {name or ''}: {len(axes)} kernel axis names {tuple(axes)} for a kernel of "
+                         f"{in_dims} input and {out_dims} output dimensions")
+    bias_axes = tuple(axes[-out_dims:]) if bias_axes is None else tuple(bias_axes)
+    kw = dict(
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        precision=precision,
+        kernel_init=nn.with_logical_partitioning(kernel_init, tuple(axes)),
+        bias_init=nn.with_logical_partitioning(bias_init, bias_axes),
+        name=name,
+    )
+    if isinstance(features, int) and axis == -1:
+        return nn.Dense(features, **kw)
+    return nn.DenseGeneral(features, axis=axis, **kw)
