@@ -17,7 +17,7 @@ from jaxunified.data.pipeline import build_dataset
 from jaxunified.train import loop as looplib
 from jaxunified.train.checkpoint import Checkpointer
 from tests import helpers
-from tests.helpers import TEST_DATA_DIR, one_step
+from tests.helpers import one_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -468,6 +468,32 @@ def num_params(cfg: DualTokenConfig, collections: tuple[str, ...] = ("params",),
     return total
 
 
+STAGES = (0, 1, 2)
+# Parts the reference's stage 2 freezes: the pixel branch after the shared layers.
+PIXEL_BRANCH = ("prequant_pix", "prequant_shortcut", "postquant_pix", "post_quant_conv", "decoder")
+
+
+def frozen_in_stage(keys: Sequence[str], cfg: DualTokenConfig, stage: int, *, train_text: bool = False,
+                    train_logits: bool = False) -> bool:
+    """Whether the reference's training ``stage`` keeps the parameter at ``keys`` (its path in
+    ``DualToken``'s params) fixed: 0 = embeddings and layers 1..layer_sem; 1 = only the text tower
+    and logit scale/bias (unless ``train_text`` / ``train_logits``); 2 = embeddings, layers
+    1..layer_shortcut and the pixel branch."""
+    if keys[0] != "siglip":
+        return stage == 2 and keys[0] in PIXEL_BRANCH
+    part = keys[1]
+    if part == "text":
+        return not train_text
+    if part in ("logit_scale", "logit_bias"):
+        return not train_logits
+    if part == "vision" and stage in (0, 2):
+        upto = cfg.layer_sem if stage == 0 else (cfg.layer_shortcut or 0)
+        if keys[2] in ("patch_embed", "pos_embedding") or keys[2].startswith("stem_"):
+            return True
+        if keys[2] == "encoder" and keys[3].startswith("layers_"):
+            return int(keys[3].split("_")[1]) < upto
+    return False
+
 __all__ = [
     "AttnProjection",
     "DualToken",
@@ -478,6 +504,7 @@ __all__ = [
     "abstract_variables",
     "adaptive_avg_pool_matrix",
     "dummy_inputs",
+    "frozen_in_stage",
     "get_config",
     "init_variables",
     "num_params",

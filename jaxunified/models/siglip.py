@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxunified.nn.attention import causal_mask, padding_mask
 from jaxunified.nn.norm import l2_normalize, layer_norm
-from jaxunified.nn.transformer import Encoder, MAPHead, resize_posemb
+from jaxunified.nn.transformer import Encoder, MAPHead, resize_posemb, unstack_layers
 
 Dtype = Any
 
@@ -353,6 +353,15 @@ class SigLIP(nn.Module):
             "logit_scale": self.logit_scale,
             "logit_bias": self.logit_bias,
         }
+
+
+def unscanned_params(params: dict, cfg: SigLIPConfig) -> dict:
+    """A scanned tower's stacked ``layers`` as ``layers_{i}``, for code that runs sub-ranges of layers."""
+    out = dict(params)
+    for name, tc in (("vision", cfg.vision), ("text", cfg.text)):
+        if tc is not None and name in out and "layers" in out[name]["encoder"]:
+            out[name] = dict(out[name], encoder=unstack_layers(out[name]["encoder"], tc.depth))
+    return out
 
 
 def abstract_variables(cfg: SigLIPConfig) -> dict:

@@ -40,20 +40,15 @@ from jaxunified.eval.image_text import encoder_pair, evaluate_image_text
 from jaxunified.eval.recon import depth_usage, evaluate_reconstruction, grid_path
 from jaxunified.losses import contrastive, distill
 from jaxunified.losses import recon as recon_losses
-from jaxunified.models import discriminator as disc_lib
 from jaxunified.models import dualtoken as dt
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.models.vqgan import VQGANConfig
-from jaxunified.nn.transformer import unstack_layers
 from jaxunified.quant.rq import RQConfig
 from jaxunified.train import gan, runs
 from jaxunified.train.optim import FROZEN
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
-STAGES = (0, 1, 2)
-# Parts the reference's stage 2 freezes: the pixel branch after the shared layers.
-_PIXEL_BRANCH = ("prequant_pix", "prequant_shortcut", "postquant_pix", "post_quant_conv", "decoder")
-
+STAGES = dt.STAGES
 
 def _with_towers(sc: siglip_lib.SigLIPConfig, m) -> siglip_lib.SigLIPConfig:
     """``sc`` with ``model.vision`` / ``model.text`` overrides; scan off (DualToken runs sub-ranges of the tower)."""
@@ -115,22 +110,13 @@ def model_config(cfg) -> dt.DualTokenConfig:
     )
 
 
-def _unscanned(siglip_params: dict, sc: siglip_lib.SigLIPConfig) -> dict:
-    """A scanned tower's stacked ``layers`` → ``layers_{i}`` (DualToken runs sub-ranges of layers)."""
-    out = dict(siglip_params)
-    for name, tc in (("vision", sc.vision), ("text", sc.text)):
-        if tc is not None and name in out and "layers" in out[name]["encoder"]:
-            out[name] = dict(out[name], encoder=unstack_layers(out[name]["encoder"], tc.depth))
-    return out
-
-
 class DualTokenTask(Task):
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.lc = config.loss
         self.stage = int(config.model.get("stage", 1))
-        if self.stage not in STAGES:
-            raise ValueError(f"model.stage={self.stage}; use one of {STAGES}")
+        if self.stage not in dt.STAGES:
+            raise ValueError(f"model.stage={self.stage}; use one of {dt.STAGES}")
         self.model_cfg = model_config(config)
         self.model = dt.DualToken(self.model_cfg)
         self.teacher = siglip_lib.VisionTower(self.model_cfg.siglip.vision)
@@ -148,14 +134,8 @@ class DualTokenTask(Task):
             if self.text_tokenizer.max_len > self.model_cfg.siglip.text.max_len:
                 raise ValueError(f"data.text.max_len={self.text_tokenizer.max_len} exceeds the text tower's max_len "
                                  f"{self.model_cfg.siglip.text.max_len}")
-        self.use_disc = float(self.lc.disc_weight) > 0
-        self.use_lpips = float(self.lc.perceptual_weight) > 0
-        if self.use_disc:
-            d = config.disc
-            self.disc = disc_lib.NLayerDiscriminator(disc_lib.PatchGANConfig(
-                ndf=int(d.ndf), n_layers=int(d.n_layers), negative_slope=float(d.get("negative_slope", 0.2))))
-        if self.use_lpips:
-            self.lpips, self._lpips_vars = gan.load_lpips(self.lc)
+        self.disc, self.lpips, self._lpips_vars = gan.build_parts(self.lc, config.disc)
+        self.use_disc, self.use_lpips = self.disc is not None, self.lpips is not None
 
     @classmethod
     def model_config(cls, config) -> dt.DualTokenConfig:
@@ -178,7 +158,7 @@ class DualTokenTask(Task):
         siglip_params, source = None, siglip_source(m)
         if source == "workdir":
             _, _, variables = runs.load_run(m.siglip_workdir, m.get("siglip_config") or None)
-            siglip_params = _unscanned(variables["params"], self.model_cfg.siglip)
+            siglip_params = siglip_lib.unscanned_params(variables["params"], self.model_cfg.siglip)
         elif source == "hf":
             siglip_params = convert_state_dict(read_state_dict(m.siglip_init_from), self.model_cfg.siglip)["params"]
         tok_vars = None
@@ -210,33 +190,17 @@ class DualTokenTask(Task):
         params, collections = {"tokenizer": tparams, "teacher": teacher}, {"tokenizer": tcolls}
         gan.init_disc_and_lpips(
             params, collections, x, k_disc, k_lp,
-            disc=self.disc if self.use_disc else None,
-            lpips=self.lpips if self.use_lpips else None,
-            lpips_vars=self._lpips_vars if self.use_lpips else None,
-        )
+            disc=self.disc, lpips=self.lpips, lpips_vars=self._lpips_vars)
         return params, collections
 
-    def _frozen(self, keys: list) -> bool:
-        m, c = self.config.model, self.model_cfg
-        if keys[0] == "siglip":
-            part = keys[1]
-            if part == "text":
-                return not m.get("train_text", False)
-            if part in ("logit_scale", "logit_bias"):
-                return not m.get("train_logits", False)
-            if part == "vision" and self.stage in (0, 2):
-                upto = c.layer_sem if self.stage == 0 else (c.layer_shortcut or 0)
-                if keys[2] in ("patch_embed", "pos_embedding") or keys[2].startswith("stem_"):
-                    return True
-                if keys[2] == "encoder" and keys[3].startswith("layers_"):
-                    return int(keys[3].split("_")[1]) < upto
-            return False
-        return self.stage == 2 and keys[0] in _PIXEL_BRANCH
-
     def param_labels(self, params):
+        m = self.config.model
+
         def label(path, _):
-            keys = [getattr(k, "key", None) for k in path]
-            return FROZEN if self._frozen([k for k in keys if k is not None]) else "gen"
+            keys = [k.key for k in path if getattr(k, "key", None) is not None]
+            frozen = dt.frozen_in_stage(keys, self.model_cfg, self.stage, train_text=m.get("train_text", False),
+                                        train_logits=m.get("train_logits", False))
+            return FROZEN if frozen else "gen"
 
         out = {"tokenizer": jax.tree_util.tree_map_with_path(label, params["tokenizer"])}
         for name, lab in (("teacher", FROZEN), ("disc", "disc"), ("lpips", FROZEN)):
@@ -325,14 +289,8 @@ class DualTokenTask(Task):
         (_, (metrics, tok_mut, recon)), g_tok = jax.value_and_grad(gen_loss, has_aux=True)(params["tokenizer"])
         grads = {"tokenizer": g_tok, "teacher": jax.tree.map(jnp.zeros_like, params["teacher"])}
         new_colls = dict(collections, tokenizer=tok_mut)
-        if self.use_disc:
-            weight = float(lc.disc_loss_weight) * disc_on
-            grads["disc"], new_colls["disc"], d_metrics = gan.disc_grads(
-                self.disc, params["disc"], collections["disc"], x, jax.lax.stop_gradient(recon), gan.d_loss_fn(lc),
-                weight, axis_name)
-            metrics.update(d_metrics)
-        if self.use_lpips:
-            grads["lpips"] = jax.tree.map(jnp.zeros_like, params["lpips"])
+        gan.add_disc_grads(grads, new_colls, metrics, self.disc, params, collections, x, recon, lc,
+                           float(lc.disc_loss_weight) * disc_on, axis_name)
         return grads, new_colls, metrics
 
     # ---- evaluation ----

@@ -19,9 +19,22 @@ import jax
 import jax.numpy as jnp
 
 from jaxunified.losses import recon as recon_losses
+from jaxunified.models import discriminator as disc_lib
 from jaxunified.models.vqgan import vqgan_conv_out
 
 log = logging.getLogger(__name__)
+
+
+def build_parts(loss_cfg, disc_cfg):
+    """``(discriminator, LPIPS, LPIPS variables)`` for the loss terms that are on (None where off)."""
+    disc = lpips = lpips_vars = None
+    if float(loss_cfg.disc_weight) > 0:
+        disc = disc_lib.NLayerDiscriminator(disc_lib.PatchGANConfig(
+            ndf=int(disc_cfg.ndf), n_layers=int(disc_cfg.n_layers),
+            negative_slope=float(disc_cfg.get("negative_slope", 0.2))))
+    if float(loss_cfg.perceptual_weight) > 0:
+        lpips, lpips_vars = load_lpips(loss_cfg)
+    return disc, lpips, lpips_vars
 
 
 def load_lpips(loss_cfg):
@@ -98,6 +111,19 @@ def generator_term(disc, params, collections, recon, loss_cfg, *, conv_out_param
     return g, w
 
 
+def add_disc_grads(grads: dict, new_collections: dict, metrics: dict, disc, params, collections, real, recon,
+                   loss_cfg, weight, axis_name=None) -> None:
+    """In place: the discriminator's step on detached ``recon`` (when ``disc`` is not None) and zero
+    gradients for the frozen LPIPS (when ``params`` has it)."""
+    if disc is not None:
+        grads["disc"], new_collections["disc"], d_metrics = disc_grads(
+            disc, params["disc"], collections["disc"], real, jax.lax.stop_gradient(recon), d_loss_fn(loss_cfg),
+            weight, axis_name)
+        metrics.update(d_metrics)
+    if "lpips" in params:
+        grads["lpips"] = jax.tree.map(jnp.zeros_like, params["lpips"])
+
+
 def adaptive_gan_weight(
     conv_out_params,
     dec_features: jax.Array,
@@ -129,4 +155,4 @@ def adaptive_gan_weight(
     return recon_losses.adaptive_weight(g_rec, g_gan, max_weight=max_weight, min_weight=min_weight)
 
 
-__all__ = ["adaptive_gan_weight", "d_loss_fn", "disc_grads", "disc_logits", "generator_term", "load_lpips"]
+__all__ = ["adaptive_gan_weight", "add_disc_grads", "build_parts", "d_loss_fn", "disc_grads", "disc_logits", "generator_term", "load_lpips"]

@@ -18,36 +18,25 @@ from jaxunified.data.pipeline import as_float_images
 from jaxunified.eval import image_metrics
 from jaxunified.eval.recon import evaluate_reconstruction, grid_path
 from jaxunified.losses import recon as recon_losses
-from jaxunified.models import discriminator as disc_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.train import gan
 from jaxunified.train.optim import FROZEN
 from jaxunified.train.task import Task, eval_params, kwargs
 
 
-def model_config(cfg) -> vqgan_lib.VQGANConfig:
-    return vqgan_lib.get_config(cfg.model.variant, **kwargs(cfg.model.get("overrides")))
-
-
 class VQGANTask(Task):
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.loss_cfg = config.loss
-        self.vq_cfg = model_config(config)
+        self.vq_cfg = self.model_config(config)
         self.vqgan = vqgan_lib.VQGAN(self.vq_cfg)
-        self.use_disc = float(self.loss_cfg.disc_weight) > 0
-        self.use_lpips = float(self.loss_cfg.perceptual_weight) > 0
-        if self.use_disc:
-            d = config.disc
-            self.disc = disc_lib.NLayerDiscriminator(
-                disc_lib.PatchGANConfig(ndf=int(d.ndf), n_layers=int(d.n_layers), bn_axis_name=None)
-            )
-        if self.use_lpips:
-            self.lpips, self._lpips_vars = gan.load_lpips(self.loss_cfg)
+        self.disc, self.lpips, self._lpips_vars = gan.build_parts(self.loss_cfg, config.disc)
+        self.use_disc, self.use_lpips = self.disc is not None, self.lpips is not None
 
-    @classmethod
-    def model_config(cls, config) -> vqgan_lib.VQGANConfig:
-        return model_config(config)
+    @staticmethod
+    def model_config(config) -> vqgan_lib.VQGANConfig:
+        """``model.variant`` with ``model.overrides`` (``models.vqgan.get_config``)."""
+        return vqgan_lib.get_config(config.model.variant, **kwargs(config.model.get("overrides")))
 
     def export(self, params, collections):
         return self.vqgan, {"params": params["generator"], **collections.get("generator", {})}
@@ -65,10 +54,7 @@ class VQGANTask(Task):
         collections = {"generator": {k: v for k, v in gen.items() if k != "params"}}
         gan.init_disc_and_lpips(
             params, collections, x, k_disc, k_lp,
-            disc=self.disc if self.use_disc else None,
-            lpips=self.lpips if self.use_lpips else None,
-            lpips_vars=self._lpips_vars if self.use_lpips else None,
-        )
+            disc=self.disc, lpips=self.lpips, lpips_vars=self._lpips_vars)
         return params, collections
 
     def param_labels(self, params):
@@ -123,13 +109,8 @@ class VQGANTask(Task):
         new_colls = dict(collections)
         if gen_colls:
             new_colls["generator"] = gen_mut
-        if self.use_disc:
-            grads["disc"], new_colls["disc"], d_metrics = gan.disc_grads(
-                self.disc, params["disc"], collections["disc"], x, jax.lax.stop_gradient(recon), gan.d_loss_fn(lc),
-                disc_factor, axis_name)
-            metrics.update(d_metrics)
-        if self.use_lpips:
-            grads["lpips"] = jax.tree.map(jnp.zeros_like, params["lpips"])
+        gan.add_disc_grads(grads, new_colls, metrics, self.disc, params, collections, x, recon, lc, disc_factor,
+                           axis_name)
         return grads, new_colls, metrics
 
     # ---- evaluation ----
