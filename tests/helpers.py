@@ -1,10 +1,10 @@
 """What the tests share: the tiny preset of a config family, dotted-path overrides, one train step,
-and the one directory test datasets are built in."""
-
+fake checkpoints for the converters, and the one directory test datasets are built in."""
 import os
 import pathlib
 
 import jax
+import numpy as np
 
 from jaxunified.data.pipeline import to_global
 from jaxunified.train import loop as looplib
@@ -43,3 +43,32 @@ def one_step(config, devices, batch_np):
     with jax.set_mesh(trainer.mesh):
         new, metrics = step(state, batch)
     return jax.device_get(new.params), jax.device_get(new.collections), jax.device_get(metrics)
+
+
+_NORM_WEIGHTS = ("norm1.weight", "norm2.weight", "norm.weight", "ln_1.weight", "ln_2.weight", "ln_final.weight",
+                 "norm_out.weight")
+
+
+def fake_state_dict(shapes, seed=0):
+    """A PyTorch-style state dict with the given ``{key: shape}``, for converter tests.
+
+    ``seed=None``: zeros that occupy no memory (zero-stride views), for checks of keys and shapes
+    at released sizes. Otherwise random values of a trained network's scale: norm weights near 1,
+    matrices scaled by fan-in, vectors small, ``logit_scale`` = ln 10."""
+    if seed is None:
+        zero = np.zeros((), np.float32)
+        return {k: np.broadcast_to(zero, s) for k, s in shapes.items()}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, shape in shapes.items():
+        x = rng.standard_normal(shape).astype(np.float32)
+        if k.endswith(_NORM_WEIGHTS):
+            x = 1.0 + 0.1 * x
+        elif len(shape) >= 2:
+            x = x / np.sqrt(np.prod(shape[1:]))
+        else:
+            x = 0.1 * x
+        out[k] = x.astype(np.float32)
+    if "logit_scale" in out:
+        out["logit_scale"] = np.asarray(np.log(10.0), np.float32)
+    return out

@@ -12,6 +12,7 @@ from jaxunified import convert
 from jaxunified.convert.common import CheckpointMismatchError
 from jaxunified.convert.vq import config_from_overrides, convert_state_dict, to_torch_state_dict
 from jaxunified.models.vqgan import get_config, num_params
+from tests import helpers
 
 ATOL = 1e-4
 
@@ -127,12 +128,6 @@ def reference_key_shapes(ch, ch_mult, z_channels, num_res_blocks, decoder_num_re
     return keys
 
 
-def _fake_state_dict(shapes):
-    """Zeros with the given shapes that occupy no memory (zero-stride views)."""
-    zero = np.zeros((), np.float32)
-    return {k: np.broadcast_to(zero, s) for k, s in shapes.items()}
-
-
 def _real_vq16_shapes(golden_dir):
     raw = json.loads((golden_dir / "llamagen_vq16_real.keys.json").read_text())
     return {k: tuple(v) for k, v in raw.items()}
@@ -161,7 +156,7 @@ def test_key_structure_matches_the_real_and_tiny_checkpoints(golden_dir):
 def test_vq16_real_keys_all_map(golden_dir):
     shapes = _real_vq16_shapes(golden_dir)
     cfg = get_config("VQ-16")
-    variables = convert_state_dict(_fake_state_dict(shapes), cfg)
+    variables = convert_state_dict(helpers.fake_state_dict(shapes, seed=None), cfg)
     n_loaded = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables))
     assert n_loaded == _count(shapes) == num_params(cfg)
 
@@ -171,7 +166,7 @@ def test_star_vq_real_size_param_count_and_keys():
     cfg = get_config("STAR-VQ")
     assert num_params(cfg) == _count(shapes)
     assert shapes["quantize.codebook_used"] == (65537,)
-    variables = convert_state_dict(_fake_state_dict(shapes), cfg)
+    variables = convert_state_dict(helpers.fake_state_dict(shapes, seed=None), cfg)
     assert variables["params"]["quantize"]["embedding"].shape == (65536, 512)
 
 

@@ -24,8 +24,11 @@ def test_logical_rules_replicate_indivisible_dims():
     assert meshlib.logical_to_spec((None, None, "conv_in", "conv_out"), (3, 3, 64, 128), m, rules) == P(None, None, None, "fsdp")
     # RGB output conv: 3 channels cannot split 8 ways, so it stays replicated rather than failing.
     assert meshlib.logical_to_spec((None, None, "conv_in", "conv_out"), (3, 3, 64, 3), m, rules) == P(None, None, None, None)
-    assert meshlib.logical_to_spec(("batch", None), (16, 4), m, rules) == P(("data", "fsdp"), None) or \
-        meshlib.logical_to_spec(("batch", None), (16, 4), m, rules) == P("fsdp", None)
+    # Size-1 mesh axes are dropped from a spec: on (1, 8, 1) the batch goes over 'fsdp' alone ...
+    assert meshlib.logical_to_spec(("batch", None), (16, 4), m, rules) == P("fsdp", None)
+    # ... and over both data-parallel axes once 'data' has devices.
+    m2 = meshlib.make_mesh((2, 4, 1))
+    assert meshlib.logical_to_spec(("batch", None), (16, 4), m2, rules) == P(("data", "fsdp"), None)
 
 
 def test_sharded_init_places_params_by_rules():

@@ -14,6 +14,7 @@ from jaxunified.convert import toklip as C
 from jaxunified.convert.common import CheckpointMismatchError, read_state_dict
 from jaxunified.models import toklip as T
 from jaxunified.nn.transformer import stack_layers
+from tests import helpers
 
 # ---------------------------------------------------------------------------------------------
 # The reference layout, written out by hand from the reference architecture (timm
@@ -144,24 +145,6 @@ def released_shapes(cfg: T.TokLIPConfig, vq_names="llamagen"):
         s.update(open_clip_text_shapes(t.vocab_size, t.max_len, t.width, t.depth, t.mlp_dim, t.proj_dim))
         s["logit_scale"] = ()
     return s
-
-
-def fake_checkpoint(shapes, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for k, shape in shapes.items():
-        x = rng.standard_normal(shape).astype(np.float32)
-        if k.endswith(("norm1.weight", "norm2.weight", "norm.weight", "ln_1.weight", "ln_2.weight",
-                       "ln_final.weight", "norm_out.weight")):
-            x = 1.0 + 0.1 * x
-        elif len(shape) >= 2:
-            x = x / np.sqrt(np.prod(shape[1:]))
-        else:
-            x = 0.1 * x
-        out[k] = x.astype(np.float32)
-    if "logit_scale" in out:
-        out["logit_scale"] = np.asarray(np.log(10.0), np.float32)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +286,7 @@ def test_taming_names_and_vq16_layout(golden_dir):
 def released_tiny(tmp_path_factory):
     torch = pytest.importorskip("torch")
     cfg = T.get_config("tiny")
-    sd = fake_checkpoint(released_shapes(cfg))
+    sd = helpers.fake_state_dict(released_shapes(cfg))
     sd["visual.trunk.vq.quantize.codebook_used"] = np.zeros(65536, np.float32)
     path = tmp_path_factory.mktemp("toklip") / "TokLIP_tiny.pt"
     torch.save({"epoch": 3, "name": "toklip",
@@ -341,7 +324,7 @@ def test_released_checkpoint_maps_every_tensor(released_tiny, caplog):
 
 def test_taming_named_tokenizer_and_bad_keys(released_tiny, tmp_path):
     cfg, sd, _ = released_tiny
-    taming = fake_checkpoint(released_shapes(cfg, vq_names="taming"), seed=1)
+    taming = helpers.fake_state_dict(released_shapes(cfg, vq_names="taming"), seed=1)
     v = C.convert_state_dict(taming, cfg)
     np.testing.assert_array_equal(  # decoder.up.{i} is LlamaGen's conv_blocks.{L-1-i}
         v["params"]["tokenizer"]["decoder"]["conv_blocks_4"]["res_0"]["conv1"]["kernel"],
