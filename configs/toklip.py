@@ -39,7 +39,7 @@ _spec.loader.exec_module(common)
 def _base() -> mlc.ConfigDict:
     c = common.base("toklip")
     c.data.eval_batch_size = 200
-    # Precomputed codes / teacher / text embeddings (train.toklip.precompute_cache); "" = from pixels.
+    # Precomputed codes / teacher / text embeddings (TokLIPTask.precompute_cache); "" = from pixels.
     c.data.cache_dir = ""
     c.data.build_cache = False  # True: the run builds a missing cache (keyed by the frozen weights) first
     # The teacher's tokenizer; hard negatives are encoded by the frozen text tower each step, never cached.

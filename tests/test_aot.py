@@ -1,7 +1,5 @@
 """AOT compile of the real train step for TPU topologies (libtpu, no TPU), and the bench commands."""
 
-import pathlib
-import sys
 
 import jax
 import pytest
@@ -9,9 +7,8 @@ import pytest
 from jaxunified import bench
 from jaxunified.parallel import aot
 from jaxunified.train import compile as aot_compile
+from tests import helpers
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import vqgan as vqgan_configs  # noqa: E402
 
 needs_libtpu = pytest.mark.skipif(
     not aot.libtpu_available(), reason='needs libtpu: pip install "jax[tpu]==0.10.2" (requirements-test.txt)'
@@ -19,10 +16,7 @@ needs_libtpu = pytest.mark.skipif(
 
 
 def tiny_config(**data):
-    cfg = vqgan_configs.get_config("tiny")
-    for k, v in data.items():
-        setattr(cfg.data, k, v)
-    return cfg
+    return helpers.tiny_config("vqgan", **{f"data.{k}": v for k, v in data.items()})
 
 
 # ---- pure helpers (no compiler) ----

@@ -194,3 +194,12 @@ def test_tiny_run_trains_and_evaluates_with_teacher(tmp_path):
     assert {"zs_color_top1", "i2t_r1", "teacher_zs_shape_top1", "teacher_t2i_r5"} <= set(evals[-1])
     again = evaluate_run(config, tmp_path)
     assert again["zs_color_top1"] == pytest.approx(evals[-1]["zs_color_top1"])
+    # The run loads back whole (student + frozen text tower), as a converted TokLIP checkpoint does.
+    from jaxunified.train.runs import load_run
+
+    _, model, variables = load_run(tmp_path)
+    tokens = jnp.zeros((2, model.cfg.text.max_len), jnp.int32)
+    codes = jnp.zeros((2, model.cfg.grid, model.cfg.grid), jnp.int32)
+    txt = model.apply(variables, tokens, method=model.encode_text)
+    img = model.apply(variables, codes=codes, method=model.encode)["pooled"]
+    assert txt.shape == img.shape == (2, model.cfg.text.proj_dim)

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxunified.data.shapes_text import HardNegativeCaptions
+from jaxunified.data.text import TokenizeCaptions, make_tokenizer
 from jaxunified.parallel.mesh import BATCH_AXES, batch_sharding, num_batch_shards
 
 DATASET_NAMES = ("shapes", "folder", "webdataset")
@@ -330,13 +332,9 @@ def text_transforms(cfg: Any, split: str, *, tokens: bool = True, negatives: boo
                          f"got data.name={_get(cfg, 'name')!r}")
     if text is None or _get(text, "tokenizer") is None:
         return ()
-    from jaxunified.data.text import TokenizeCaptions, make_tokenizer
-
     tokenizer = make_tokenizer(text)
     out = (TokenizeCaptions(tokenizer),) if tokens else ()
     if num_negatives and negatives and split == "train":
-        from jaxunified.data.shapes_text import HardNegativeCaptions
-
         out += (HardNegativeCaptions(tokenizer, num_negatives, _get(text, "negative_kinds")),)
     return out
 

@@ -27,6 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import grain
 import numpy as np
 
+from jaxunified.data.shapes_text import resolve_builtin
+
 KINDS = ("byte", "sentencepiece", "hf")
 EOS_MODES = ("no", "yes", "sticky")
 # Tokens that mean "padding" / "end of text" in common tokenizer.json files, tried in order when
@@ -352,8 +354,6 @@ def make_tokenizer(cfg: Any = None, /, **overrides: Any) -> TextTokenizer:
     if path is None:
         raise ValueError(f"text tokenizer {kind!r} needs text.path (the {_FILE_NAMES[kind]} file)")
     if str(path).startswith("builtin:"):
-        from jaxunified.data.shapes_text import resolve_builtin
-
         path = resolve_builtin(path)
     return _CLASSES[kind](path, **fields)
 

@@ -1,6 +1,6 @@
 """Zero-shot classification and image↔text retrieval over one split, for any image/text encoder pair.
 
-Shared by the SigLIP, TokLIP and DualToken tasks: each builds one ``EncoderPair`` (its image
+Shared by the SigLIP, TokLIP and DualToken tasks: each builds ``EncoderPair``s (an image
 encoder takes the global batch, so TokLIP can read cached ``codes`` and SigLIP ``image``). Image and caption embeddings of the whole split are gathered once; retrieval
 then runs sharded over the mesh (``eval.retrieval``), zero-shot against prompt-ensembled class
 embeddings (``eval.zero_shot``; the shapes tasks come from ``eval.templates``).

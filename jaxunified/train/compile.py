@@ -45,13 +45,6 @@ def with_batch_size(config, batch_size: int | None):
     return cfg
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
 
 def abstract_batch(trainer) -> dict:
     """The per-step global batch as ShapeDtypeStructs carrying the trainer's batch shardings."""

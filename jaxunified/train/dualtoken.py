@@ -134,7 +134,7 @@ class DualTokenTask(Task):
             if self.text_tokenizer.max_len > self.model_cfg.siglip.text.max_len:
                 raise ValueError(f"data.text.max_len={self.text_tokenizer.max_len} exceeds the text tower's max_len "
                                  f"{self.model_cfg.siglip.text.max_len}")
-        self.disc, self.lpips, self._lpips_vars = gan.build_parts(self.lc, config.disc)
+        self.disc, self.lpips, self._lpips_vars = gan.build_parts(self.lc, config.get("disc"))
         self.use_disc, self.use_lpips = self.disc is not None, self.lpips is not None
 
     @classmethod

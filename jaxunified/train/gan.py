@@ -18,8 +18,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jaxunified import convert
 from jaxunified.losses import recon as recon_losses
 from jaxunified.models import discriminator as disc_lib
+from jaxunified.models import lpips as lpips_lib
 from jaxunified.models.vqgan import vqgan_conv_out
 
 log = logging.getLogger(__name__)
@@ -39,9 +41,6 @@ def build_parts(loss_cfg, disc_cfg):
 
 def load_lpips(loss_cfg):
     """``(LPIPS module, variables or None)``; None means "initialise randomly in init_variables"."""
-    from jaxunified import convert
-    from jaxunified.models import lpips as lpips_lib
-
     path = loss_cfg.get("lpips_path")
     if path:
         return convert.load("lpips", path, vgg_path=loss_cfg.get("vgg_path") or None)

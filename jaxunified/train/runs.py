@@ -97,7 +97,7 @@ def restore_state(workdir, config, *, task=None, devices=None, mesh=None):
                 f"(python train.py --config <its config> --workdir {workdir})"
             )
         if mesh is None:
-            mesh = task.mesh if task is not None else meshlib.make_mesh(tuple(config.mesh_shape), devices)
+            mesh = getattr(task, "mesh", None) or meshlib.make_mesh(tuple(config.mesh_shape), devices)
         layout = abstract_state(config, mesh, task=task)
         return layout.task, ckpt.restore(layout.target)
     finally:
@@ -117,6 +117,7 @@ def load_run(workdir, config=None, *, prefer_ema: bool = True, devices=None):
 
 
 def model_config(workdir, config=None):
-    """The exported model's dataclass config of a run, from its config alone (no weights read)."""
+    """The exported model's dataclass config of a run, without restoring its checkpoint (a task whose
+    model's shape follows its frozen parts, TokLIP, reads those parts' configs or files)."""
     config = run_config(workdir, config)
     return get_task(config.task).model_config(config)

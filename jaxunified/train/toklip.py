@@ -58,10 +58,6 @@ _CACHE_DATA_FIELDS = ("name", "path", "captions_file", "data_dir", "resolution",
 # Frozen parts
 
 
-def _split(variables) -> tuple[dict, dict]:
-    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
-
-
 def load_tokenizer(tc) -> tuple[vqgan_lib.VQGANConfig, dict]:
     """The frozen VQ from ``config.tokenizer``: a ``vqgan`` run (``workdir`` + optional ``config``
     spec), a checkpoint (``kind`` "llamagen_vq" / "star_vq" / "ibq", ``path``) or, for smoke tests,
@@ -80,7 +76,7 @@ def load_tokenizer(tc) -> tuple[vqgan_lib.VQGANConfig, dict]:
         variables = host_variables(module, jax.random.key(int(tc.get("seed", 0))), jnp.zeros((1, f, f, 3)))
     else:
         raise ValueError(f"tokenizer.kind={kind!r}; use 'workdir', 'llamagen_vq', 'star_vq', 'ibq' or 'random'")
-    params, colls = _split(variables)
+    params, colls = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     quantize = dict(params.get("quantize", {}))
     if "embedding" not in quantize:  # EMA codebook: its statistics stay behind, the vectors move to params
         quantize = {"embedding": colls["codebook"]["quantize"]["embedding"]}
@@ -174,7 +170,12 @@ class TokLIPTask(Task):
         return cls(config, None).model_cfg  # the student's shape follows its teacher and tokenizer
 
     def export(self, params, collections):
-        return self.model, self._student_vars(params["student"], collections["frozen"])
+        """The whole TokLIP (its text tower is the frozen teacher's), as ``convert.load("toklip")`` gives."""
+        frozen = collections["frozen"]
+        variables = self._student_vars(params["student"], frozen)
+        if self.model_cfg.text is not None:
+            variables["params"]["text"] = frozen["teacher"]["text"]
+        return self.model, variables
 
     # ---- variables ----
     def dummy_batch(self):

@@ -30,7 +30,7 @@ class VQGANTask(Task):
         self.loss_cfg = config.loss
         self.vq_cfg = self.model_config(config)
         self.vqgan = vqgan_lib.VQGAN(self.vq_cfg)
-        self.disc, self.lpips, self._lpips_vars = gan.build_parts(self.loss_cfg, config.disc)
+        self.disc, self.lpips, self._lpips_vars = gan.build_parts(self.loss_cfg, config.get("disc"))
         self.use_disc, self.use_lpips = self.disc is not None, self.lpips is not None
 
     @staticmethod
