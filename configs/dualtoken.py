@@ -8,11 +8,12 @@ Presets (the argument after the colon):
       python train.py --config configs/siglip.py:shapes    --workdir runs/siglip_shapes
       python train.py --config configs/dualtoken.py:shapes --workdir runs/dualtoken_shapes
       python eval.py  --config configs/dualtoken.py:shapes --workdir runs/dualtoken_shapes
-  Target: at most 15 minutes on 2 idle CPU cores. Measured alone on 2 cores: 6 min 21 s wall for the
-  whole command (compile and final eval included), peak RSS 2.2 GB. eval_test.json: PSNR 26.4 dB,
-  SSIM 0.87; codebook usage over all depths (``usage_{pix,sem}_all``) 100% (pixel and semantic);
-  zero-shot colour / shape / count 100 / 97.1 / 85.6% and text→image R@1 71.0% through the semantic
-  path (``zs_*``, ``i2t_r*``) vs 100 / 96.7 / 84.2% and 70.8% for the original tower (``teacher_*``).
+  Target: at most 15 minutes on 2 CPU cores. Measured: 9 min 21 s wall for the whole command (compile
+  and final eval included; another job sharing the cores part of the time), peak RSS 2.1 GB.
+  eval_test.json: PSNR 27.1 dB, SSIM 0.86; codebook usage over all depths (``usage_{pix,sem}_all``)
+  100% (pixel and semantic); zero-shot colour / shape / count 100 / 94.2 / 85.5% and text→image R@1
+  71.6% through the semantic path (``zs_*``, ``i2t_r*``) vs 100 / 94.6 / 85.3% and 73.5% for the
+  original tower (``teacher_*``).
   No LPIPS weights ship with the repository: the perceptual term is off unless ``--config.loss.lpips_path``.
 * ``tiny`` (also ``runlocal``) — seconds-long smoke run used by the tests: random tiny tower, every loss
   term on (GAN with adaptive weight, contrastive).

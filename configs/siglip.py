@@ -5,9 +5,9 @@ Presets (the argument after the colon):
 * ``shapes`` — the built-in pipeline's teacher: both towers from scratch on 32 px shapes captions:
       python train.py --config configs/siglip.py:shapes --workdir runs/siglip_shapes
       python eval.py  --config configs/siglip.py:shapes --workdir runs/siglip_shapes
-  8 min 16 s on 2 CPU cores (1200 steps at 2.6 steps/s, with compile and the final eval; target < 10
-  minutes). eval_test.json: zero-shot colour 100%, shape 96.7%, count 84.2% (CLIP prompt-ensemble
-  scoring: 99.8 / 69.1 / 41.9%), text→image R@1 70.8% (R@5 97.1%), image→text R@1 69.7%.
+  8 min 53 s on 2 CPU cores (1200 steps at 2.5 steps/s, with compile and the final eval; target < 10
+  minutes). eval_test.json: zero-shot colour 100%, shape 94.6%, count 85.3% (CLIP prompt-ensemble
+  scoring: 100 / 58.6 / 41.8%), text→image R@1 73.5% (R@5 96.8%), image→text R@1 69.7%.
 * ``tiny`` (also ``runlocal``) — seconds-long smoke run used by the tests.
 * ``finetune`` — continue training a converted HF checkpoint on image–caption shards:
       python train.py --config configs/siglip.py:finetune --workdir runs/siglip_finetune \

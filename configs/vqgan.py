@@ -5,8 +5,9 @@ Presets (the argument after the colon):
 * ``shapes`` — the built-in pipeline's tokenizer on 32 px shapes:
       python train.py --config configs/vqgan.py:shapes --workdir runs/vqgan_shapes
       python eval.py  --config configs/vqgan.py:shapes --workdir runs/vqgan_shapes
-  About 4 minutes of training on 2 idle CPU cores (≈ 600 steps at 2.5-4 steps/s); expected test PSNR ≈ 32 dB
-  (≥ 26 dB), codebook usage ≈ 99% (≥ 50%).
+  3 min 28 s for the train command on 2 CPU cores (600 steps at ≈ 3.9 steps/s; dataset build, compile
+  and final eval included), 12 s for eval. eval_test.json: PSNR 35.9 dB (target ≥ 26), SSIM 0.973,
+  codebook usage 100% (target ≥ 50%).
 * ``tiny`` (also ``runlocal``) — seconds-long smoke run used by the tests.
 * ``imagenet`` — LlamaGen's VQ-16 recipe (256 px, L2 + LPIPS + PatchGAN from step 20k, ≈ 400k steps):
       python train.py --config configs/vqgan.py:imagenet --workdir runs/vqgan_imagenet \
