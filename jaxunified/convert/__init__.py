@@ -22,6 +22,7 @@ _LOADERS: dict[str, str] = {
     "ibq": "jaxunified.convert.toklip:load_ibq",
     "open_clip_siglip": "jaxunified.convert.toklip:load_open_clip_siglip",
     "dualtoken": "jaxunified.convert.dualtoken:load_dualtoken",
+    "hf_qwen2": "jaxunified.convert.qwen2:load_hf_qwen2",
 }
 
 

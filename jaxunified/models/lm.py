@@ -1,0 +1,207 @@
+"""Qwen2 / Qwen2.5 decoder-only language model (and the text decoder of Qwen2.5-VL).
+
+Token embedding → N pre-norm decoder blocks (``nn.decoder.DecoderBlock``: RMSNorm, GQA with
+q/k/v bias and 1-D RoPE, SwiGLU) → final RMSNorm → LM head (its own [embed, vocab] kernel, or
+the embedding table transposed when ``tie_embeddings``).
+
+- Entry from token ids or from ``inputs_embeds`` (images enter as embeddings).
+- ``return_hidden``: HF's ``hidden_states`` convention — the embeddings, then each layer's
+  output, with the last entry replaced by the final-normed state (L + 1 arrays).
+- ``decode=True``: every layer's attention keeps a static KV cache (``nn.attention``); a
+  prefill of T tokens and then one-token calls reproduce the full causal forward. Pass
+  ``attention_mask`` over the cache slots ([B, max_len]) when prompts are left-padded, and the
+  RoPE ``positions`` [B, T] the tokens really have (a padded row starts later).
+- ``scan_layers``: one ``nn.scan`` over a stacked ``layers`` tree (one compiled block at any
+  depth); ``remat`` picks what the backward pass keeps (``REMAT_POLICIES``).
+- ``dtype`` bfloat16 runs the blocks and head matmuls in bf16 with a float32 residual stream
+  and float32 logits; norms, RoPE and softmax always run in float32.
+
+Variants (``VARIANTS``) carry the released configs; their ``jax.eval_shape`` parameter counts
+equal the released checkpoints' (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxunified.nn.attention import EMBED_AXES, padding_mask
+from jaxunified.nn.decoder import DecoderBlock
+from jaxunified.nn.norm import RMSNorm
+
+LOGIT_AXES = ("activation_batch", "activation_length", "activation_vocab")
+
+# name → what jax.checkpoint saves for the backward pass ("full": nothing; recompute everything).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    num_layers: int = 24
+    num_heads: int = 14
+    num_kv_heads: int = 2
+    mlp_dim: int = 4864
+    rope_theta: float = 1_000_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    qkv_bias: bool = True
+    dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+_QWEN25_7B = dict(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, mlp_dim=18944,
+                  vocab_size=152064, tie_embeddings=False)
+_QWEN25_3B = dict(hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2, mlp_dim=11008)
+
+VARIANTS: dict[str, LMConfig] = {
+    "qwen2.5-0.5b": LMConfig(),
+    "qwen2.5-1.5b": LMConfig(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, mlp_dim=8960),
+    "qwen2.5-3b": LMConfig(**_QWEN25_3B),
+    "qwen2.5-7b": LMConfig(**_QWEN25_7B),
+    # The text decoders of Qwen2.5-VL-{3B,7B}-Instruct (what STAR stacks on): the same shapes.
+    # Their mRoPE reduces to this 1-D RoPE for text and t2i (equal position ids in all sections).
+    "qwen2.5-vl-3b": LMConfig(**_QWEN25_3B),
+    "qwen2.5-vl-7b": LMConfig(**_QWEN25_7B),
+    "tiny": LMConfig(vocab_size=128, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=128,
+                     tie_embeddings=False),  # the shape of the hf_qwen2_tiny golden
+}
+
+
+def variant(name: str, **overrides) -> LMConfig:
+    """A variant by name (``VARIANTS``) with ``LMConfig`` field overrides."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown LM variant {name!r}; known: {', '.join(VARIANTS)}")
+    return dataclasses.replace(VARIANTS[name], **overrides)
+
+
+class _ScanBlock(DecoderBlock):
+    """A DecoderBlock shaped as an ``nn.scan`` body: (x, out) with out the layer's output or None."""
+
+    emit: bool = False
+
+    def __call__(self, x, mask, positions):  # positional: scan and remat broadcast them
+        x = super().__call__(x, mask, positions=positions)
+        return x, (x if self.emit else None)
+
+
+class DecoderLM(nn.Module):
+    config: LMConfig
+    decode: bool = False
+
+    def _block_kwargs(self, emit: bool) -> dict[str, Any]:
+        c = self.config
+        return dict(num_heads=c.num_heads, mlp_dim=c.mlp_dim, num_kv_heads=c.num_kv_heads, norm_eps=c.norm_eps,
+                    rope_theta=c.rope_theta, qkv_bias=c.qkv_bias, dtype=jnp.dtype(c.dtype), decode=self.decode,
+                    emit=emit)
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        return_hidden: bool = False,
+        compute_logits: bool = True,
+    ) -> dict[str, Any]:
+        """→ {"logits" [B, T, V] float32 (if compute_logits), "last_hidden" [B, T, H] (final-normed),
+        "hidden_states" (L + 1 arrays, if return_hidden)}.
+
+        ``attention_mask`` [B, S] marks valid keys: S = T, or the cache's max_len when decoding.
+        """
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        embed = nn.Embed(
+            c.vocab_size, c.hidden_size, param_dtype=jnp.float32,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="embed")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.float32)
+        x = nn.with_logical_constraint(x, EMBED_AXES)
+        mask = None if attention_mask is None else padding_mask(attention_mask)
+        hidden = [x]
+
+        block = _ScanBlock
+        policy = REMAT_POLICIES[c.remat]
+        if c.remat != "none":
+            block = nn.remat(block, policy=policy, prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(**self._block_kwargs(return_hidden), name="layers")
+            x, outs = stack(x, mask, positions)
+            if return_hidden:
+                hidden.extend(outs[i] for i in range(c.num_layers))
+        else:
+            for i in range(c.num_layers):
+                x, _ = block(**self._block_kwargs(False), name=f"layers_{i}")(x, mask, positions)
+                hidden.append(x)
+
+        x = RMSNorm(c.norm_eps, name="final_norm")(x)
+        out: dict[str, Any] = {"last_hidden": x}
+        if return_hidden:
+            out["hidden_states"] = tuple(hidden[:-1]) + (x,)
+        if compute_logits:
+            if c.tie_embeddings:
+                table = embed.embedding
+            else:
+                table = self.param("lm_head", nn.with_logical_partitioning(
+                    nn.initializers.normal(0.02), ("vocab", "embed")), (c.vocab_size, c.hidden_size), jnp.float32)
+            # bf16 operands, float32 accumulation and result: the softmax over 150k entries needs it.
+            logits = jnp.einsum("btd,vd->btv", x.astype(dtype), table.astype(dtype),
+                                preferred_element_type=jnp.float32)
+            out["logits"] = nn.with_logical_constraint(logits, LOGIT_AXES)
+        return out
+
+
+def init_cache(model: DecoderLM, batch: int, max_len: int) -> Any:
+    """The zeroed "cache" collection of ``model`` (built with ``decode=True``) for ``max_len`` slots."""
+    if not model.decode:
+        raise ValueError("init_cache needs the model built with decode=True")
+    ids = jnp.zeros((batch, max_len), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, compute_logits=False))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+def abstract_params(model: DecoderLM) -> Any:
+    """The (logically boxed) parameter shapes of ``model``; nothing is allocated."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+
+
+def count_params(config: LMConfig) -> int:
+    """Parameters of ``config`` from abstract shapes."""
+    return sum(int(x.size) for x in jax.tree.leaves(nn.meta.unbox(abstract_params(DecoderLM(config)))))
+
+
+__all__ = ["DecoderLM", "LMConfig", "VARIANTS", "REMAT_POLICIES", "variant", "init_cache", "abstract_params", "count_params"]

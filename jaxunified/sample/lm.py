@@ -1,0 +1,89 @@
+"""Text generation from a ``models.lm.DecoderLM``: batched prompts of different lengths, EOS stop.
+
+Prompts are left-padded into one [B, T] block so every row's next token lands in the same
+cache slot; the padding slots are masked out of attention for the whole decode and each row's
+RoPE positions start at its own first real token, so a padded row produces exactly the logits
+it would alone. The prefill and the token loop run in one jit (``sample.decode.generate``);
+the static cache lives inside it and is updated in place. Prompt lengths are bucketed to a
+multiple of ``bucket`` so a new prompt length rarely means a new compile.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxunified.models.lm import DecoderLM, init_cache
+from jaxunified.sample.decode import generate
+from jaxunified.sample.strategies import Greedy, Strategy, row_keys
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, bucket: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists → (ids [B, T], valid [B, T]) right-aligned, T rounded up to ``bucket``."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    length = -(-longest // bucket) * bucket
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    valid = np.zeros((len(prompts), length), bool)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):] = p
+        valid[i, length - len(p):] = True
+    return ids, valid
+
+
+def prefill_and_step(model: DecoderLM, params, ids: jax.Array, valid: jax.Array, max_new_tokens: int):
+    """(first_logits [B, V], cache, step) for ``decode.generate`` over left-padded prompts."""
+    dec = model.clone(decode=True)
+    batch, length = ids.shape
+    max_len = length + max_new_tokens
+    # Slots after the prompt are always valid; a row's pads never are.
+    slot_valid = jnp.concatenate([valid, jnp.ones((batch, max_new_tokens), bool)], axis=1)
+    offset = jnp.sum(jnp.logical_not(valid), axis=1, keepdims=True).astype(jnp.int32)  # pads per row
+    positions = jnp.maximum(jnp.arange(length)[None] - offset, 0)
+    cache = init_cache(dec, batch, max_len)
+    out, state = dec.apply({"params": params, "cache": cache}, ids, attention_mask=slot_valid,
+                           positions=positions, mutable=["cache"])
+
+    def step(tok, cache, n):
+        pos = length + n - 1 - offset
+        o, s = dec.apply({"params": params, "cache": cache}, tok[:, None], attention_mask=slot_valid,
+                         positions=pos, mutable=["cache"])
+        return o["logits"][:, 0], s["cache"]
+
+    return out["logits"][:, -1], state["cache"], step
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "strategy", "eos_id", "pad_id"))
+def _generate(model, params, ids, valid, keys, *, max_new_tokens, strategy, eos_id, pad_id):
+    first, cache, step = prefill_and_step(model, params, ids, valid, max_new_tokens)
+    return generate(step, first, cache, max_new_tokens, strategy, keys, eos_id=eos_id, pad_id=pad_id)
+
+
+def generate_text(
+    model: DecoderLM,
+    params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    strategy: Strategy = Greedy(),
+    key: jax.Array | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    bucket: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Continuations of ``prompts``: (tokens [B, max_new_tokens], lengths [B]) — after a row's
+    EOS (counted in its length) the rest is ``pad_id``."""
+    ids, valid = left_pad(prompts, pad_id, bucket)
+    keys = None if isinstance(strategy, Greedy) else row_keys(
+        jax.random.key(0) if key is None else key, len(prompts))
+    tokens, lengths = _generate(model, params, jnp.asarray(ids), jnp.asarray(valid), keys,
+                                max_new_tokens=max_new_tokens, strategy=strategy, eos_id=eos_id, pad_id=pad_id)
+    return np.asarray(tokens), np.asarray(lengths)
+
+
+__all__ = ["generate_text", "left_pad", "prefill_and_step"]
