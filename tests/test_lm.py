@@ -196,3 +196,19 @@ def test_greedy_generation_is_the_argmax_chain_and_stops_at_eos(tiny):
     first = list(tokens[0]).index(eos)
     assert lengths2[0] == first + 1 and list(tokens2[0, :first + 1]) == list(tokens[0, :first + 1])
     assert (tokens2[0, first + 1:] == -1).all()
+
+
+def test_guided_generation_runs_cond_and_uncond_rows_as_one_batch(tiny):
+    from jaxunified.sample.strategies import Guidance
+
+    model, variables = tiny
+    prompts, uncond = [[5, 17, 99, 4]], [[5, 0, 0, 4]]
+    plain, _ = generate_text(model, variables["params"], prompts, max_new_tokens=3)
+    same, _ = generate_text(model, variables["params"], prompts, max_new_tokens=3, guidance=Guidance(1.0),
+                            uncond_prompts=prompts)
+    np.testing.assert_array_equal(plain, same)
+    guided, _ = generate_text(model, variables["params"], prompts, max_new_tokens=1, guidance=Guidance(3.0),
+                              uncond_prompts=uncond)
+    c = model.apply(variables, jnp.asarray(prompts))["logits"][0, -1]
+    u = model.apply(variables, jnp.asarray(uncond))["logits"][0, -1]
+    assert guided[0, 0] == int(jnp.argmax(u + 3.0 * (c - u)))

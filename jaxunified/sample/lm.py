@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxunified.models.lm import DecoderLM, init_cache
 from jaxunified.sample.decode import generate
-from jaxunified.sample.strategies import Greedy, Strategy, row_keys
+from jaxunified.sample.strategies import Greedy, Guidance, Strategy, row_keys
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, bucket: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -58,10 +58,11 @@ def prefill_and_step(model: DecoderLM, params, ids: jax.Array, valid: jax.Array,
     return out["logits"][:, -1], state["cache"], step
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "strategy", "eos_id", "pad_id"))
-def _generate(model, params, ids, valid, keys, *, max_new_tokens, strategy, eos_id, pad_id):
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "strategy", "guidance", "eos_id", "pad_id"))
+def _generate(model, params, ids, valid, keys, *, max_new_tokens, strategy, guidance, eos_id, pad_id):
     first, cache, step = prefill_and_step(model, params, ids, valid, max_new_tokens)
-    return generate(step, first, cache, max_new_tokens, strategy, keys, eos_id=eos_id, pad_id=pad_id)
+    return generate(step, first, cache, max_new_tokens, strategy, keys, guidance=guidance, eos_id=eos_id,
+                    pad_id=pad_id)
 
 
 def generate_text(
@@ -75,14 +76,26 @@ def generate_text(
     eos_id: int | None = None,
     pad_id: int = 0,
     bucket: int = 8,
+    guidance: Guidance | None = None,
+    uncond_prompts: Sequence[Sequence[int]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Continuations of ``prompts``: (tokens [B, max_new_tokens], lengths [B]) — after a row's
-    EOS (counted in its length) the rest is ``pad_id``."""
-    ids, valid = left_pad(prompts, pad_id, bucket)
+    EOS (counted in its length) the rest is ``pad_id``.
+
+    ``guidance`` with ``uncond_prompts`` (one per prompt, e.g. STAR's ``<|fim_pad|>`` rows): the
+    two sets run as one [cond; uncond] batch and each sampled token is fed to both rows.
+    """
+    rows = list(prompts)
+    if guidance is not None:
+        if uncond_prompts is None or len(uncond_prompts) != len(rows):
+            raise ValueError("guidance needs one unconditional prompt per prompt")
+        rows += list(uncond_prompts)
+    ids, valid = left_pad(rows, pad_id, bucket)
     keys = None if isinstance(strategy, Greedy) else row_keys(
         jax.random.key(0) if key is None else key, len(prompts))
     tokens, lengths = _generate(model, params, jnp.asarray(ids), jnp.asarray(valid), keys,
-                                max_new_tokens=max_new_tokens, strategy=strategy, eos_id=eos_id, pad_id=pad_id)
+                                max_new_tokens=max_new_tokens, strategy=strategy, guidance=guidance, eos_id=eos_id,
+                                pad_id=pad_id)
     return np.asarray(tokens), np.asarray(lengths)
 
 

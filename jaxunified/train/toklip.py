@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunified import convert
 from jaxunified.data import cache
 from jaxunified.data.text import PIPELINE_FIELDS, make_tokenizer
 from jaxunified.eval.image_text import encoder_pair, evaluate_image_text
@@ -46,8 +45,8 @@ from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import toklip as toklip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.nn.transformer import resize_posemb, stack_layers, unstack_layers
-from jaxunified.train.runs import load_run
-from jaxunified.train.task import Task, eval_params, fill_boxes, host_variables, kwargs
+from jaxunified.train import frozen as frozen_parts
+from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
 CACHE_FIELDS = ("codes", "teacher_embeds", "text_embeds")
 # The data fields that decide which records (and pixels) a cache holds.
@@ -59,23 +58,10 @@ _CACHE_DATA_FIELDS = ("name", "path", "captions_file", "data_dir", "resolution",
 
 
 def load_tokenizer(tc) -> tuple[vqgan_lib.VQGANConfig, dict]:
-    """The frozen VQ from ``config.tokenizer``: a ``vqgan`` run (``workdir`` + optional ``config``
-    spec), a checkpoint (``kind`` "llamagen_vq" / "star_vq" / "ibq", ``path``) or, for smoke tests,
-    ``"random"`` (``variant`` + ``overrides``). Returns the inference config and the params the
-    encoder path needs (encoder, quant_conv, codebook; an EMA codebook moved to params)."""
-    kind = tc.kind
-    if kind == "workdir":
-        _, module, variables = load_run(tc.workdir, tc.get("config") or None)
-    elif kind in ("llamagen_vq", "star_vq"):
-        module, variables = convert.load(kind, tc.path, **kwargs(tc.get("overrides")))
-    elif kind == "ibq":
-        module, variables = convert.load("ibq", tc.path)
-    elif kind == "random":  # smoke tests only: an untrained tokenizer
-        module = vqgan_lib.VQGAN(vqgan_lib.get_config(tc.variant, **kwargs(tc.get("overrides"))))
-        f = module.cfg.downsample_factor
-        variables = host_variables(module, jax.random.key(int(tc.get("seed", 0))), jnp.zeros((1, f, f, 3)))
-    else:
-        raise ValueError(f"tokenizer.kind={kind!r}; use 'workdir', 'llamagen_vq', 'star_vq', 'ibq' or 'random'")
+    """The frozen VQ from ``config.tokenizer`` (``train.frozen.load_vq``). Returns the inference
+    config and the params the encoder path needs (encoder, quant_conv, codebook; an EMA codebook
+    moved to params)."""
+    module, variables = frozen_parts.load_vq(tc)
     params, colls = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     quantize = dict(params.get("quantize", {}))
     if "embedding" not in quantize:  # EMA codebook: its statistics stay behind, the vectors move to params
@@ -85,24 +71,8 @@ def load_tokenizer(tc) -> tuple[vqgan_lib.VQGANConfig, dict]:
 
 
 def load_teacher(tc) -> tuple[siglip_lib.SigLIPConfig, dict]:
-    """The frozen SigLIP teacher from ``config.teacher``: a ``siglip`` run (``workdir`` + ``config``),
-    an HF SiglipModel folder (``kind="hf_siglip"``) or an open_clip SigLIP ``.pt`` (``kind="open_clip"``,
-    e.g. the file TokLIP's covert.py writes; ``variant``/``image_size`` name its shape)."""
-    kind, towers = tc.kind, dict(vision=kwargs(tc.get("vision")), text=kwargs(tc.get("text")))
-    if kind == "workdir":
-        _, module, variables = load_run(tc.workdir, tc.get("config") or None)
-    elif kind == "hf_siglip":
-        module, variables = convert.load("hf_siglip", tc.path, **towers)
-    elif kind == "open_clip":
-        module, variables = convert.load("open_clip_siglip", tc.path, name=tc.variant,
-                                         image_size=tc.get("image_size") or None, **towers)
-    elif kind == "random":  # smoke tests only: an untrained teacher
-        module = siglip_lib.SigLIP(siglip_lib.get_config(tc.variant, **towers))
-        r, n = module.cfg.vision.image_size, module.cfg.text.max_len
-        variables = host_variables(module, jax.random.key(int(tc.get("seed", 0))), jnp.zeros((1, r, r, 3)),
-                                   jnp.zeros((1, n), jnp.int32))
-    else:
-        raise ValueError(f"teacher.kind={kind!r}; use 'workdir', 'hf_siglip', 'open_clip' or 'random'")
+    """The frozen SigLIP teacher from ``config.teacher`` (``train.frozen.load_siglip``)."""
+    module, variables = frozen_parts.load_siglip(tc)
     return module.cfg, variables["params"]
 
 
