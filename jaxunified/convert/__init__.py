@@ -23,6 +23,7 @@ _LOADERS: dict[str, str] = {
     "open_clip_siglip": "jaxunified.convert.toklip:load_open_clip_siglip",
     "dualtoken": "jaxunified.convert.dualtoken:load_dualtoken",
     "hf_qwen2": "jaxunified.convert.qwen2:load_hf_qwen2",
+    "llamagen_gpt": "jaxunified.convert.llamagen_gpt:load_llamagen_gpt",
 }
 
 

@@ -3,7 +3,9 @@ KV cache when decoding) → residual, RMSNorm → SwiGLU MLP → residual.
 
 The residual stream keeps the caller's dtype (float32 for bf16 compute, as the encoders do);
 each branch computes in ``dtype``. Qwen2's projections: q/k/v with bias, the output and all MLP
-projections without.
+projections without. ``resid_dropout``/``mlp_dropout`` (LlamaGen's resid/ffn dropout) drop each
+branch's output before its residual add when the call is not ``deterministic``; at 0 (the
+default) nothing is added.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class DecoderBlock(nn.Module):
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
     decode: bool = False
+    resid_dropout: float = 0.0
+    mlp_dropout: float = 0.0
 
     @nn.compact
     def __call__(
@@ -64,6 +68,7 @@ class DecoderBlock(nn.Module):
         *,
         positions: jax.Array | None = None,
         rotary: tuple[jax.Array, jax.Array] | None = None,
+        deterministic: bool = True,
     ) -> jax.Array:
         if not self.decode:
             causal = causal_mask(x.shape[1])
@@ -80,8 +85,11 @@ class DecoderBlock(nn.Module):
             name="attn",
         )
         y = RMSNorm(self.norm_eps, name="input_norm")(x).astype(self.dtype)
-        x = x + attn(y, mask=mask, positions=positions, rotary=rotary)
+        x = x + self._drop(attn(y, mask=mask, positions=positions, rotary=rotary), self.resid_dropout, deterministic)
         x = nn.with_logical_constraint(x, EMBED_AXES)
         y = RMSNorm(self.norm_eps, name="post_attention_norm")(x).astype(self.dtype)
-        x = x + SwiGluMlp(self.mlp_dim, self.dtype, name="mlp")(y)
+        x = x + self._drop(SwiGluMlp(self.mlp_dim, self.dtype, name="mlp")(y), self.mlp_dropout, deterministic)
         return nn.with_logical_constraint(x, EMBED_AXES)
+
+    def _drop(self, h: jax.Array, rate: float, deterministic: bool) -> jax.Array:
+        return nn.Dropout(rate)(h, deterministic=deterministic) if rate > 0 else h
