@@ -8,6 +8,9 @@ r"""Benchmarks that print figures: plan a TPU run from a laptop, and time the re
     # steps/s, images/s, FLOPs/step and MFU of the jitted train step on the local devices:
     python -m jaxunified.bench step --config configs/vqgan.py:shapes --steps 20
 
+    # generated tokens/s, KV-cache sampler vs recompute (batch 8, CFG, 256 image tokens):
+    python -m jaxunified.bench sample --models GPT-B,qwen2.5-0.5b
+
     # the measured matmul peak of this device (the MFU denominator):
     python -m jaxunified.bench peak --dtype bfloat16
 
@@ -240,6 +243,80 @@ def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = Non
 
 
 # ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def bench_sample(model_name: str, batch: int = 8, tokens: int = 256, cfg_scale: float = 4.0, prompt_len: int = 16,
+                 recompute_points: int = 6, seed: int = 0) -> dict[str, Any]:
+    """Generated tokens/s of the KV-cache sampler vs recomputing the sequence, random weights.
+
+    ``model_name``: a LlamaGen GPT variant (``GPT-B``…, class-conditional, 2-D RoPE over a
+    √tokens grid) or a decoder-LM variant (``qwen2.5-0.5b``…, a ``prompt_len``-token prompt).
+    CFG (``cfg_scale`` > 1) doubles the rows as the samplers do; top-k 1000 categorical draws.
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from jaxunified.sample import timing
+    from jaxunified.sample.strategies import Categorical, Guidance
+
+    guidance = Guidance(cfg_scale) if cfg_scale > 1.0 else None
+    rows = batch * (2 if guidance else 1)
+    strategy = Categorical(top_k=1000)
+    key = jax.random.key(seed)
+    if model_name.lower().startswith("gpt"):
+        from jaxunified.models import llamagen_gpt as gpt_lib
+        from jaxunified.sample.llamagen import sample_images
+
+        grid = int(round(math.sqrt(tokens)))
+        cfg = gpt_lib.variant(model_name, block_size=grid * grid)
+        model = gpt_lib.LlamaGenGPT(cfg)
+        cond = jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes
+        variables = jax.jit(lambda k: model.init(k, cond[:1], jnp.zeros((1, 1), jnp.int32)))(key)
+        # The head starts at zero (LlamaGen's init), which would make every draw uniform.
+        variables = nn.meta.unbox(variables)
+        variables["params"]["output"] = 0.02 * jax.random.normal(key, variables["params"]["output"].shape)
+        decode = lambda: sample_images(model, variables, cond, num_tokens=grid * grid, strategy=strategy,  # noqa: E731
+                                       key=key, guidance=guidance)
+        conds = jnp.concatenate([cond, jnp.full_like(cond, cfg.num_classes)]) if guidance else cond
+        fwd = jax.jit(lambda v, c, t: model.apply(v, c, t))
+        forward = lambda n: fwd(variables, conds, jnp.zeros((rows, n), jnp.int32))  # noqa: E731
+        start, stop, n_params = 0, grid * grid, _count(variables["params"])
+    else:
+        from jaxunified.models import lm as lm_lib
+        from jaxunified.sample.lm import generate_text
+
+        cfg = lm_lib.variant(model_name)
+        model = lm_lib.DecoderLM(cfg)
+        params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)))(key)["params"]
+        prompts = [[1 + (i + j) % 1000 for j in range(prompt_len)] for i in range(batch)]
+        uncond = [[0] * prompt_len for _ in range(batch)] if guidance else None
+        decode = lambda: generate_text(model, params, prompts, max_new_tokens=tokens, strategy=strategy,  # noqa: E731
+                                       key=key, guidance=guidance, uncond_prompts=uncond)
+        fwd = jax.jit(lambda p, ids: model.apply({"params": p}, ids)["logits"][:, -1])
+        forward = lambda n: fwd(params, jnp.zeros((rows, n), jnp.int32))  # noqa: E731
+        start, stop, n_params = prompt_len, prompt_len + tokens, _count(params)
+    t0 = time.perf_counter()
+    cached = timing.time_decode(decode)
+    first_call = time.perf_counter() - t0 - cached
+    recompute = timing.time_recompute(forward, max(start, 1), stop, points=recompute_points)
+    n_tokens = batch * tokens
+    return {"model": model_name, "params": n_params, "batch": batch, "tokens": tokens, "cfg": guidance is not None,
+            "kv_cache_seconds": cached, "kv_cache_tokens_per_sec": n_tokens / cached,
+            "recompute_seconds_est": recompute, "recompute_tokens_per_sec_est": n_tokens / recompute,
+            "speedup": recompute / cached, "compile_seconds": first_call,
+            "device": jax.local_devices()[0].device_kind}
+
+
+def _count(params) -> int:
+    import flax.linen as nn
+    import jax
+
+    return int(sum(x.size for x in jax.tree.leaves(nn.meta.unbox(params))))
+
+
+# ---------------------------------------------------------------------------------------------
 # command line
 
 
@@ -268,10 +345,13 @@ def _define_flags():
         flags.DEFINE_string("dtype", None,
                             "peak/step: matmul dtype for the peak (default: the config's compute dtype, else float32)")
         flags.DEFINE_integer("size", None, "peak: matmul size (default: grown until one matmul takes >= 20 ms)")
+        flags.DEFINE_list("models", ["GPT-B", "qwen2.5-0.5b"], "sample: GPT / LM variants to time")
+        flags.DEFINE_integer("tokens", 256, "sample: generated tokens per row")
+        flags.DEFINE_float("cfg_scale", 4.0, "sample: classifier-free guidance scale (1 = off)")
     return F
 
 
-_USAGE = "usage: python -m jaxunified.bench {aot,step,peak} [flags]; see the module docstring"
+_USAGE = "usage: python -m jaxunified.bench {aot,step,peak,sample} [flags]; see the module docstring"
 
 
 def _config_name() -> str:
@@ -289,7 +369,7 @@ def _main(argv):
     from absl import app
 
     F = _define_flags()
-    if len(argv) != 2 or argv[1] not in ("aot", "step", "peak"):
+    if len(argv) != 2 or argv[1] not in ("aot", "step", "peak", "sample"):
         raise app.UsageError(_USAGE)
     cmd = argv[1]
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -300,6 +380,16 @@ def _main(argv):
               f"({r['dtype']} {r['size']}x{r['size']} on {r['device']}, "
               f"best of 5, {1e3 * r['seconds']:.2f} ms per matmul)")
         print(_json_line({"command": "peak", **r}))
+        return
+
+    if cmd == "sample":
+        for m in F.models:
+            r = bench_sample(m, batch=F.batch_size or 8, tokens=F.tokens, cfg_scale=F.cfg_scale)
+            print(f"{m:14s} {r['params'] / 1e6:.0f}M params, batch {r['batch']}, {r['tokens']} tokens, "
+                  f"cfg {'on' if r['cfg'] else 'off'}: KV cache {r['kv_cache_tokens_per_sec']:.1f} tok/s "
+                  f"({r['kv_cache_seconds']:.2f} s), recompute ≈ {r['recompute_tokens_per_sec_est']:.1f} tok/s "
+                  f"({r['recompute_seconds_est']:.1f} s) → {r['speedup']:.1f}×")
+            print(_json_line({"command": "sample", **r}))
         return
 
     if F.config is None:

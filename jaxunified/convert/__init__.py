@@ -24,6 +24,7 @@ _LOADERS: dict[str, str] = {
     "dualtoken": "jaxunified.convert.dualtoken:load_dualtoken",
     "hf_qwen2": "jaxunified.convert.qwen2:load_hf_qwen2",
     "llamagen_gpt": "jaxunified.convert.llamagen_gpt:load_llamagen_gpt",
+    "rq_transformer": "jaxunified.convert.rq_transformer:load_rq_transformer",
 }
 
 

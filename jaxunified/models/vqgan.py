@@ -90,6 +90,11 @@ VARIANTS: dict[str, VQGANConfig] = {
         ch=16, ch_mult=(1, 2), num_res_blocks=1, decoder_num_res_blocks=1, z_channels=32, norm_groups=8,
         vq=VQConfig(codebook_size=512, embed_dim=8, l2_norm=True, update="ema", restart=True),
     ),
+    # 8×8 codes of 4×4 patches: the grid the shapes text-to-image GPT models (64 tokens an image).
+    "shapes-S8": VQGANConfig(
+        ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, decoder_num_res_blocks=1, z_channels=32, norm_groups=8,
+        vq=VQConfig(codebook_size=256, embed_dim=8, l2_norm=True, update="ema", restart=True),
+    ),
     "shapes-M": VQGANConfig(
         ch=64, ch_mult=(1, 1, 2), num_res_blocks=2, z_channels=64,
         vq=VQConfig(codebook_size=1024, embed_dim=8, l2_norm=True, update="ema", restart=True),

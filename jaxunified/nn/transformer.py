@@ -39,7 +39,12 @@ class Mlp(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """x + attn(ln1(x)); x + mlp(ln2(x)). Returns (x, x) so it can be the body of ``nn.scan``."""
+    """x + attn(ln1(x)); x + mlp(ln2(x)). Returns (x, x) so it can be the body of ``nn.scan``.
+
+    ``decode``: the attention keeps a KV cache (``MultiHeadAttention``), for GPT-style causal stacks.
+    ``dropout_rate`` > 0 drops each branch's output before its residual add (GPT-2's resid_pdrop)
+    when the call is not ``deterministic``; at 0 (the default) nothing is added.
+    """
 
     num_heads: int
     mlp_dim: int
@@ -47,15 +52,21 @@ class EncoderBlock(nn.Module):
     ln_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     causal_chunks: int = 1
+    decode: bool = False
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None):
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True):
+        attn = MultiHeadAttention(self.num_heads, self.dtype, self.causal_chunks, decode=self.decode, name="attn")
         y = layer_norm(self.ln_eps, "ln1")(x).astype(self.dtype)
-        x = x + MultiHeadAttention(self.num_heads, self.dtype, self.causal_chunks, name="attn")(y, mask=mask)
+        x = x + self._drop(attn(y, mask=mask), deterministic)
         y = layer_norm(self.ln_eps, "ln2")(x).astype(self.dtype)
-        x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)
+        x = x + self._drop(Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y), deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, x
+
+    def _drop(self, h: jax.Array, deterministic: bool) -> jax.Array:
+        return nn.Dropout(self.dropout_rate)(h, deterministic=deterministic) if self.dropout_rate > 0 else h
 
 
 class Encoder(nn.Module):

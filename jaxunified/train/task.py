@@ -19,6 +19,7 @@ TASKS = {
     "siglip": "jaxunified.train.siglip:SigLIPTask",
     "dualtoken": "jaxunified.train.dualtoken:DualTokenTask",
     "toklip": "jaxunified.train.toklip:TokLIPTask",
+    "ar": "jaxunified.train.ar:ARTask",
 }
 
 

@@ -1,0 +1,287 @@
+"""Task ``ar``: LlamaGen-style text-to-image — a GPT over a frozen VQ's codes, conditioned on a
+frozen text encoder's caption token states.
+
+    loss = CE(GPT(caption states, codes[:-1]), codes)        teacher forcing, raster order
+
+The caption states are the text tower's final-LayerNorm output at every position, pads included:
+a SigLIP text tower attends over its pads and pools the last one, so the last condition token —
+the one that predicts the first image token — carries the sentence. Caption dropout (the model's
+``class_dropout_prob``) swaps a row's states for the model's fixed ``uncond_embedding``, which is
+then the unconditional half of classifier-free guidance at sampling time.
+
+Parameters: only the GPT (``params["gpt"]``). The VQ (whose decoder turns sampled codes into
+images) and the text tower live in ``collections["frozen"]``; the GPT's non-trained
+``uncond_embedding`` in ``collections["gpt"]``. Training can read both frozen outputs from a
+cache built once per dataset (``data.cache_dir``; shapes has no augmentation).
+
+Evaluation: teacher-forced loss and token accuracy over the split, then CFG samples for the
+split's captions (or ``eval.prompts_file``) scored by shapes-GenEval per category, with a PNG
+grid of samples per category.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxunified.data import cache
+from jaxunified.data.pipeline import as_float_images, to_global
+from jaxunified.data.text import PIPELINE_FIELDS, make_tokenizer
+from jaxunified.eval import shapes_geneval
+from jaxunified.eval.images import image_grid, save_png
+from jaxunified.models import llamagen_gpt as gpt_lib
+from jaxunified.models import siglip as siglip_lib
+from jaxunified.models import vqgan as vqgan_lib
+from jaxunified.sample.llamagen import sample_images
+from jaxunified.sample.strategies import Categorical, Greedy, Guidance
+from jaxunified.train import frozen as frozen_parts
+from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
+
+CACHE_FIELDS = ("codes", "caption_states")
+_CACHE_DATA_FIELDS = ("name", "path", "captions_file", "data_dir", "resolution", "num_train", "num_test", "shapes_seed")
+
+
+def strategy_from(sc):
+    """The ``sample`` block's strategy: temperature 0 is greedy."""
+    if float(sc.temperature) == 0.0:
+        return Greedy()
+    return Categorical(temperature=float(sc.temperature), top_k=int(sc.top_k), top_p=float(sc.top_p))
+
+
+def guidance_from(sc) -> Guidance | None:
+    scale = float(sc.cfg_scale)
+    return None if scale == 1.0 else Guidance(scale, int(sc.get("cfg_interval", -1)))
+
+
+class ARTask(Task):
+    def __init__(self, config, mesh):
+        super().__init__(config, mesh)
+        self.vq, self._vq_vars = frozen_parts.load_vq(config.tokenizer)
+        siglip, sv = frozen_parts.load_siglip(config.text_encoder)
+        if siglip.cfg.text is None:
+            raise ValueError("text_encoder has no text tower")
+        self.text_cfg = siglip.cfg.text
+        self.text_tower = siglip_lib.TextTower(self.text_cfg)
+        self._text_params = sv["params"]["text"]
+        self.text_tokenizer = make_tokenizer(config.data.text)
+        if self.text_tokenizer.max_len > self.text_cfg.max_len:
+            raise ValueError(f"data.text.max_len={self.text_tokenizer.max_len} exceeds the text tower's "
+                             f"{self.text_cfg.max_len}")
+        self.model_cfg = self.gpt_config(config, self.vq.cfg, self.text_cfg, self.text_tokenizer.max_len)
+        self.model = gpt_lib.LlamaGenGPT(self.model_cfg)
+
+    @staticmethod
+    def gpt_config(config, vq_cfg, text_cfg, caption_len: int) -> gpt_lib.GPTConfig:
+        grid = int(config.data.resolution) // vq_cfg.downsample_factor
+        over = kwargs(config.model.get("overrides"))
+        return gpt_lib.variant(config.model.variant, **{
+            **over, "vocab_size": vq_cfg.vq.codebook_size, "block_size": grid * grid,
+            "cls_token_num": caption_len, "caption_dim": text_cfg.width})
+
+    @classmethod
+    def model_config(cls, config) -> gpt_lib.GPTConfig:
+        return cls(config, None).model_cfg
+
+    def export(self, params, collections):
+        return self.model, {"params": params["gpt"], **collections.get("gpt", {})}
+
+    # ---- variables ----
+    @property
+    def grid(self) -> int:
+        return int(self.config.data.resolution) // self.vq.cfg.downsample_factor
+
+    def dummy_batch(self):
+        r, b = int(self.config.data.resolution), int(self.config.data.batch_size)
+        return {"image": np.zeros((b, r, r, 3), np.float32),
+                "tokens": np.zeros((b, self.text_tokenizer.max_len), np.int32)}
+
+    def init_variables(self, rng, batch):
+        n = self.model_cfg.block_size
+        states = jnp.zeros((1, self.model_cfg.cls_token_num, self.model_cfg.caption_dim), jnp.float32)
+        boxed = self.model.init(rng, states, jnp.zeros((1, n - 1), jnp.int32))
+        gpt_colls = {k: nn.meta.unbox(v) for k, v in boxed.items() if k != "params"}
+        r = int(self.config.data.resolution)
+        vq_abs = jax.eval_shape(lambda: self.vq.init(jax.random.key(0), jnp.zeros((1, r, r, 3))))
+        t_abs = jax.eval_shape(lambda: self.text_tower.init(jax.random.key(0), jnp.zeros(
+            (1, self.text_tokenizer.max_len), jnp.int32)))["params"]
+        frozen = {"tokenizer": fill_boxes(vq_abs, self._vq_vars, "the frozen VQ tokenizer"),
+                  "text": fill_boxes(t_abs, self._text_params, "the frozen text tower")}
+        return {"gpt": boxed["params"]}, {"frozen": frozen, "gpt": gpt_colls}
+
+    def param_labels(self, params):
+        # One group; the frozen parts are collections. (The labelled path also lets optax's
+        # weight-decay mask see plain leaves rather than partitioning boxes.)
+        return {"gpt": jax.tree.map(lambda _: "gpt", params["gpt"])}
+
+    # ---- frozen work ----
+    def codes(self, frozen, batch) -> jax.Array:
+        """[B, h·w] int32 raster-order codes of the batch's images (or the cached ones)."""
+        if "codes" in batch:
+            return batch["codes"].reshape(batch["codes"].shape[0], -1).astype(jnp.int32)
+        _, codes, _ = self.vq.apply(frozen["tokenizer"], as_float_images(batch["image"]),
+                                    method=vqgan_lib.VQGAN.encode)
+        return jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1).astype(jnp.int32))
+
+    def caption_states(self, frozen, batch) -> jax.Array:
+        if "caption_states" in batch:
+            return batch["caption_states"].astype(jnp.float32)
+        return self.encode_text(frozen, batch["tokens"])
+
+    def encode_text(self, frozen, tokens) -> jax.Array:
+        out = self.text_tower.apply({"params": frozen["text"]}, tokens)
+        return jax.lax.stop_gradient(out["last_hidden"].astype(jnp.float32))
+
+    # ---- the step ----
+    def _gpt_vars(self, gpt_params, collections):
+        return {"params": gpt_params, **collections.get("gpt", {})}
+
+    def logits(self, gpt_params, collections, states, codes, *, train: bool, rng=None):
+        """Teacher-forced logits [B, h·w, V]: ``[:, i]`` predicts ``codes[:, i]``."""
+        rngs = {"dropout": rng} if rng is not None else None
+        out = self.model.apply(self._gpt_vars(gpt_params, collections), states, codes[:, :-1], train=train,
+                               rngs=rngs)
+        return out[:, self.model_cfg.cls_token_num - 1:]
+
+    def loss_and_metrics(self, gpt_params, collections, batch, rng=None, train=True):
+        frozen = collections["frozen"]
+        codes = self.codes(frozen, batch)
+        states = self.caption_states(frozen, batch)
+        logits = self.logits(gpt_params, collections, states, codes, train=train, rng=rng)
+        v = logits.shape[-1]
+        ls = float(self.config.loss.get("label_smoothing", 0.0))
+        targets = optax.smooth_labels(jax.nn.one_hot(codes, v), ls) if ls else jax.nn.one_hot(codes, v)
+        ce = optax.softmax_cross_entropy(logits, targets).mean(axis=-1)  # per example
+        acc = (jnp.argmax(logits, -1) == codes).mean(axis=-1)
+        return ce, acc
+
+    def grad_fn(self, params, collections, batch, rng, step, axis_name=None):
+        def loss_fn(p):
+            ce, acc = self.loss_and_metrics(p, collections, batch, rng)
+            loss = ce.mean()
+            return loss, {"loss": loss, "token_acc": acc.mean(), "perplexity": jnp.exp(loss)}
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params["gpt"])
+        return {"gpt": grads}, collections, metrics
+
+    # ---- data ----
+    def build_dataset(self, split: str):
+        cache_dir = self.config.data.get("cache_dir") or ""
+        if split != "train" or not cache_dir:
+            return super().build_dataset(split)
+        key = self.cache_key()
+        path = cache.cache_path(cache_dir, split, key, prefix="ar")
+        if not path.exists():
+            if not self.config.data.get("build_cache", False):
+                raise FileNotFoundError(f"no ar cache at {path}; set data.build_cache=True")
+            self.precompute_cache(split, path)
+        return cache.cached_dataset(self.config.data, split, self.mesh, path, pixel_fields=("codes",),
+                                    token_field="caption_states")
+
+    def cache_key(self) -> str:
+        d = self.config.data
+        text = {k: v for k, v in d.text.to_dict().items() if k not in PIPELINE_FIELDS}
+        return cache.digest([nn.meta.unbox(self._vq_vars), nn.meta.unbox(self._text_params)],
+                            (self.vq.cfg, self.text_cfg, [d.get(k) for k in _CACHE_DATA_FIELDS], text))
+
+    def precompute_cache(self, split: str, path, batch_size: int = 256):
+        frozen = {"tokenizer": nn.meta.unbox(self._vq_vars), "text": nn.meta.unbox(self._text_params)}
+        g = self.grid
+        step = jax.jit(lambda fr, b: {"codes": self.codes(fr, b).reshape(-1, g, g),
+                                      "caption_states": self.caption_states(fr, b)})
+        cache.write_cache(lambda b: step(frozen, b), self.config.data, split, path, batch_size=batch_size)
+        return path
+
+    # ---- evaluation ----
+    def decode_images(self, frozen, codes) -> jax.Array:
+        g = self.grid
+        return jnp.clip(self.vq.apply(frozen["tokenizer"], codes.reshape(-1, g, g),
+                                      method=vqgan_lib.VQGAN.decode_codes), -1.0, 1.0)
+
+    def sample(self, gpt_params, collections, captions, *, key, batch_size: int = 0):
+        """Images [N, H, W, 3] in [-1, 1] and codes [N, h·w] for ``captions`` (CFG per ``config.sample``)."""
+        sc = self.config.sample
+        frozen = collections["frozen"]
+        variables = self._gpt_vars(gpt_params, collections)
+        strategy, guidance = strategy_from(sc), guidance_from(sc)
+        bs = batch_size or int(self.config.data.get("eval_batch_size", 64))
+        encode = jax.jit(self.encode_text)
+        decode = jax.jit(self.decode_images)
+        images, codes = [], []
+        for i in range(0, len(captions), bs):
+            chunk = list(captions[i:i + bs])
+            n = len(chunk)
+            chunk += [chunk[-1]] * (bs - n)  # one compiled shape
+            states = encode(frozen, jnp.asarray(self.text_tokenizer.encode(chunk)))
+            c = sample_images(self.model, variables, states, num_tokens=self.model_cfg.block_size,
+                              strategy=strategy, key=jax.random.fold_in(key, i), guidance=guidance)
+            images.append(np.asarray(decode(frozen, c))[:n])
+            codes.append(np.asarray(c)[:n])
+        return np.concatenate(images), np.concatenate(codes)
+
+    def _eval_batches(self, split):
+        _, data = cache.in_order_batches(self.config.data, split, int(self.config.data.get("eval_batch_size", 64)))
+        return data
+
+    def evaluate(self, state, split, workdir, step) -> dict:
+        gpt_params = eval_params(state)["gpt"]
+        colls = state.collections
+        limit = self.eval_num_examples()
+
+        @jax.jit
+        def tf_step(p, c, batch, mask):
+            ce, acc = self.loss_and_metrics(p, c, batch, train=False)
+            return (ce * mask).sum(), (acc * mask).sum(), mask.sum()
+
+        tot = np.zeros(3)
+        captions: list[str] = []
+        with jax.set_mesh(self.mesh):
+            for host in self._eval_batches(split):
+                mask = np.asarray(host["mask"], np.float32)
+                if limit:  # exactly the first ``limit`` examples
+                    mask = mask * (np.cumsum(mask) <= limit - tot[2])
+                captions += [str(c) for c, m in zip(host["caption"], mask) if m]
+                b = to_global({"image": host["image"], "tokens": host["tokens"]}, self.mesh)
+                tot += np.asarray(jax.device_get(tf_step(gpt_params, colls, b, jnp.asarray(mask))), np.float64)
+                if limit and tot[2] >= limit:
+                    break
+        n = max(tot[2], 1.0)
+        out = {"val_loss": tot[0] / n, "val_token_acc": tot[1] / n, "num_examples": tot[2]}
+
+        prompts_file = self.config.eval.get("prompts_file") or ""
+        if prompts_file:
+            captions = [ln.strip() for ln in pathlib.Path(prompts_file).expanduser().read_text().splitlines()
+                        if ln.strip()]
+        k = int(self.config.eval.get("num_samples", 0)) or len(captions)
+        captions = captions[:k]
+        images, _ = self.sample(gpt_params, colls, captions, key=jax.random.key(int(self.config.sample.seed)))
+        report = shapes_geneval.evaluate(images, captions)
+        out.update(_geneval_metrics(report))
+        if workdir is not None and jax.process_index() == 0:
+            self._write_samples(pathlib.Path(workdir), split, step, images, captions, report)
+        return out
+
+    def _write_samples(self, workdir, split, step, images, captions, report):
+        per = int(self.config.eval.get("grid_per_category", 16))
+        results = report["results"]
+        for cat in shapes_geneval.CATEGORIES:
+            idx = [i for i, r in enumerate(results) if cat in r.categories][:per]
+            if idx:
+                save_png(workdir / f"samples_{split}_{step:07d}_{cat}.png",
+                         image_grid(images[idx], ncol=min(8, len(idx))), upscale=4)
+        rows = [{"caption": c, "passed": bool(r.passed), "categories": list(r.categories), "reason": r.reason}
+                for c, r in zip(captions, results)]
+        (workdir / f"samples_{split}_{step:07d}.json").write_text(json.dumps(rows, indent=0))
+
+
+def _geneval_metrics(report) -> dict:
+    out = {"geneval_overall": float(report["overall"]), "geneval_caption_pass": float(report["caption_pass_rate"])}
+    for cat in shapes_geneval.CATEGORIES:
+        if cat in report["per_category"]:
+            out[f"geneval_{cat}"] = float(report["per_category"][cat])
+    return out

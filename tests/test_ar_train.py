@@ -1,0 +1,99 @@
+"""Task ``ar``: cached batches give the image batch's loss, only the GPT trains while the frozen
+VQ and text tower stay bit-identical, and a tiny run trains, samples, scores and loads back."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxunified.data import cache
+from jaxunified.parallel import mesh as meshlib
+from jaxunified.train import ar as A
+from jaxunified.train import loop as looplib
+from tests import helpers
+from tests.helpers import one_step
+
+
+def tiny_config(**kw):
+    return helpers.tiny_config("ar", **kw)
+
+
+@pytest.fixture(scope="module")
+def task():
+    t = A.ARTask(tiny_config(), meshlib.make_mesh((1, -1, 1)))
+    batch = t.dummy_batch()
+    params, colls = jax.jit(lambda k: t.init_variables(k, batch))(jax.random.key(0))
+    return t, nn.meta.unbox(params)["gpt"], nn.meta.unbox(colls)
+
+
+def test_cached_batch_gives_the_image_batch_loss(task, tmp_path):
+    t, gpt, colls = task
+    source, data = cache.in_order_batches(t.config.data, "train", 16)
+    host = next(data)
+    images = {"image": jnp.asarray(host["image"]), "tokens": jnp.asarray(host["tokens"])}
+    path = t.precompute_cache("train", tmp_path / "ar.npz")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    g = t.grid
+    assert arrays["codes"].shape == (256, g, g) and arrays["caption_states"].shape[:2] == (256, 16)
+    _, cached_data = cache.in_order_batches(t.config.data, "train", 16, source=cache.CachedSource(source, arrays))
+    cached = next(cached_data)
+    assert "image" not in cached
+    cached = {k: jnp.asarray(cached[k]) for k in A.CACHE_FIELDS}
+    loss = jax.jit(lambda p, b: t.loss_and_metrics(p, colls, b, train=False))
+    (ce_a, acc_a), (ce_b, acc_b) = loss(gpt, images), loss(gpt, cached)
+    np.testing.assert_allclose(ce_b, ce_a, rtol=1e-6)
+    np.testing.assert_array_equal(acc_b, acc_a)
+
+
+def test_step_trains_only_the_gpt_and_frozen_parts_stay_bit_identical(task):
+    t, _, colls = task
+    config = tiny_config()
+    b = t.dummy_batch()
+    b["image"] = np.random.default_rng(0).uniform(-1, 1, b["image"].shape).astype(np.float32)
+    params, new_colls, metrics = one_step(config, jax.devices(), b)
+    assert set(params) == {"gpt"}
+    assert np.isfinite(metrics["loss"])
+    before = jax.tree.leaves(colls["frozen"])
+    after = jax.tree.leaves(new_colls["frozen"])
+    assert len(before) == len(after)
+    for x, y in zip(before, after):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(colls["gpt"]), jax.tree.leaves(new_colls["gpt"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # the uncond embedding is not trained
+
+
+@pytest.mark.slow
+def test_tiny_run_trains_samples_scores_and_loads_back(tmp_path):
+    from jaxunified.train.evaluate import evaluate_run
+    from jaxunified.train.runs import load_run
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nthree blue squares\n")
+    config = tiny_config(total_steps=8, **{"optim.lr": 3e-3})
+    looplib.Trainer(config, tmp_path).run()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["split"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
+    evals = [x for x in lines if x["split"] == "eval"]
+    assert {"val_loss", "val_token_acc", "geneval_overall", "geneval_colors"} <= set(evals[-1])
+    again = evaluate_run(config, tmp_path)
+    assert again["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
+    assert again["geneval_overall"] == pytest.approx(evals[-1]["geneval_overall"])  # fixed sampling seed
+    assert list(tmp_path.glob("samples_test_*_colors.png"))
+    rows = json.loads(next(tmp_path.glob("samples_test_*.json")).read_text())
+    assert len(rows) == 16 and {"caption", "passed", "reason"} <= set(rows[0])
+
+    with_prompts = helpers.override(tiny_config(total_steps=8), **{"eval.prompts_file": str(prompts)})
+    out = evaluate_run(with_prompts, tmp_path)
+    assert out["geneval_overall"] >= 0.0
+    rows = json.loads(sorted(tmp_path.glob("samples_test_*.json"))[-1].read_text())
+    assert [r["caption"] for r in rows] == ["a red circle", "three blue squares"]
+
+    _, model, variables = load_run(tmp_path)
+    states = jnp.zeros((1, model.config.cls_token_num, model.config.caption_dim))
+    logits = model.apply(variables, states, jnp.zeros((1, 3), jnp.int32))
+    assert logits.shape[-1] == model.config.vocab_size
