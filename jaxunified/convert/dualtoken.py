@@ -177,6 +177,10 @@ def _find_prefix(sd: Mapping[str, np.ndarray]) -> str:
     raise CheckpointMismatchError(f"no '{anchor}' key: this does not look like a DualToken RQVAESiglipModel state dict")
 
 
+def _norm(path: str, kind: str) -> str:
+    return f"{path}/{'scale' if kind == 'weight' else 'bias'}"
+
+
 def _decoder_path(rest: str, levels: int) -> str:
     rest = re.sub(r"^mid\.block_1", "mid_0", rest)
     rest = re.sub(r"^mid\.attn_1", "mid_1", rest)
@@ -191,6 +195,24 @@ def _decoder_path(rest: str, levels: int) -> str:
     return rest.replace(".", "/")
 
 
+def taming_decoder_rule(levels: int):
+    """The rule for a taming / kakaobrain VQGAN decoder's ``decoder.(rest).(weight|bias)`` keys →
+    ``params/decoder/...`` of ``models.vqgan``'s decoder (RQ-VAE and DualToken share it)."""
+
+    def dec(m, w):
+        rest, kind = m.group(1), m.group(2)
+        path = "params/decoder/" + _decoder_path(rest, levels)
+        if re.search(r"(norm\d?|norm_out)$", rest):
+            return _norm(path, kind), w
+        if kind == "bias":
+            return path + "/bias", w
+        if re.search(r"(mid_1|attn_\d+)/(q|k|v|proj_out)$", path):
+            return path + "/kernel", conv1x1_as_dense(w)
+        return path + "/kernel", conv_kernel(w)
+
+    return dec
+
+
 def _rules(cfg: DualTokenConfig):
     levels = len(cfg.decoder.ch_mult)
     width = cfg.siglip.vision.width
@@ -202,8 +224,7 @@ def _rules(cfg: DualTokenConfig):
     def leaf(kind: str) -> str:
         return {"weight": "kernel", "bias": "bias"}[kind]
 
-    def norm(path: str, kind: str) -> str:
-        return f"{path}/{'scale' if kind == 'weight' else 'bias'}"
+    norm = _norm
 
     def proj_qkv(m, w):
         h = heads(m.group(1))
@@ -230,16 +251,7 @@ def _rules(cfg: DualTokenConfig):
             return norm(f"params/post_quant_conv/{name}", kind), w
         return f"params/post_quant_conv/{name}/{leaf(kind)}", conv_kernel(w) if kind == "weight" else w
 
-    def dec(m, w):
-        rest, kind = m.group(1), m.group(2)
-        path = "params/decoder/" + _decoder_path(rest, levels)
-        if re.search(r"(norm\d?|norm_out)$", rest):
-            return norm(path, kind), w
-        if kind == "bias":
-            return path + "/bias", w
-        if re.search(r"(mid_1|attn_\d+)/(q|k|v|proj_out)$", path):
-            return path + "/kernel", conv1x1_as_dense(w)
-        return path + "/kernel", conv_kernel(w)
+    dec = taming_decoder_rule(levels)
 
     return [
         (rf"{_PROJ}\.attn\.qkv\.weight", proj_qkv),

@@ -48,7 +48,6 @@ from jaxunified.convert.common import (
     apply_rules,
     attn_out_kernel,
     check_and_build,
-    conv1x1_as_dense,
     conv_kernel,
     linear_kernel,
     qkv_bias,
@@ -57,7 +56,7 @@ from jaxunified.convert.common import (
     resolve_config,
     strip_prefix,
 )
-from jaxunified.convert.dualtoken import _decoder_path
+from jaxunified.convert.dualtoken import taming_decoder_rule
 from jaxunified.models.depth_head import (
     VARIANTS,
     RQTransformer,
@@ -294,16 +293,7 @@ def load_rqvae_decoder(path, config: Mapping | str) -> tuple[RQVAEDecoder, dict]
     book = codebook_from_rqvae(sd, n_embed, shared, what=f"RQ-VAE checkpoint {path}")
     levels = len(cfg.ch_mult)
 
-    def dec(m, w):
-        rest, kind = m.group(1), m.group(2)
-        p = "params/decoder/" + _decoder_path(rest, levels)
-        if re.search(r"(norm\d?|norm_out)$", rest):
-            return _norm(p, kind), w
-        if kind == "bias":
-            return p + "/bias", w
-        if re.search(r"(mid_1|attn_\d+)/(q|k|v|proj_out)$", p):
-            return p + "/kernel", conv1x1_as_dense(w)
-        return p + "/kernel", conv_kernel(w)
+    dec = taming_decoder_rule(levels)
 
     def pqc(m, w):
         if m.group(1) == "weight":
