@@ -249,7 +249,8 @@ def test_causal_stem_stays_causal_and_prefix_exact():
     for j, new in enumerate(changed):
         np.testing.assert_array_equal(new[:, :j], base[:, :j])
         assert np.abs(new[:, j] - base[:, j]).max() > 0
-    np.testing.assert_allclose(np.asarray(run(variables, codes[:, :7])), base[:, :7], atol=1e-6)
+    # A 7-token program sums in another order than the 16-token one: float32 rounding, ~1e-6 at |x| ≈ 1.
+    np.testing.assert_allclose(np.asarray(run(variables, codes[:, :7])), base[:, :7], atol=1e-5)
     # Below the ViT: the stem's output at (1, 1) depends on (0, 2), the row above, right of it.
     emb = jax.jit(lambda v, c: model.apply(v, c, (4, 4), method=T.TokLIP.embed_codes))
     shifted = codes.at[:, 2].set((codes[:, 2] + 1) % 64)
