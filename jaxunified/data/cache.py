@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunified.data import pipeline
+from jaxunified.data.text import PIPELINE_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,20 @@ def digest(trees: Iterable[Any], extra: Any) -> str:
             h.update(a.tobytes())
     h.update(repr(extra).encode())
     return h.hexdigest()[:16]
+
+
+# The data fields that decide which records (and pixels) a cache holds.
+DATA_KEY_FIELDS = ("name", "path", "captions_file", "data_dir", "resolution", "num_train", "num_test", "shapes_seed")
+
+
+def dataset_key(data_cfg, trees: Iterable[Any], configs: tuple) -> str:
+    """The key of a cache of frozen outputs: the frozen weights ``trees``, their ``configs``, the
+    data fields that pick the records and the caption tokenizer (less its per-step pipeline
+    fields, e.g. hard negatives, which are never cached). A retrained frozen part, another
+    dataset or tokenizer never reads a stale cache."""
+    text = data_cfg.get("text")
+    text = None if text is None else {k: v for k, v in text.to_dict().items() if k not in PIPELINE_FIELDS}
+    return digest(trees, (*configs, [data_cfg.get(k) for k in DATA_KEY_FIELDS], text))
 
 
 def in_order_batches(data_cfg, split: str, batch_size: int, source=None):

@@ -32,7 +32,7 @@ import optax
 
 from jaxunified.data import cache
 from jaxunified.data.pipeline import as_float_images, to_global
-from jaxunified.data.text import PIPELINE_FIELDS, make_tokenizer
+from jaxunified.data.text import make_tokenizer
 from jaxunified.eval import shapes_geneval
 from jaxunified.eval.images import image_grid, save_png
 from jaxunified.models import llamagen_gpt as gpt_lib
@@ -44,7 +44,6 @@ from jaxunified.train import frozen as frozen_parts
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
 CACHE_FIELDS = ("codes", "caption_states")
-_CACHE_DATA_FIELDS = ("name", "path", "captions_file", "data_dir", "resolution", "num_train", "num_test", "shapes_seed")
 
 
 def strategy_from(sc):
@@ -171,23 +170,12 @@ class ARTask(Task):
 
     # ---- data ----
     def build_dataset(self, split: str):
-        cache_dir = self.config.data.get("cache_dir") or ""
-        if split != "train" or not cache_dir:
-            return super().build_dataset(split)
-        key = self.cache_key()
-        path = cache.cache_path(cache_dir, split, key, prefix="ar")
-        if not path.exists():
-            if not self.config.data.get("build_cache", False):
-                raise FileNotFoundError(f"no ar cache at {path}; set data.build_cache=True")
-            self.precompute_cache(split, path)
-        return cache.cached_dataset(self.config.data, split, self.mesh, path, pixel_fields=("codes",),
-                                    token_field="caption_states")
+        return self.cached_train_dataset(split, "ar", self.cache_key, lambda path, _: self.precompute_cache(split, path),
+                                         pixel_fields=("codes",), token_field="caption_states")
 
     def cache_key(self) -> str:
-        d = self.config.data
-        text = {k: v for k, v in d.text.to_dict().items() if k not in PIPELINE_FIELDS}
-        return cache.digest([nn.meta.unbox(self._vq_vars), nn.meta.unbox(self._text_params)],
-                            (self.vq.cfg, self.text_cfg, [d.get(k) for k in _CACHE_DATA_FIELDS], text))
+        return cache.dataset_key(self.config.data, [nn.meta.unbox(self._vq_vars), nn.meta.unbox(self._text_params)],
+                                 (self.vq.cfg, self.text_cfg))
 
     def precompute_cache(self, split: str, path, batch_size: int = 256):
         frozen = {"tokenizer": nn.meta.unbox(self._vq_vars), "text": nn.meta.unbox(self._text_params)}

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxunified.data import cache
 from jaxunified.data.pipeline import build_dataset
 
 # task name -> "module:Class". Looked up by name so that a task taking a sub-model from another
@@ -69,6 +70,23 @@ class Task:
     def build_dataset(self, split: str):
         """The run's host batches for ``split``; tasks with cached inputs (TokLIP codes) override it."""
         return build_dataset(self.config.data, split, self.mesh)
+
+    def cached_train_dataset(self, split: str, prefix: str, key_fn, build, **fields):
+        """``split``'s batches from a cache of frozen outputs in ``data.cache_dir`` (training only;
+        other splits, or no cache_dir, read the data). The cache is named by ``key_fn()`` (a digest
+        of the frozen weights, so only computed here); a missing one is built by ``build(path, key)``
+        when ``data.build_cache``, else an error. ``fields`` go to ``cache.cached_dataset``."""
+        cache_dir = self.config.data.get("cache_dir") or ""
+        if split != "train" or not cache_dir:
+            return Task.build_dataset(self, split)
+        key = key_fn()
+        path = cache.cache_path(cache_dir, split, key, prefix=prefix)
+        if not path.exists():
+            if not self.config.data.get("build_cache", False):
+                raise FileNotFoundError(f"no {prefix} cache at {path}; build it with {type(self).__name__}"
+                                        ".precompute_cache or set data.build_cache=True")
+            build(path, key)
+        return cache.cached_dataset(self.config.data, split, self.mesh, path, **fields)
 
     def evaluate(self, state, split: str, workdir, step: int) -> dict:
         raise NotImplementedError

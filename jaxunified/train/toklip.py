@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunified.data import cache
-from jaxunified.data.text import PIPELINE_FIELDS, make_tokenizer
+from jaxunified.data.text import make_tokenizer
 from jaxunified.eval.image_text import encoder_pair, evaluate_image_text
 from jaxunified.losses import contrastive, distill
 from jaxunified.models import siglip as siglip_lib
@@ -49,8 +49,6 @@ from jaxunified.train import frozen as frozen_parts
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
 CACHE_FIELDS = ("codes", "teacher_embeds", "text_embeds")
-# The data fields that decide which records (and pixels) a cache holds.
-_CACHE_DATA_FIELDS = ("name", "path", "captions_file", "data_dir", "resolution", "num_train", "num_test", "shapes_seed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,17 +244,9 @@ class TokLIPTask(Task):
     # ---- data ----
     def build_dataset(self, split: str):
         """The run's batches: images, or the cache in ``data.cache_dir`` (``precompute_cache``) for training."""
-        cache_dir = self.config.data.get("cache_dir") or ""
-        if split != "train" or not cache_dir:
-            return super().build_dataset(split)
-        key = self.cache_key()
-        path = cache.cache_path(cache_dir, split, key)
-        if not path.exists():
-            if not self.config.data.get("build_cache", False):
-                raise FileNotFoundError(f"no TokLIP cache at {path}; build it with TokLIPTask.precompute_cache "
-                                        "or set data.build_cache=True")
-            self.precompute_cache(self.frozen_params(), split, cache_dir, key=key)
-        return cache.cached_dataset(self.config.data, split, self.mesh, path)
+        return self.cached_train_dataset(
+            split, "toklip", self.cache_key,
+            lambda path, key: self.precompute_cache(self.frozen_params(), split, path.parent, key=key))
 
     def frozen_params(self) -> dict:
         """The frozen tokenizer and teacher, host-resident (what ``collections["frozen"]`` holds)."""
@@ -266,13 +256,8 @@ class TokLIPTask(Task):
         """A digest of what the cached values depend on: the frozen weights (default the task's own),
         their configs and the data fields that pick the records (a retrained teacher or tokenizer
         never reads a stale cache)."""
-        d = self.config.data
-        text = d.get("text")
-        # Hard negatives are drawn per step, never cached: they do not key the cache.
-        text = None if text is None else {k: v for k, v in text.to_dict().items() if k not in PIPELINE_FIELDS}
         frozen = self.frozen_params() if frozen is None else frozen
-        return cache.digest([nn.meta.unbox(frozen)],
-                            (self.vq_cfg, self.teacher_cfg, [d.get(k) for k in _CACHE_DATA_FIELDS], text))
+        return cache.dataset_key(self.config.data, [nn.meta.unbox(frozen)], (self.vq_cfg, self.teacher_cfg))
 
     def precompute_cache(self, frozen, split: str = "train", cache_dir=None, fields: tuple[str, ...] = CACHE_FIELDS,
                          batch_size: int = 256, key: str | None = None):
