@@ -168,7 +168,7 @@ def test_kv_cache_prefill_then_steps_equals_full_recompute():
     mha = MultiHeadAttention(6, num_kv_heads=2, rope_theta=1e4)
     cache = _decode_matches_full(mha, x, prefill=3)
     shapes = _shapes(cache)
-    assert shapes["cached_key"] == shapes["cached_value"] == (2, 7, 2, 8)  # kv heads, not repeated
+    assert shapes["cached_key"] == shapes["cached_value"] == (2, 2, 7, 8)  # [B, kv heads (not repeated), slots, D]
     assert int(cache["cache_index"]) == 7
 
 

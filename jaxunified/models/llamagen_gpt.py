@@ -315,7 +315,7 @@ class LlamaGenGPT(nn.Module):
             return None
         leaves = [x for p, x in jax.tree_util.tree_flatten_with_path(self.variables["cache"])[0]
                   if getattr(p[-1], "key", None) == "cached_key"]
-        return leaves[0].shape[-3] if leaves else None
+        return leaves[0].shape[-2] if leaves else None  # [.., B, Hkv, max_len, D]
 
     def _blocks(self, h, mask, rotary, train: bool):
         if self.config.scan_layers:

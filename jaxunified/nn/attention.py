@@ -14,8 +14,9 @@ only the keys up to its own end: the same result from (n+1)/2n of the score work
 TokLIP's causal tower is about half of a CPU train step (the [B, H, L, L] scores at L = 256).
 
 ``decode=True`` is flax's autoregressive-cache pattern: the first call (``init``) only creates
-static [B, max_len, Hkv, D] key/value buffers, sized by that call's input length, in the
-"cache" collection; every later call (``apply(..., mutable=["cache"])``) writes its T new
+static [B, Hkv, max_len, D] key/value buffers, sized by that call's input length, in the
+"cache" collection (heads before slots: XLA:CPU would otherwise transpose the whole cache of
+every layer at every step to feed its dot, 17× the attention time of GPT-B's decode); every later call (``apply(..., mutable=["cache"])``) writes its T new
 keys/values at ``cache_index`` and attends causally over the filled prefix. A T-token prefill
 and then one-token steps give the full causal recompute's outputs. Writes past ``max_len`` are
 clamped by ``dynamic_update_slice`` (under jit nobody can raise), so the caller bounds its steps.
@@ -79,6 +80,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
         logits = jnp.where(_grouped_mask(mask, kv_heads), logits, neg)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhgqk,bkhd->bqhgd", weights, v).reshape(b, lq, heads, d)
+
+
+def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``attend`` against heads-major cache buffers k/v [B, Hkv, S, D]; q [B, Lq, H, D]."""
+    heads, kv_heads = q.shape[2], k.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not split into groups over {kv_heads} key/value heads")
+    b, lq, _, d = q.shape
+    qg = q.reshape(b, lq, kv_heads, heads // kv_heads, d)
+    logits = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32) * np.float32(d ** -0.5)
+    if mask is not None:
+        logits = jnp.where(_grouped_mask(mask, kv_heads), logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhgqk,bhkd->bqhgd", weights, v).reshape(b, lq, heads, d)
 
 
 def attend_causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask, chunks: int) -> jax.Array:
@@ -169,7 +184,7 @@ class MultiHeadAttention(nn.Module):
 
         if self.decode:
             k, v, mask = self._update_cache(cache, k, v, mask, start)
-            out = attend(q, k, v, mask)
+            out = attend_cached(q, k, v, mask)
         elif mask is not None and self.causal_chunks > 1:
             out = attend_causal_blocks(q, k, v, mask, self.causal_chunks)
         else:
@@ -190,9 +205,10 @@ class MultiHeadAttention(nn.Module):
         else:
             raise ValueError("decode=True needs a 'cache' collection: init the model with decode=True on an "
                              "input of max_len tokens and pass variables['cache'] to apply(..., mutable=['cache'])")
+        shape = (k.shape[0], k.shape[2], k.shape[1], k.shape[3])  # [B, Hkv, max_len, D]
         cache = {
-            "key": self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype),
-            "value": self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype),
+            "key": self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype),
+            "value": self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype),
             "index": self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32)),
         }
         return None if created else cache
@@ -202,13 +218,14 @@ class MultiHeadAttention(nn.Module):
         length = k.shape[1]
         if cache is None:  # init: attend over this call's own tokens, causally
             cmask = causal_mask(length)
-            return k, v, cmask if mask is None else jnp.logical_and(mask, cmask)
-        max_len = cache["key"].value.shape[1]
+            return jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), cmask if mask is None else jnp.logical_and(mask, cmask)
+        max_len = cache["key"].value.shape[2]
         if not isinstance(start, jax.core.Tracer) and int(start) + length > max_len:
             raise ValueError(f"KV cache overflow: {int(start)} cached + {length} new tokens > max_len {max_len}")
-        at = (0, start, 0, 0)
-        k = jax.lax.dynamic_update_slice(cache["key"].value, k.astype(cache["key"].value.dtype), at)
-        v = jax.lax.dynamic_update_slice(cache["value"].value, v.astype(cache["value"].value.dtype), at)
+        at = (0, 0, start, 0)
+        heads_major = lambda x, buf: jnp.swapaxes(x, 1, 2).astype(buf.dtype)  # noqa: E731
+        k = jax.lax.dynamic_update_slice(cache["key"].value, heads_major(k, cache["key"].value), at)
+        v = jax.lax.dynamic_update_slice(cache["value"].value, heads_major(v, cache["value"].value), at)
         cache["key"].value, cache["value"].value = k, v
         cache["index"].value = start + length
         qpos = start + jnp.arange(length)
