@@ -10,11 +10,12 @@ Presets (the argument after the colon):
       python train.py --config configs/ar.py:shapes     --workdir runs/ar_shapes
       python eval.py  --config configs/ar.py:shapes     --workdir runs/ar_shapes
   Target: ≤ 20 minutes on 2 CPU cores; shapes-GenEval single object ≥ 0.90, colours ≥ 0.80, overall ≥ 0.50.
-  Measured: 16 min 16 s for the train command on 2 cores (1600 steps at ≈ 1.8 steps/s, the cache
-  of codes and caption states built first, final eval included), 33 s for eval. eval_test.json
-  (1000 test captions, CFG 3, temperature 1): val loss 2.35, token accuracy 34.5%, GenEval overall
-  0.12 — single object 0.21, two objects 0.03, counting 0.07, colours 0.39, position 0.00, colour
-  attribution 0.03 (the targets are not met; the VQ's own reconstructions score 0.77 overall).
+  Measured: 18 min 12 s for the train command on 2 cores (1600 steps, the cache of codes and
+  caption states built first, final eval included; benchmarks shared the cores), 25 s for eval.
+  eval_test.json (1000 test captions, CFG 2, top-k 3): val loss 1.13, token accuracy 61%,
+  GenEval overall 0.22 — single object 0.48, two objects 0.07, counting 0.15, colours 0.60,
+  position 0.00, colour attribution 0.03 (the targets are not met; the VQ's own reconstructions
+  score 0.73 overall).
 * ``tiny`` (also ``runlocal``) — a seconds-long smoke run with an untrained tokenizer and text tower (tests).
 
 Sampling for eval (``sample.*``): CFG scale, temperature, top-k, top-p, LlamaGen's
@@ -103,8 +104,8 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.optim.lr = 1e-3
         c.optim.warmup_steps = 100
         c.optim.weight_decay = 0.05
-        c.sample.cfg_scale = 3.0
-        c.sample.top_k = 0
+        c.sample.cfg_scale = 2.0
+        c.sample.top_k = 3
         c.sample.temperature = 1.0
         c.eval.num_examples = 1000
     elif arg in ("tiny", "runlocal"):

@@ -91,9 +91,13 @@ VARIANTS: dict[str, VQGANConfig] = {
         vq=VQConfig(codebook_size=512, embed_dim=8, l2_norm=True, update="ema", restart=True),
     ),
     # 8×8 codes of 4×4 patches: the grid the shapes text-to-image GPT models (64 tokens an image).
+    # No dead-code restart: restarts re-seed codes mostly at background latents (79% of patches),
+    # so plain background came out as 220 interchangeable codes (code entropy 5.2 nats) that the
+    # GPT must guess; without restart ≈ 22% of the entries live, background takes ~30 codes
+    # (entropy 2.8 nats) and the GPT's loss halves (2.35 → 1.13) at the same PSNR (33.7 → 32.7).
     "shapes-S8": VQGANConfig(
         ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, decoder_num_res_blocks=1, z_channels=32, norm_groups=8,
-        vq=VQConfig(codebook_size=256, embed_dim=8, l2_norm=True, update="ema", restart=True),
+        vq=VQConfig(codebook_size=256, embed_dim=8, l2_norm=True, update="ema", restart=False),
     ),
     "shapes-M": VQGANConfig(
         ch=64, ch_mult=(1, 1, 2), num_res_blocks=2, z_channels=64,
