@@ -16,9 +16,10 @@ TokLIP's causal tower is about half of a CPU train step (the [B, H, L, L] scores
 ``decode=True`` is flax's autoregressive-cache pattern: the first call (``init``) only creates
 static [B, Hkv, max_len, D] key/value buffers, sized by that call's input length, in the
 "cache" collection (heads before slots: XLA:CPU would otherwise transpose the whole cache of
-every layer at every step to feed its dot, 17× the attention time of GPT-B's decode); every later call (``apply(..., mutable=["cache"])``) writes its T new
-keys/values at ``cache_index`` and attends causally over the filled prefix. A T-token prefill
-and then one-token steps give the full causal recompute's outputs. Writes past ``max_len`` are
+every layer at every step to feed its dot, 17× the attention time of GPT-B's decode); every
+later call (``apply(..., mutable=["cache"])``) writes its T new keys/values at ``cache_index``
+and attends causally over the filled prefix. A T-token prefill and then one-token steps give
+the full causal recompute's outputs. Writes past ``max_len`` are
 clamped by ``dynamic_update_slice`` (under jit nobody can raise), so the caller bounds its steps.
 """
 
@@ -59,41 +60,30 @@ def _grouped_mask(mask: jax.Array, kv_heads: int) -> jax.Array:
     return mask.reshape(mask.shape[0], kv_heads, -1, *mask.shape[2:])
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """softmax(q·k/√d, masked) · v for q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (H a multiple of Hkv)."""
-    heads, kv_heads = q.shape[2], k.shape[2]
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+           heads_major: bool = False) -> jax.Array:
+    """softmax(q·k/√d, masked) · v for q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (H a multiple of Hkv),
+    or k/v [B, Hkv, Lk, D] with ``heads_major`` (the decode cache's layout)."""
+    kv = "bhkd" if heads_major else "bkhd"
+    heads, kv_heads = q.shape[2], k.shape[1 if heads_major else 2]
     scale = np.float32(q.shape[-1] ** -0.5)
     neg = jnp.finfo(jnp.float32).min
     if heads == kv_heads:
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32)
         logits = logits * scale
         if mask is not None:
             logits = jnp.where(mask, logits, neg)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return jnp.einsum(f"bhqk,{kv}->bqhd", weights, v)
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not split into groups over {kv_heads} key/value heads")
     b, lq, _, d = q.shape
     qg = q.reshape(b, lq, kv_heads, heads // kv_heads, d)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum(f"bqhgd,{kv}->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         logits = jnp.where(_grouped_mask(mask, kv_heads), logits, neg)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhgqk,bkhd->bqhgd", weights, v).reshape(b, lq, heads, d)
-
-
-def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """``attend`` against heads-major cache buffers k/v [B, Hkv, S, D]; q [B, Lq, H, D]."""
-    heads, kv_heads = q.shape[2], k.shape[1]
-    if heads % kv_heads:
-        raise ValueError(f"{heads} query heads do not split into groups over {kv_heads} key/value heads")
-    b, lq, _, d = q.shape
-    qg = q.reshape(b, lq, kv_heads, heads // kv_heads, d)
-    logits = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32) * np.float32(d ** -0.5)
-    if mask is not None:
-        logits = jnp.where(_grouped_mask(mask, kv_heads), logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhgqk,bhkd->bqhgd", weights, v).reshape(b, lq, heads, d)
+    return jnp.einsum(f"bhgqk,{kv}->bqhgd", weights, v).reshape(b, lq, heads, d)
 
 
 def attend_causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask, chunks: int) -> jax.Array:
@@ -184,7 +174,7 @@ class MultiHeadAttention(nn.Module):
 
         if self.decode:
             k, v, mask = self._update_cache(cache, k, v, mask, start)
-            out = attend_cached(q, k, v, mask)
+            out = attend(q, k, v, mask, heads_major=True)
         elif mask is not None and self.causal_chunks > 1:
             out = attend_causal_blocks(q, k, v, mask, self.causal_chunks)
         else:
@@ -222,10 +212,11 @@ class MultiHeadAttention(nn.Module):
         max_len = cache["key"].value.shape[2]
         if not isinstance(start, jax.core.Tracer) and int(start) + length > max_len:
             raise ValueError(f"KV cache overflow: {int(start)} cached + {length} new tokens > max_len {max_len}")
-        at = (0, 0, start, 0)
-        heads_major = lambda x, buf: jnp.swapaxes(x, 1, 2).astype(buf.dtype)  # noqa: E731
-        k = jax.lax.dynamic_update_slice(cache["key"].value, heads_major(k, cache["key"].value), at)
-        v = jax.lax.dynamic_update_slice(cache["value"].value, heads_major(v, cache["value"].value), at)
+
+        def write(buf, x):
+            return jax.lax.dynamic_update_slice(buf, jnp.swapaxes(x, 1, 2).astype(buf.dtype), (0, 0, start, 0))
+
+        k, v = write(cache["key"].value, k), write(cache["value"].value, v)
         cache["key"].value, cache["value"].value = k, v
         cache["index"].value = start + length
         qpos = start + jnp.arange(length)
