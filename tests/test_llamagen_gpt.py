@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from jaxunified import convert
 from jaxunified.convert.common import CheckpointMismatchError
 from jaxunified.models import llamagen_gpt as gpt
-from jaxunified.nn.rope import rope_2d
+from jaxunified.nn.rope import apply_rope, rope_2d
 from jaxunified.nn.transformer import stack_layers
 from jaxunified.sample.llamagen import sample_images
 from jaxunified.sample.strategies import Categorical, Greedy, Guidance
@@ -128,6 +128,20 @@ def test_condition_tokens_have_zero_rope_rows():
     assert not np.asarray(cos[: c.cls_token_num]).any() and not np.asarray(sin[: c.cls_token_num]).any()
 
 
+def test_identity_condition_rows_let_image_tokens_attend_by_content():
+    c = T2I_TINY
+    cos, sin = rope_2d(c.grid_size, c.grid_size, c.head_dim, c.rope_base, num_cond=c.cls_token_num,
+                       cond_rows="identity")
+    assert (np.asarray(cos[: c.cls_token_num]) == 1).all() and not np.asarray(sin[: c.cls_token_num]).any()
+    ref = rope_2d(c.grid_size, c.grid_size, c.head_dim, c.rope_base, num_cond=c.cls_token_num)
+    np.testing.assert_array_equal(cos[c.cls_token_num:], ref[0][c.cls_token_num:])
+    # The condition tokens' queries and keys pass unchanged (zero rows would zero them).
+    x = jax.random.normal(jax.random.key(0), (2, c.cls_token_num, c.n_head, c.head_dim))
+    np.testing.assert_array_equal(apply_rope(x, cos[: c.cls_token_num], sin[: c.cls_token_num], interleaved=True), x)
+    with pytest.raises(ValueError, match="cond_rope"):
+        gpt.GPTConfig(cond_rope="none")
+
+
 # ---- KV cache ----
 
 def test_c2i_decode_matches_full_sequence(golden):
@@ -137,8 +151,9 @@ def test_c2i_decode_matches_full_sequence(golden):
     np.testing.assert_allclose(_decode_logits(model, variables, cond, idx), full, atol=1e-5)
 
 
-def test_t2i_decode_matches_full_sequence_with_padded_captions():
-    model = gpt.LlamaGenGPT(T2I_TINY)
+@pytest.mark.parametrize("cond_rope", ["zero", "identity"])
+def test_t2i_decode_matches_full_sequence_with_padded_captions(cond_rope):
+    model = gpt.LlamaGenGPT(dataclasses.replace(T2I_TINY, cond_rope=cond_rope))
     v = _random_variables(model)
     caption, mask = _captions(T2I_TINY, [6, 3, 1])
     tokens = jax.random.randint(jax.random.key(3), (3, 10), 0, T2I_TINY.vocab_size)

@@ -171,11 +171,38 @@ def test_restart_revives_dead_codes(n_vectors):
     chex.assert_trees_all_close(upd4, upd5)
 
 
-@pytest.mark.parametrize("batch", [16, 32])
-def test_ema_shard_map_equals_global_view(batch):
+def test_error_restart_draws_the_worst_quantised_vectors():
+    """restart_from="error": candidates are drawn ∝ squared quantisation error, so vectors that a
+    live code already fits exactly are never picked while badly fitted ones are."""
+    k, d = 8, 3
+    cfg = VQConfig(codebook_size=k, embed_dim=d, l2_norm=False, update="ema", restart=True, restart_from="error",
+                   ema_decay=0.5)
+    emb = np.full((k, d), -100.0, np.float32)  # dead codes far from everything
+    emb[0] = (1.0, 0.0, 0.0)  # the one live code; its 12 copies in the batch have error 0
+    far = np.array([[0.0, 5.0, i] for i in range(4)], np.float32)
+    z = jnp.asarray(np.concatenate([np.tile(emb[:1], (12, 1)), far]))
+    count = np.zeros(k, np.float32)
+    count[0] = 100.0
+    v = {"codebook": {"embedding": jnp.asarray(emb), "cluster_size": jnp.asarray(count),
+                      "embed_sum": jnp.asarray(emb * count[:, None])}}
+    upd = _train_step(VectorQuantizer(cfg))(v, z, jax.random.key(0))["codebook"]
+    n, m = np.asarray(upd["cluster_size"]), np.asarray(upd["embed_sum"])
+    restarted = m[n == 1.0]
+    assert len(restarted) == k - 1
+    # 7 dead codes drawn with replacement from the 4 far vectors only (plus the tie-breaking noise).
+    assert (np.abs(restarted[:, 1] - 5.0) < 0.05).all()
+    assert set(np.rint(restarted[:, 2]).astype(int)) <= {0, 1, 2, 3}
+    assert np.unique(restarted.round(6), axis=0).shape[0] == k - 1
+    with pytest.raises(ValueError, match="restart_from"):
+        VQConfig(restart_from="worst")
+
+
+@pytest.mark.parametrize("batch,restart_from", [(16, "random"), (32, "random"), (16, "error"), (32, "error")])
+def test_ema_shard_map_equals_global_view(batch, restart_from):
     """8 devices with axis_name give the global-view update for the same global batch and key."""
     k, d = 64, 4
-    base = dict(codebook_size=k, embed_dim=d, l2_norm=True, update="ema", restart=True, ema_decay=0.9)
+    base = dict(codebook_size=k, embed_dim=d, l2_norm=True, update="ema", restart=True, ema_decay=0.9,
+                restart_from=restart_from)
     z = jax.random.normal(jax.random.key(9), (batch, 2, d))  # 16 → 32 vectors (< K: tiled), 32 → 64
     key = jax.random.key(10)
     # A state where every code is alive (N = 1): after this step the hit codes stay alive and the

@@ -17,7 +17,9 @@ Quirks kept for weight-faithful outputs:
   half the column, LlamaGen's interleaved pairs (2i, 2i + 1). The condition positions get
   cos = sin = 0 rows, which multiplies their queries and keys to **zero**: a condition token's
   query attends uniformly, and every query gives the condition keys logit 0. They still pass
-  their values. This is the reference behaviour (also reported in hustvl/ControlAR#18).
+  their values. This is the reference behaviour (also reported in hustvl/ControlAR#18), and the
+  default; ``cond_rope="identity"`` gives the condition rows cos 1, sin 0 instead, so image
+  tokens attend to individual caption tokens by content (what models trained here can choose).
 - The c2i table has ``num_classes + 1`` rows (the last is the null class for CFG) only when
   ``class_dropout_prob > 0``, exactly as the reference sizes it; a checkpoint trained without
   label dropout has no null row and cannot be guided.
@@ -58,7 +60,7 @@ from jaxunified.nn.attention import EMBED_AXES
 from jaxunified.nn.decoder import DecoderBlock
 from jaxunified.nn.dense import dense
 from jaxunified.nn.norm import RMSNorm
-from jaxunified.nn.rope import rope_2d
+from jaxunified.nn.rope import COND_ROWS, rope_2d
 
 # The null caption is a fixed draw, the same for every init (the reference's is one torch.randn).
 UNCOND_SEED = 0
@@ -85,6 +87,9 @@ class GPTConfig:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
+    # "zero": the reference's all-zero RoPE rows for condition tokens (module docstring);
+    # "identity": unrotated condition queries/keys, so image tokens attend to caption words by content.
+    cond_rope: str = "zero"
     block_size: int = 256
     cls_token_num: int = 1
     num_classes: int = 1000
@@ -106,6 +111,8 @@ class GPTConfig:
             raise ValueError(f"2-D RoPE needs a head dim divisible by 4; dim/n_head = {self.head_dim}")
         if self.grid_size ** 2 != self.block_size:
             raise ValueError(f"block_size {self.block_size} is not a square grid of image tokens")
+        if self.cond_rope not in COND_ROWS:
+            raise ValueError(f"cond_rope must be one of {COND_ROWS}, got {self.cond_rope!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         if self.caption_dim < 0:
@@ -289,7 +296,8 @@ class LlamaGenGPT(nn.Module):
 
     def _rope_table(self) -> tuple[jax.Array, jax.Array]:
         c = self.config
-        return rope_2d(c.grid_size, c.grid_size, c.head_dim, c.rope_base, num_cond=c.cls_token_num)
+        return rope_2d(c.grid_size, c.grid_size, c.head_dim, c.rope_base, num_cond=c.cls_token_num,
+                       cond_rows=c.cond_rope)
 
     def _cond_embed(self, cond: jax.Array, train: bool) -> jax.Array:
         return self.cls_embedding(cond, train).astype(jnp.float32)

@@ -57,14 +57,24 @@ def rope_1d(positions: jax.Array, dim: int, theta: float = 10000.0) -> tuple[jax
     return cos_sin(rope_angles(positions, dim, theta))
 
 
+COND_ROWS = ("zero", "identity")
+
+
 def rope_2d(
-    height: int, width: int, dim: int, theta: float = 10000.0, num_cond: int = 0
+    height: int, width: int, dim: int, theta: float = 10000.0, num_cond: int = 0, cond_rows: str = "zero"
 ) -> tuple[jax.Array, jax.Array]:
-    """(cos, sin) [num_cond + h·w, dim/2]: ``num_cond`` all-zero rows, then the grid in raster order."""
+    """(cos, sin) [num_cond + h·w, dim/2]: ``num_cond`` condition rows, then the grid in raster order.
+
+    ``cond_rows="zero"`` (LlamaGen's table) zeroes the condition tokens' queries and keys, so
+    attention to them is uniform; ``"identity"`` (cos 1, sin 0) leaves them unrotated, so image
+    queries can attend to individual condition tokens by content.
+    """
+    if cond_rows not in COND_ROWS:
+        raise ValueError(f"cond_rows must be one of {COND_ROWS}, got {cond_rows!r}")
     rows, cols = grid_positions(height, width)
     cos, sin = cos_sin(rope_2d_angles(rows, cols, dim, theta))
     pad = ((num_cond, 0), (0, 0))
-    return jnp.pad(cos, pad), jnp.pad(sin, pad)
+    return jnp.pad(cos, pad, constant_values=float(cond_rows == "identity")), jnp.pad(sin, pad)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool = False) -> jax.Array:

@@ -29,6 +29,7 @@ from jaxunified.nn.dense import DENSE_KERNEL_AXES
 from jaxunified.nn.norm import l2_normalize
 
 UPDATES = ("grad", "ema", "ibq")
+RESTART_SOURCES = ("random", "error")
 _HIGHEST = lax.Precision.HIGHEST  # TPUs would otherwise run f32 matmuls as bf16 passes.
 
 
@@ -45,6 +46,10 @@ class VQConfig:
     ema_eps: float = 1e-5
     restart: bool = False
     restart_threshold: float = 1.0
+    # Where restarted codes come from: "random" batch vectors (rq-vae), or "error": vectors drawn
+    # with probability ∝ their squared distance to their code, so new codes go where the codebook
+    # is worst (object edges) rather than to the dominant, already well-covered background.
+    restart_from: str = "random"
     simvq: bool = False
     distance_chunk: int = 8192
     axis_name: str | None = None
@@ -58,6 +63,8 @@ class VQConfig:
             )
         if self.distance_chunk < 1:
             raise ValueError(f"VQConfig.distance_chunk must be >= 1, got {self.distance_chunk}")
+        if self.restart_from not in RESTART_SOURCES:
+            raise ValueError(f"VQConfig.restart_from={self.restart_from!r}; choose one of {RESTART_SOURCES}")
         if self.restart and self.update != "ema":
             raise ValueError("VQConfig.restart needs update='ema' (restart rewrites EMA statistics)")
         if self.simvq and self.update == "ema":
@@ -160,9 +167,13 @@ def laplace_codebook(cluster_size: jax.Array, embed_sum: jax.Array, eps: float) 
 
 
 def restart_candidates(
-    key: jax.Array, z: jax.Array, num_codes: int, axis_name: str | None = None
+    key: jax.Array, z: jax.Array, num_codes: int, axis_name: str | None = None, weights: jax.Array | None = None
 ) -> jax.Array:
     """``num_codes`` random rows of the *global* batch (``z`` [n, d] is this device's shard).
+
+    ``weights`` [n] (≥ 0, this shard's rows): draw rows with probability ∝ weight, with
+    replacement, from the global rows' weights (all-gathered: n floats, not the batch); the
+    draws get the same small noise as tiled rows, so repeats differ.
 
     The pick is a function only of ``key`` and the global batch, so global-view jit and a
     ``shard_map`` over ``axis_name`` choose the same vectors: every device draws the same
@@ -176,7 +187,13 @@ def restart_candidates(
     n = n_local * n_dev
     reps = -(-num_codes // n)
     k_perm, k_noise = jax.random.split(key)
-    src = jax.random.permutation(k_perm, n * reps)[:num_codes] % n
+    if weights is None:
+        src = jax.random.permutation(k_perm, n * reps)[:num_codes] % n
+    else:
+        logw = jnp.log(jnp.maximum(weights.astype(jnp.float32), 0.0) + 1e-12)
+        if axis_name:
+            logw = lax.all_gather(logw, axis_name, tiled=True)
+        src = jax.random.categorical(k_perm, logw, shape=(num_codes,))
     if axis_name:
         local = src - lax.axis_index(axis_name) * n_local
         mine = (local >= 0) & (local < n_local)
@@ -184,7 +201,7 @@ def restart_candidates(
         rows = lax.psum(rows, axis_name)
     else:
         rows = z[src]
-    if reps > 1:
+    if reps > 1 or weights is not None:
         rows = rows + jax.random.uniform(k_noise, rows.shape, rows.dtype) * (0.01 / math.sqrt(dim))
     return rows
 
@@ -360,7 +377,10 @@ class VectorQuantizer(nn.Module):
                 raise ValueError(
                     "VQ dead-code restart draws random batch vectors: pass rngs={'quant': key} to apply()"
                 )
-            cand = restart_candidates(self.make_rng("quant"), z, cfg.codebook_size, cfg.axis_name)
+            weights = None
+            if cfg.restart_from == "error":
+                weights = jnp.sum((z - jnp.take(self.codebook(), codes, axis=0)) ** 2, axis=-1)
+            cand = restart_candidates(self.make_rng("quant"), z, cfg.codebook_size, cfg.axis_name, weights)
             cluster_size, embed_sum = restart_dead_codes(
                 cluster_size, embed_sum, cand, cfg.restart_threshold
             )
