@@ -9,7 +9,9 @@ Where the codebook lives:
 * ``simvq=True``: a frozen random basis ``codebook/base`` (a non-"params" collection, so no
   optimizer ever sees it) times a learnable linear map ``params/codebook_proj``.
 * ``update="ema"``: ``codebook/{embedding, cluster_size, embed_sum}``, rewritten by a training
-  forward when the caller passes ``mutable=["codebook"]``.
+  forward when the caller passes ``mutable=["codebook"]``. ``restart=True`` re-seeds codes whose
+  EMA count falls below ``restart_threshold`` from batch vectors: uniformly (``restart_from=
+  "random"``, rq-vae) or ∝ squared quantisation error (``"error"``).
 
 The pure helpers (``nearest_codes``, ``code_histogram``, ``ema_accumulate``, ``laplace_codebook``,
 ``restart_candidates``, ``restart_dead_codes``) are public so the residual quantiser can reuse them.
