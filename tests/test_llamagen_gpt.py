@@ -128,7 +128,7 @@ def test_condition_tokens_have_zero_rope_rows():
     assert not np.asarray(cos[: c.cls_token_num]).any() and not np.asarray(sin[: c.cls_token_num]).any()
 
 
-def test_identity_condition_rows_let_image_tokens_attend_by_content():
+def test_identity_condition_rows_leave_condition_queries_and_keys_unrotated():
     c = T2I_TINY
     cos, sin = rope_2d(c.grid_size, c.grid_size, c.head_dim, c.rope_base, num_cond=c.cls_token_num,
                        cond_rows="identity")

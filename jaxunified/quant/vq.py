@@ -318,7 +318,7 @@ class VectorQuantizer(nn.Module):
         else:
             codes = nearest_codes(z, cb, cfg.distance_chunk)
             if cfg.update == "ema" and train and self.is_mutable_collection("codebook"):
-                cb = self._ema_update(z, codes)
+                cb = self._ema_update(z, codes, cb)
             q = jnp.take(cb, codes, axis=0)
             vq_loss = (
                 jnp.zeros((), jnp.float32) if cfg.update == "ema"
@@ -363,8 +363,9 @@ class VectorQuantizer(nn.Module):
         commit_loss = jnp.mean((lax.stop_gradient(q) - z) ** 2)
         return z_q, codes, vq_loss, commit_loss, logits
 
-    def _ema_update(self, z, codes) -> jax.Array:
-        """One EMA step on this batch's assignments; returns the new effective codebook."""
+    def _ema_update(self, z, codes, cb) -> jax.Array:
+        """One EMA step on this batch's assignments to ``cb`` (the effective codebook they were
+        made against); returns the new effective codebook."""
         cfg = self.cfg
         z = lax.stop_gradient(z)
         counts = code_histogram(codes, cfg.codebook_size, cfg.axis_name)
@@ -381,7 +382,7 @@ class VectorQuantizer(nn.Module):
                 )
             weights = None
             if cfg.restart_from == "error":
-                weights = jnp.sum((z - jnp.take(self.codebook(), codes, axis=0)) ** 2, axis=-1)
+                weights = jnp.sum((z - jnp.take(cb, codes, axis=0)) ** 2, axis=-1)
             cand = restart_candidates(self.make_rng("quant"), z, cfg.codebook_size, cfg.axis_name, weights)
             cluster_size, embed_sum = restart_dead_codes(
                 cluster_size, embed_sum, cand, cfg.restart_threshold
