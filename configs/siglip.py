@@ -9,6 +9,9 @@ Presets (the argument after the colon):
   minutes). eval_test.json: zero-shot colour 100%, shape 94.6%, count 85.3% (CLIP prompt-ensemble
   scoring: 100 / 58.6 / 41.8%), text→image R@1 73.5% (R@5 96.8%), image→text R@1 69.7%.
 * ``tiny`` (also ``runlocal``) — seconds-long smoke run used by the tests.
+* ``B16`` — SigLIP-B/16 at 224 px with 64 text tokens (byte tokenizer), batch 8, sigmoid loss,
+  from scratch: the CPU train-step benchmark against the PyTorch towers:
+      python -m jaxunified.bench step --config configs/siglip.py:B16 --steps 5
 * ``finetune`` — continue training a converted HF checkpoint on image–caption shards:
       python train.py --config configs/siglip.py:finetune --workdir runs/siglip_finetune \
           --config.model.init_from=<folder with config.json + model.safetensors> \
@@ -74,6 +77,11 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         common.smoke(c)
         c.model.vision = mlc.ConfigDict(dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8))
         c.model.text = mlc.ConfigDict(dict(width=32, depth=1, mlp_dim=64, num_heads=2, proj_dim=32))
+    elif arg == "B16":
+        c.data.resolution = 224
+        c.data.batch_size = 8
+        c.data.text.max_len = 64
+        c.model.variant = "B/16"
     elif arg == "finetune":
         c.total_steps = 10_000
         c.log_every = 100
@@ -90,5 +98,5 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.optim.warmup_steps = 500
         c.eval.num_examples = 5000
     else:
-        raise ValueError(f"unknown siglip preset {arg!r}; use shapes, tiny or finetune")
+        raise ValueError(f"unknown siglip preset {arg!r}; use shapes, tiny, B16 or finetune")
     return c

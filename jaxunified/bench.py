@@ -125,8 +125,17 @@ class StepBench:
     compute_dtype: str
     compile_seconds: float
     loss: float
+    # the task's inference pass (Task.forward) on the same batch; None where the task has none
+    forward_seconds: float | None = None
+    forward_images_per_sec: float | None = None
+    forward_flops: float | None = None
+    forward_mfu: float | None = None
 
     def summary(self) -> str:
+        fwd = []
+        if self.forward_seconds is not None:
+            fwd = [f"forward         {self.forward_images_per_sec:.2f} images/s ({1e3 * self.forward_seconds:.1f} ms, "
+                   f"{_si(self.forward_flops, 'FLOP')}), MFU {100 * self.forward_mfu:.1f}%"]
         return "\n".join([
             f"config          {self.config} on {self.num_devices} x {self.device_kind}, "
             f"global batch {self.global_batch}",
@@ -137,6 +146,7 @@ class StepBench:
             f"achieved        {_si(self.achieved_tflops * 1e12, 'FLOP/s')}",
             f"matmul peak     {_si(self.peak_tflops * 1e12, 'FLOP/s')} per device ({self.compute_dtype}, measured)",
             f"MFU             {100 * self.mfu:.1f}%   (final loss {self.loss:.4g})",
+            *fwd,
         ])
 
 
@@ -218,11 +228,17 @@ def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = Non
         seconds = time.perf_counter() - t0
         loss = float(jax.device_get(metrics.get("loss", float("nan"))))
         dtype = compute_dtype(trainer)
+        fwd = _time_forward(trainer, state, batch, steps)
     if peak is None:
         peak = measure_matmul_peak(dtype, device=trainer.mesh.devices.flat[0])
     sps = steps / seconds
     gb = int(next(iter(host.values())).shape[0])
     achieved = flops * sps
+    peak_all = n * peak["flops_per_sec"]
+    if fwd is not None:
+        fwd_s, fwd_flops = fwd
+        fwd = dict(forward_seconds=fwd_s, forward_images_per_sec=gb / fwd_s, forward_flops=fwd_flops,
+                   forward_mfu=fwd_flops / fwd_s / peak_all if peak_all else float("nan"))
     return StepBench(
         config=name,
         num_devices=n,
@@ -235,11 +251,33 @@ def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = Non
         flops_per_step=flops,
         achieved_tflops=achieved / 1e12,
         peak_tflops=peak["tflops"],
-        mfu=achieved / (n * peak["flops_per_sec"]) if peak["flops_per_sec"] else float("nan"),
+        mfu=achieved / peak_all if peak_all else float("nan"),
         compute_dtype=dtype,
         compile_seconds=compile_s,
         loss=loss,
+        **(fwd or {}),
     )
+
+
+def _time_forward(trainer, state, batch, steps: int):
+    """(seconds per call, FLOPs) of the task's inference pass with the state's current weights, or
+    None when the task defines none. Timed like the step: one warm-up, then back-to-back calls."""
+    import jax
+
+    def fwd(params, collections, b):
+        return trainer.task.forward(params, collections, b)
+
+    with jax.set_mesh(trainer.mesh):
+        if jax.eval_shape(fwd, state.params, state.collections, batch) is None:
+            return None
+        compiled = jax.jit(fwd).lower(state.params, state.collections, batch).compile()
+    flops = _flops(compiled, trainer.mesh.devices.size)
+    _sync(compiled(state.params, state.collections, batch))
+    t0 = time.perf_counter()
+    for _ in range(int(steps)):
+        out = compiled(state.params, state.collections, batch)
+    _sync(out)
+    return (time.perf_counter() - t0) / int(steps), flops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,6 +466,9 @@ def main():
     # (an installed libtpu would otherwise try to claim a TPU that is not there).
     if len(sys.argv) > 1 and sys.argv[1] == "aot":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from jaxunified import cpu_flags
+
+    cpu_flags.apply()
     from absl import app
 
     _define_flags()

@@ -24,6 +24,9 @@ def _setup():
     # Platform plugins (e.g. an installed libtpu) must not grab the CPU-only run.
     if os.environ.get("JAX_PLATFORMS") is None and not _has_accelerator_env():
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    from jaxunified import cpu_flags
+
+    cpu_flags.apply()
 
 
 def _has_accelerator_env() -> bool:

@@ -1,4 +1,5 @@
-"""Every test sees 8 fake CPU devices; this must run before JAX initialises its backends."""
+"""Every test sees 8 fake CPU devices and the project's XLA:CPU options; this must run before JAX
+initialises its backends."""
 
 import os
 
@@ -6,6 +7,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from jaxunified import cpu_flags  # noqa: E402
+
+cpu_flags.apply()
 
 import pathlib  # noqa: E402
 import tempfile  # noqa: E402

@@ -149,7 +149,10 @@ def test_bench_step_smoke(capsys):
                          devices=jax.devices()[:1])
     print(r.summary())
     out = capsys.readouterr().out
-    assert "steps/s" in out and "MFU" in out
-    for v in (r.steps_per_sec, r.images_per_sec, r.flops_per_step, r.achieved_tflops, r.peak_tflops, r.mfu):
+    assert "steps/s" in out and "MFU" in out and "forward" in out
+    for v in (r.steps_per_sec, r.images_per_sec, r.flops_per_step, r.achieved_tflops, r.peak_tflops, r.mfu,
+              r.forward_seconds, r.forward_images_per_sec, r.forward_flops, r.forward_mfu):
         assert v > 0
+    # the inference pass is part of the step's work: fewer FLOPs than forward + backward
+    assert r.forward_flops < r.flops_per_step
     assert r.global_batch == 8 and r.num_devices == 1

@@ -115,6 +115,9 @@ class SigLIPTask(Task):
 
         return self.model.apply({"params": params}, images, tokens, method=fn)
 
+    def forward(self, params, collections, batch):
+        return self.embed(params["siglip"], batch["image"], batch["tokens"])
+
     def grad_fn(self, params, collections, batch, rng, step, axis_name=None):
         kind = self.config.loss.kind
 

@@ -38,7 +38,8 @@ class Task:
       * ``evaluate(state, split, workdir, step) -> dict`` for eval.py and periodic eval.
       * ``export(params, collections) -> (module, variables)``: the run's model as another run
         uses it (``train.runs.load_run``), and ``model_config(config)``: that module's config.
-    and may override ``param_labels`` (optimizer groups; ``"frozen"`` = not trained) and ``group_lr``.
+    and may override ``param_labels`` (optimizer groups; ``"frozen"`` = not trained), ``group_lr``
+    and ``forward`` (the model's inference pass, what ``bench step`` times beside the train step).
     """
 
     def __init__(self, config, mesh):
@@ -66,6 +67,11 @@ class Task:
 
     def grad_fn(self, params, collections, batch, rng, step, axis_name=None):
         raise NotImplementedError
+
+    def forward(self, params, collections, batch):
+        """The trained model's inference pass over ``batch`` (no loss, no gradient); None when the task
+        has no single forward to time."""
+        return None
 
     def build_dataset(self, split: str):
         """The run's host batches for ``split``; tasks with cached inputs (TokLIP codes) override it."""

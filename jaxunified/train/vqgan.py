@@ -74,6 +74,10 @@ class VQGANTask(Task):
             return rec + float(lc.perceptual_weight) * p, (rec, p)
         return rec, (rec, jnp.zeros(()))
 
+    def forward(self, params, collections, batch):
+        variables = {"params": params["generator"], **collections.get("generator", {})}
+        return self.vqgan.apply(variables, as_float_images(batch["image"]), train=False)["recon"]
+
     def grad_fn(self, params, collections, batch, rng, step, axis_name=None):
         lc = self.loss_cfg
         x = as_float_images(batch["image"])
