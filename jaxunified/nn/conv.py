@@ -11,17 +11,54 @@ from __future__ import annotations
 
 from typing import Any
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxunified.nn.dense import DENSE_KERNEL_AXES, dense
+from jaxunified.nn.strided_conv import conv3x3_s2_valid
+from jaxunified.nn.sums import add_bias, sample_sums, target_platform
 
 Dtype = Any
 
 CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
 
 torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+class Conv(nn.Module):
+    """An NHWC 2-D conv with flax ``nn.Conv``'s parameters (``kernel`` [kh, kw, in, out], ``bias``) and
+    numerics, whose bias gradient is a :func:`~jaxunified.nn.sums.row_sums` (XLA:CPU's plain
+    reduction for it was slower than the conv's own weight gradient at 256²) and, on CPU, whose
+    stride-2 3×3 VALID form takes its input gradient from :mod:`~jaxunified.nn.strided_conv`."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: Any = "SAME"
+    mask: jax.Array | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = torch_default_init
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kshape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, kshape, self.param_dtype)
+        if self.mask is not None:
+            kernel = kernel * self.mask
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if (tuple(self.strides), tuple(self.kernel_size), self.padding) == ((2, 2), (3, 3), "VALID") \
+                and target_platform() == "cpu":
+            y = conv3x3_s2_valid(x, kernel)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return add_bias(y, bias.astype(self.dtype))
 
 
 def conv(
@@ -32,11 +69,11 @@ def conv(
     padding: Any = None,
     dtype: Dtype = jnp.float32,
     name: str | None = None,
-) -> nn.Conv:
+) -> Conv:
     """A square conv with PyTorch's ``padding=k//2`` default and logical axis names."""
     if padding is None:
         padding = ((kernel_size // 2,) * 2,) * 2
-    return nn.Conv(
+    return Conv(
         features,
         (kernel_size, kernel_size),
         strides=(stride, stride),
@@ -61,6 +98,62 @@ def group_count(channels: int, num_groups: int = 32) -> int:
     return groups
 
 
+def _per_group(s: jax.Array, groups: int) -> jax.Array:
+    """[b, c] per-channel sums -> [b, groups] (channels of a group are contiguous, as in PyTorch)."""
+    return s.reshape(s.shape[0], groups, -1).sum(-1)
+
+
+def _per_channel(s: jax.Array, like: jax.Array) -> jax.Array:
+    """[b, groups] -> [b, 1, ..., 1, c], broadcastable against ``like``."""
+    b, g = s.shape
+    c = like.shape[-1]
+    return jnp.repeat(s, c // g, axis=-1).reshape(b, *([1] * (like.ndim - 2)), c)
+
+
+def _group_stats(x: jax.Array, groups: int, eps: float):
+    """Per-sample, per-group mean and 1/std in float32: two passes (mean, then centred variance)."""
+    n = x[0].size // groups
+    xf = x.astype(jnp.float32)
+    mean = _per_group(sample_sums(xf), groups) / n
+    d = xf - _per_channel(mean, x)
+    return mean, jax.lax.rsqrt(_per_group(sample_sums(d * d), groups) / n + eps)
+
+
+def _normalized(x, mean, inv):
+    return (x.astype(jnp.float32) - _per_channel(mean, x)) * _per_channel(inv, x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps: float, dtype: Dtype) -> jax.Array:
+    """GroupNorm of NH…WC ``x`` over its spatial axes and ``groups`` contiguous channel groups.
+
+    Its backward is written out (three passes over the activation: two channel sums and dx) instead of
+    autodiff's chain through the two-pass statistics; it agrees with that to float32 rounding."""
+    return _group_norm_fwd(x, scale, bias, groups, eps, dtype)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps, dtype):
+    mean, inv = _group_stats(x, groups, eps)
+    y = _normalized(x, mean, inv) * scale + bias
+    return y.astype(dtype), (x, mean, inv, scale, jnp.zeros((0,), bias.dtype))
+
+
+def _group_norm_bwd(groups, eps, dtype, res, dy):
+    x, mean, inv, scale, bias_like = res
+    n = x[0].size // groups
+    dy = dy.astype(jnp.float32)
+    xhat = _normalized(x, mean, inv)
+    s_dy, s_dy_xhat = sample_sums(dy), sample_sums(dy * xhat)  # [b, c]
+    # d/dx of (xhat·scale) through the per-group mean and variance
+    m1 = _per_group(s_dy * scale, groups) / n
+    m2 = _per_group(s_dy_xhat * scale, groups) / n
+    dx = _per_channel(inv, x) * (dy * scale - _per_channel(m1, x) - xhat * _per_channel(m2, x))
+    return (dx.astype(x.dtype), s_dy_xhat.sum(0).astype(scale.dtype), s_dy.sum(0).astype(bias_like.dtype))
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
 class GroupNorm(nn.Module):
     """GroupNorm over all spatial axes; statistics in float32 (two-pass variance, like PyTorch)."""
 
@@ -74,12 +167,7 @@ class GroupNorm(nn.Module):
         g = group_count(c, self.num_groups)
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (c,))
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (c,))
-        xf = x.astype(jnp.float32).reshape(*x.shape[:-1], g, c // g)
-        axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)
-        mean = jnp.mean(xf, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
-        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        return (y * scale + bias).astype(self.dtype)
+        return group_norm(x, scale, bias, g, float(self.eps), jnp.dtype(self.dtype))
 
 
 class ResnetBlock(nn.Module):
@@ -159,14 +247,14 @@ def raster_causal_mask(kernel_size: int) -> jax.Array:
 
 
 def raster_causal_conv(features: int, kernel_size: int, in_features: int, *, dtype: Dtype = jnp.float32,
-                       name: str | None = None) -> nn.Conv:
+                       name: str | None = None) -> Conv:
     """A stride-1 k×k conv whose output at (r, c) reads only inputs at or before (r, c) in raster
     order (rows above, and this row up to c), so a stack of them stays causal in the raster
     sequence; zero padding at the borders (no wrap-around between rows)."""
     k = kernel_size
     if k % 2 == 0:
         raise ValueError(f"a raster-causal conv needs an odd kernel size, got {k}")
-    return nn.Conv(
+    return Conv(
         features,
         (k, k),
         padding="SAME",
@@ -182,12 +270,14 @@ def raster_causal_conv(features: int, kernel_size: int, in_features: int, *, dty
 __all__ = [
     "AttnBlock",
     "CONV_KERNEL_AXES",
+    "Conv",
     "Downsample",
     "GroupNorm",
     "ResnetBlock",
     "Upsample",
     "conv",
     "group_count",
+    "group_norm",
     "raster_causal_conv",
     "raster_causal_mask",
     "torch_default_init",

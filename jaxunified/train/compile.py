@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from jaxunified.nn import sums
 from jaxunified.parallel import mesh as meshlib
 from jaxunified.parallel.aot import (
     GENERATIONS,
@@ -111,7 +112,8 @@ def lower_train_step(
     report.notes += slice_notes(trainer.mesh)
     step = trainer.make_step(batch)
     t0 = time.perf_counter()
-    with jax.set_mesh(trainer.mesh):
+    # trace the TPU program, not the CPU-only formulations (nn.sums) of the process doing the compiling
+    with jax.set_mesh(trainer.mesh), sums.targeting(devices[0].platform):
         lowered = step.lower(state, batch)
     report.lower_seconds = time.perf_counter() - t0
     return LoweredStep(trainer, lowered, report)
@@ -129,7 +131,7 @@ def model_flops(config, batch_size: int | None = None) -> float:
     with tempfile.TemporaryDirectory(prefix="jaxunified_aot_") as tmp:
         trainer = Trainer(cfg, workdir=tmp, devices=jax.devices("cpu")[:1])
     state, batch = abstract_state(trainer), abstract_batch(trainer)
-    with jax.set_mesh(trainer.mesh):
+    with jax.set_mesh(trainer.mesh), sums.targeting("tpu"):
         lowered = trainer.make_step(batch).lower(state, batch)
     cost = lowered.cost_analysis()
     if isinstance(cost, (list, tuple)):
