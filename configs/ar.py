@@ -10,12 +10,12 @@ Presets (the argument after the colon):
       python train.py --config configs/ar.py:shapes     --workdir runs/ar_shapes
       python eval.py  --config configs/ar.py:shapes     --workdir runs/ar_shapes
   Target: ≤ 20 minutes on 2 CPU cores; shapes-GenEval single object ≥ 0.90, colours ≥ 0.80, overall ≥ 0.50.
-  Measured: 18 min 12 s for the train command on 2 cores (1600 steps, the cache of codes and
-  caption states built first, final eval included; benchmarks shared the cores), 25 s for eval.
-  eval_test.json (1000 test captions, CFG 2, top-k 3): val loss 1.13, token accuracy 61%,
-  GenEval overall 0.22 — single object 0.48, two objects 0.07, counting 0.15, colours 0.60,
-  position 0.00, colour attribution 0.03 (the targets are not met; the VQ's own reconstructions
-  score 0.73 overall).
+  Measured: 15 min 20 s for the train command on 2 cores (1600 steps at 1.85 steps/s, the cache of
+  codes and caption states built first, final eval included), 24 s for eval; the four commands
+  25 min 37 s. eval_test.json (1000 test captions, CFG 2, top-k 3): val loss 1.12, token accuracy
+  61%, GenEval overall 0.22 — single object 0.47, two objects 0.06, counting 0.15, colours 0.59,
+  position 0.01, colour attribution 0.03 (the targets are not met; the VQ's own reconstructions
+  score 0.72 overall).
 * ``tiny`` (also ``runlocal``) — a seconds-long smoke run with an untrained tokenizer and text tower (tests).
 
 Sampling for eval (``sample.*``): CFG scale, temperature, top-k, top-p, LlamaGen's

@@ -5,9 +5,9 @@ Presets (the argument after the colon):
 * ``shapes`` — the built-in pipeline's teacher: both towers from scratch on 32 px shapes captions:
       python train.py --config configs/siglip.py:shapes --workdir runs/siglip_shapes
       python eval.py  --config configs/siglip.py:shapes --workdir runs/siglip_shapes
-  8 min 53 s on 2 CPU cores (1200 steps at 2.5 steps/s, with compile and the final eval; target < 10
-  minutes). eval_test.json: zero-shot colour 100%, shape 94.6%, count 85.3% (CLIP prompt-ensemble
-  scoring: 100 / 58.6 / 41.8%), text→image R@1 73.5% (R@5 96.8%), image→text R@1 69.7%.
+  6 min 39 s on 2 CPU cores (1200 steps at 3.2 steps/s, with compile and the final eval; target < 10
+  minutes). Final eval: zero-shot colour 100%, shape 94.0%, count 83.6% (CLIP prompt-ensemble
+  scoring: 99.5 / 63.8 / 42.8%), text→image R@1 68.7% (R@5 95.1%), image→text R@1 65.9%.
 * ``tiny`` (also ``runlocal``) — seconds-long smoke run used by the tests.
 * ``B16`` — SigLIP-B/16 at 224 px with 64 text tokens (byte tokenizer), batch 8, sigmoid loss,
   from scratch: the CPU train-step benchmark against the PyTorch towers:
