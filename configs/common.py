@@ -32,6 +32,10 @@ def base(task: str) -> mlc.ConfigDict:
     # "global": one jitted step over global arrays; "per_device": the same step under shard_map
     # with explicit collectives (the pmap pattern).
     c.step_form = "global"
+    # XLA DebugOptions for compiling the train step when it runs on CPU (on top of jaxunified/cpu_flags.py;
+    # enum values by their proto names), e.g. {"xla_cpu_experimental_ynn_fusion_type":
+    # "LIBRARY_FUSION_TYPE_DOT"}: YNNPACK matmuls, faster at small widths.
+    c.xla_cpu_options = mlc.ConfigDict()
     c.total_steps = 1000
     c.log_every = 50
     c.eval_every = 0

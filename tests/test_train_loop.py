@@ -44,6 +44,27 @@ def test_sharded_step_equals_single_device(form):
         np.testing.assert_allclose(got[2][k], ref[2][k], rtol=1e-4, atol=1e-6)
 
 
+def test_cpu_compiler_options_reach_the_step_and_keep_its_result():
+    """``config.xla_cpu_options`` compiles the CPU step with other XLA options (YNNPACK matmuls here):
+    the step still runs and gives the same update to float rounding; a bad value names the option."""
+    sgd = {"optim.name": "sgd", "optim.lr": 0.1}
+    config = tiny_config(**sgd)
+    trainer = looplib.Trainer(config, "/tmp/unused", devices=jax.devices()[:1])
+    batch_np = next(iter(build_dataset(config.data, "train", trainer.mesh)))
+    batch_np = {k: v for k, v in batch_np.items() if k == "image"}
+    ynn = {"xla_cpu_options": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}}
+    with_options = tiny_config(**sgd, **ynn)
+    assert looplib.Trainer(with_options, "/tmp/unused", devices=jax.devices()[:1]).compiler_options() == \
+        ynn["xla_cpu_options"]
+    assert trainer.compiler_options() is None
+    got = one_step(with_options, jax.devices()[:1], batch_np)
+    ref = one_step(config, jax.devices()[:1], batch_np)
+    chex.assert_trees_all_close(got[0], ref[0], atol=2e-5, rtol=2e-4)
+    bad = tiny_config(**sgd, xla_cpu_options={"xla_cpu_experimental_ynn_fusion_type": "fast"})
+    with pytest.raises(Exception, match="xla_cpu_experimental_ynn_fusion_type"):
+        one_step(bad, jax.devices()[:1], batch_np)
+
+
 def _final_params(workdir, config):
     trainer = looplib.Trainer(config, workdir)
     ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)

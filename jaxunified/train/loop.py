@@ -79,7 +79,15 @@ class Trainer:
             in_shardings=(self.state_shardings, self.batch_shardings(batch_example)),
             out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
             donate_argnums=(0,),
+            compiler_options=self.compiler_options(),
         )
+
+    def compiler_options(self) -> dict[str, Any] | None:
+        """``config.xla_cpu_options`` when the mesh is on CPU devices (None elsewhere)."""
+        opts = self.config.get("xla_cpu_options") or {}
+        if not opts or self.mesh.devices.flat[0].platform != "cpu":
+            return None
+        return {str(k): v for k, v in (opts.to_dict() if hasattr(opts, "to_dict") else dict(opts)).items()}
 
     # ---- the run ----
     def run(self) -> Any:
