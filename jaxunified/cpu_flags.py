@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ def apply() -> bool:
 
 
 def _backends_started() -> bool:
-    import sys
-
     if "jax" not in sys.modules:
         return False
     try:

@@ -9,9 +9,8 @@ Upsample = nearest ×2 then a 3×3 conv. Weight init matches PyTorch's default c
 
 from __future__ import annotations
 
-from typing import Any
-
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -83,4 +83,3 @@ add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 __all__ = ["add_bias", "row_sums", "sample_sums", "target_platform", "targeting"]
-

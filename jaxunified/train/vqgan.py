@@ -75,8 +75,8 @@ class VQGANTask(Task):
         return rec, (rec, jnp.zeros(()))
 
     def forward(self, params, collections, batch):
-        variables = {"params": params["generator"], **collections.get("generator", {})}
-        return self.vqgan.apply(variables, as_float_images(batch["image"]), train=False)["recon"]
+        vqgan, variables = self.export(params, collections)
+        return vqgan.apply(variables, as_float_images(batch["image"]), train=False)["recon"]
 
     def grad_fn(self, params, collections, batch, rng, step, axis_name=None):
         lc = self.loss_cfg
