@@ -50,6 +50,9 @@ def _base() -> mlc.ConfigDict:
     c.tokenizer.path = ""
     c.tokenizer.variant = "shapes-S8"
     c.tokenizer.overrides = mlc.ConfigDict()
+    # > 0: the GPT trains on simplified codes (quant/simplify.py): background synonyms replaced by the
+    # background code wherever the decoded image moves by at most this much (max abs, [-1, 1] pixels).
+    c.tokenizer.simplify_tol = 0.0
 
     # The frozen text encoder: a SigLIP's text tower ("workdir": a siglip run; "hf_siglip"; "random").
     c.text_encoder = mlc.ConfigDict()

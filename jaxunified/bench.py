@@ -285,18 +285,20 @@ def _time_forward(trainer, state, batch, steps: int):
 
 
 def bench_sample(model_name: str, batch: int = 8, tokens: int = 256, cfg_scale: float = 4.0, prompt_len: int = 16,
-                 recompute_points: int = 6, seed: int = 0) -> dict[str, Any]:
+                 recompute_points: int = 6, seed: int = 0, dtype: str = "float32") -> dict[str, Any]:
     """Generated tokens/s of the KV-cache sampler vs recomputing the sequence, random weights.
 
     ``model_name``: a LlamaGen GPT variant (``GPT-B``…, class-conditional, 2-D RoPE over a
     √tokens grid) or a decoder-LM variant (``qwen2.5-0.5b``…, a ``prompt_len``-token prompt).
     CFG (``cfg_scale`` > 1) doubles the rows as the samplers do; top-k 1000 categorical draws.
+    ``dtype`` bfloat16 stores the weights and runs the matmuls in bf16 (``sample.cast_weights``).
     """
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from jaxunified.sample import timing
+    from jaxunified.sample.decode import cast_weights
     from jaxunified.sample.strategies import Categorical, Guidance
 
     guidance = Guidance(cfg_scale) if cfg_scale > 1.0 else None
@@ -308,13 +310,14 @@ def bench_sample(model_name: str, batch: int = 8, tokens: int = 256, cfg_scale: 
         from jaxunified.sample.llamagen import sample_images
 
         grid = int(round(math.sqrt(tokens)))
-        cfg = gpt_lib.variant(model_name, block_size=grid * grid)
+        cfg = gpt_lib.variant(model_name, block_size=grid * grid, dtype=dtype)
         model = gpt_lib.LlamaGenGPT(cfg)
         cond = jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes
         variables = jax.jit(lambda k: model.init(k, cond[:1], jnp.zeros((1, 1), jnp.int32)))(key)
         # The head starts at zero (LlamaGen's init), which would make every draw uniform.
         variables = nn.meta.unbox(variables)
         variables["params"]["output"] = 0.02 * jax.random.normal(key, variables["params"]["output"].shape)
+        variables = cast_weights(variables, dtype)
         decode = lambda: sample_images(model, variables, cond, num_tokens=grid * grid, strategy=strategy,  # noqa: E731
                                        key=key, guidance=guidance)
         conds = jnp.concatenate([cond, jnp.full_like(cond, cfg.num_classes)]) if guidance else cond
@@ -325,9 +328,9 @@ def bench_sample(model_name: str, batch: int = 8, tokens: int = 256, cfg_scale: 
         from jaxunified.models import lm as lm_lib
         from jaxunified.sample.lm import generate_text
 
-        cfg = lm_lib.variant(model_name)
+        cfg = lm_lib.variant(model_name, dtype=dtype)
         model = lm_lib.DecoderLM(cfg)
-        params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)))(key)["params"]
+        params = cast_weights(jax.jit(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)))(key)["params"], dtype)
         prompts = [[1 + (i + j) % 1000 for j in range(prompt_len)] for i in range(batch)]
         uncond = [[0] * prompt_len for _ in range(batch)] if guidance else None
         decode = lambda: generate_text(model, params, prompts, max_new_tokens=tokens, strategy=strategy,  # noqa: E731
@@ -340,7 +343,8 @@ def bench_sample(model_name: str, batch: int = 8, tokens: int = 256, cfg_scale: 
     first_call = time.perf_counter() - t0 - cached
     recompute = timing.time_recompute(forward, max(start, 1), stop, points=recompute_points)
     n_tokens = batch * tokens
-    return {"model": model_name, "params": n_params, "batch": batch, "tokens": tokens, "cfg": guidance is not None,
+    return {"model": model_name, "params": n_params, "dtype": jnp.dtype(dtype).name, "batch": batch, "tokens": tokens,
+            "cfg": guidance is not None,
             "kv_cache_seconds": cached, "kv_cache_tokens_per_sec": n_tokens / cached,
             "recompute_seconds_est": recompute, "recompute_tokens_per_sec_est": n_tokens / recompute,
             "speedup": recompute / cached, "compile_seconds": first_call,
@@ -381,7 +385,8 @@ def _define_flags():
         flags.DEFINE_integer("steps", 20, "step: timed steps")
         flags.DEFINE_integer("warmup", 2, "step: untimed steps after compilation")
         flags.DEFINE_string("dtype", None,
-                            "peak/step: matmul dtype for the peak (default: the config's compute dtype, else float32)")
+                            "peak/step: matmul dtype for the peak (default: the config's compute dtype, else float32); "
+                            "sample: weight and matmul dtype (default float32)")
         flags.DEFINE_integer("size", None, "peak: matmul size (default: grown until one matmul takes >= 20 ms)")
         flags.DEFINE_list("models", ["GPT-B", "qwen2.5-0.5b"], "sample: GPT / LM variants to time")
         flags.DEFINE_integer("tokens", 256, "sample: generated tokens per row")
@@ -422,8 +427,9 @@ def _main(argv):
 
     if cmd == "sample":
         for m in F.models:
-            r = bench_sample(m, batch=F.batch_size or 8, tokens=F.tokens, cfg_scale=F.cfg_scale)
-            print(f"{m:14s} {r['params'] / 1e6:.0f}M params, batch {r['batch']}, {r['tokens']} tokens, "
+            r = bench_sample(m, batch=F.batch_size or 8, tokens=F.tokens, cfg_scale=F.cfg_scale,
+                             dtype=F.dtype or "float32")
+            print(f"{m:14s} {r['params'] / 1e6:.0f}M params ({r['dtype']}), batch {r['batch']}, {r['tokens']} tokens, "
                   f"cfg {'on' if r['cfg'] else 'off'}: KV cache {r['kv_cache_tokens_per_sec']:.1f} tok/s "
                   f"({r['kv_cache_seconds']:.2f} s), recompute ≈ {r['recompute_tokens_per_sec_est']:.1f} tok/s "
                   f"({r['recompute_seconds_est']:.1f} s) → {r['speedup']:.1f}×")

@@ -156,3 +156,11 @@ def test_bench_step_smoke(capsys):
     # the inference pass is part of the step's work: fewer FLOPs than forward + backward
     assert r.forward_flops < r.flops_per_step
     assert r.global_batch == 8 and r.num_devices == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_sample_smoke(dtype):
+    r = bench.bench_sample("tiny", batch=2, tokens=4, prompt_len=3, recompute_points=2, dtype=dtype)
+    assert r["dtype"] == dtype and r["batch"] == 2 and r["tokens"] == 4 and r["cfg"]
+    for k in ("kv_cache_tokens_per_sec", "recompute_tokens_per_sec_est", "speedup"):
+        assert r[k] > 0

@@ -97,3 +97,16 @@ def test_tiny_run_trains_samples_scores_and_loads_back(tmp_path):
     states = jnp.zeros((1, model.config.cls_token_num, model.config.caption_dim))
     logits = model.apply(variables, states, jnp.zeros((1, 3), jnp.int32))
     assert logits.shape[-1] == model.config.vocab_size
+
+
+def test_simplified_codes_decode_within_tolerance(task):
+    t, _, colls = task
+    t2 = A.ARTask(tiny_config(**{"tokenizer.simplify_tol": 0.3}), t.mesh)
+    _, data = cache.in_order_batches(t2.config.data, "train", 16)
+    batch = {"image": jnp.asarray(next(data)["image"])}
+    fr = colls["frozen"]
+    plain, simple = jax.jit(t.codes)(fr, batch), jax.jit(t2.codes)(fr, batch)
+    assert plain.shape == simple.shape and 0 <= t2.fill_code < t2.vq.cfg.vq.codebook_size
+    diff = jnp.abs(t2.decode_images(fr, simple) - t2.decode_images(fr, plain)).max()
+    assert float(diff) <= 0.3 and bool((simple == t2.fill_code).mean() >= (plain == t2.fill_code).mean())
+    assert t2.cache_key() != t.cache_key()

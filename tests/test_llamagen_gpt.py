@@ -18,6 +18,7 @@ from jaxunified.convert.common import CheckpointMismatchError
 from jaxunified.models import llamagen_gpt as gpt
 from jaxunified.nn.rope import apply_rope, rope_2d
 from jaxunified.nn.transformer import stack_layers
+from jaxunified.sample.decode import cast_weights
 from jaxunified.sample.llamagen import sample_images
 from jaxunified.sample.strategies import Categorical, Greedy, Guidance
 
@@ -257,6 +258,22 @@ def test_bf16_compute_fp32_logits_and_remat_scan_grads(golden):
     stacked = stack_layers(variables["params"], 2)
     rematted = grads(dataclasses.replace(model.config, scan_layers=True, remat="full"), stacked)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), stack_layers(plain, 2), rematted)
+
+
+def test_bf16_weights_decode_like_the_full_forward(golden):
+    model, variables, ref = golden
+    cond, idx = jnp.asarray(ref["cond"]), jnp.asarray(ref["idx"])
+    bf = gpt.LlamaGenGPT(dataclasses.replace(model.config, dtype="bfloat16"))
+    v16 = cast_weights(variables, "bfloat16")
+    floats = [x for x in jax.tree.leaves(v16) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
+    assert cast_weights(variables, "float32") is variables
+    full = _forward(bf, v16, cond, idx)
+    assert full.dtype == jnp.float32
+    np.testing.assert_allclose(_decode_logits(bf, v16, cond, idx), full, atol=0.05)
+    np.testing.assert_allclose(full, ref["logits"], atol=0.15)
+    tokens = sample_images(bf, v16, cond, num_tokens=8, strategy=Greedy())
+    assert tokens.shape == (2, 8) and int(tokens.max()) < model.config.vocab_size
 
 
 # ---- sizes ----

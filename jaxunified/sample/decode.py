@@ -24,6 +24,16 @@ from jaxunified.sample.strategies import Guidance, Strategy, choose, guide
 StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
 
+def cast_weights(variables: Any, dtype: Any) -> Any:
+    """``variables`` with every floating array stored in ``dtype``. A decode step at a few rows is
+    bound by reading the weights, so bfloat16 storage (with the model's ``dtype`` bfloat16, whose
+    casts then cost nothing) halves what each step reads; float32 returns ``variables`` as is."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return variables
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, variables)
+
+
 def generate(
     step: StepFn,
     first_logits: jax.Array,

@@ -38,6 +38,7 @@ from jaxunified.eval.images import image_grid, save_png
 from jaxunified.models import llamagen_gpt as gpt_lib
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import vqgan as vqgan_lib
+from jaxunified.quant import simplify
 from jaxunified.sample.llamagen import sample_images
 from jaxunified.sample.strategies import Categorical, Greedy, Guidance
 from jaxunified.train import frozen as frozen_parts
@@ -73,6 +74,8 @@ class ARTask(Task):
             raise ValueError(f"data.text.max_len={self.text_tokenizer.max_len} exceeds the text tower's "
                              f"{self.text_cfg.max_len}")
         self.model_cfg = self.gpt_config(config, self.vq.cfg, self.text_cfg, self.text_tokenizer.max_len)
+        # Found here, not lazily: ``codes`` needs it while being traced.
+        self.fill_code = self._find_fill_code() if self.simplify_tol > 0 else -1
         self.model = gpt_lib.LlamaGenGPT(self.model_cfg)
 
     @staticmethod
@@ -120,12 +123,30 @@ class ARTask(Task):
 
     # ---- frozen work ----
     def codes(self, frozen, batch) -> jax.Array:
-        """[B, h·w] int32 raster-order codes of the batch's images (or the cached ones)."""
+        """[B, h·w] int32 raster-order codes of the batch's images (or the cached ones), simplified
+        when ``tokenizer.simplify_tol`` > 0 (quant/simplify.py)."""
         if "codes" in batch:
             return batch["codes"].reshape(batch["codes"].shape[0], -1).astype(jnp.int32)
-        _, codes, _ = self.vq.apply(frozen["tokenizer"], as_float_images(batch["image"]),
-                                    method=vqgan_lib.VQGAN.encode)
-        return jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1).astype(jnp.int32))
+        codes = self._encode(frozen, batch["image"])
+        if self.simplify_tol > 0:
+            codes = simplify.simplify_codes(lambda c: self.decode_images(frozen, c), codes, self.fill_code,
+                                            self.simplify_tol)
+        return jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1))
+
+    def _encode(self, frozen, images) -> jax.Array:
+        _, codes, _ = self.vq.apply(frozen["tokenizer"], as_float_images(images), method=vqgan_lib.VQGAN.encode)
+        return codes.astype(jnp.int32)
+
+    @property
+    def simplify_tol(self) -> float:
+        return float(self.config.tokenizer.get("simplify_tol", 0.0))
+
+    def _find_fill_code(self) -> int:
+        """The code simplification fills in: the most frequent code of the first 256 training images."""
+        _, data = cache.in_order_batches(self.config.data, "train", 256)
+        images = jnp.asarray(next(iter(data))["image"])
+        codes = jax.jit(self._encode)({"tokenizer": nn.meta.unbox(self._vq_vars)}, images)
+        return simplify.most_frequent(codes, self.vq.cfg.vq.codebook_size)
 
     def caption_states(self, frozen, batch) -> jax.Array:
         if "caption_states" in batch:
@@ -174,8 +195,9 @@ class ARTask(Task):
                                          pixel_fields=("codes",), token_field="caption_states")
 
     def cache_key(self) -> str:
+        simplified = ("simplify_tol", self.simplify_tol) if self.simplify_tol > 0 else ()
         return cache.dataset_key(self.config.data, [nn.meta.unbox(self._vq_vars), nn.meta.unbox(self._text_params)],
-                                 (self.vq.cfg, self.text_cfg))
+                                 (self.vq.cfg, self.text_cfg, *simplified))
 
     def precompute_cache(self, split: str, path, batch_size: int = 256):
         frozen = {"tokenizer": nn.meta.unbox(self._vq_vars), "text": nn.meta.unbox(self._text_params)}
