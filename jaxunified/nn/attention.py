@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunified.nn.dense import dense
+from jaxunified.nn.dense import dense, low_precision_dot
 from jaxunified.nn.rope import apply_rope, rope_1d
 
 Dtype = Any
@@ -74,7 +74,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
         if mask is not None:
             logits = jnp.where(mask, logits, neg)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum(f"bhqk,{kv}->bqhd", weights, v)
+        return _weighted_values(f"bhqk,{kv}->bqhd", weights, v)
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not split into groups over {kv_heads} key/value heads")
     b, lq, _, d = q.shape
@@ -83,7 +83,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
     if mask is not None:
         logits = jnp.where(_grouped_mask(mask, kv_heads), logits, neg)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum(f"bhgqk,{kv}->bqhgd", weights, v).reshape(b, lq, heads, d)
+    return _weighted_values(f"bhgqk,{kv}->bqhgd", weights, v).reshape(b, lq, heads, d)
+
+
+def _weighted_values(spec: str, weights: jax.Array, v: jax.Array) -> jax.Array:
+    if low_precision_dot(v.dtype) is None:
+        return jnp.einsum(spec, weights, v)
+    # XLA:CPU's bf16-result dots are slow (nn.dense.accumulate_f32).
+    return jnp.einsum(spec, weights, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
 def attend_causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask, chunks: int) -> jax.Array:
@@ -196,9 +203,12 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("decode=True needs a 'cache' collection: init the model with decode=True on an "
                              "input of max_len tokens and pass variables['cache'] to apply(..., mutable=['cache'])")
         shape = (k.shape[0], k.shape[2], k.shape[1], k.shape[3])  # [B, Hkv, max_len, D]
+        # XLA:CPU runs a bf16 attention dot by converting both operands, i.e. the whole cache, to
+        # float32 at every step (GPT-B bf16 decode: 4 s of converts in 22 s): keep a float32 cache there.
+        dtype = jnp.float32 if low_precision_dot(k.dtype) is not None else k.dtype
         cache = {
-            "key": self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype),
-            "value": self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype),
+            "key": self.variable("cache", "cached_key", jnp.zeros, shape, dtype),
+            "value": self.variable("cache", "cached_value", jnp.zeros, shape, dtype),
             "index": self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32)),
         }
         return None if created else cache

@@ -12,7 +12,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from jaxunified.nn import sums
 
 Dtype = Any
 Initializer = Any
@@ -21,6 +24,23 @@ xavier_uniform = nn.initializers.xavier_uniform()
 
 # The in → hidden layout: a channel-mixing 1×1 conv and the SimVQ codebook map use it.
 DENSE_KERNEL_AXES = ("embed", "mlp")
+
+
+def accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """``lax.dot_general`` computed with a float32 result, then cast to the dtype it would have had.
+    XLA:CPU runs a bf16 × bf16 → bf16 dot about 6× slower than the same dot with a float32 result
+    ([16, 768] × [768, 36864]: 70 vs 12 ms; 22 ms with float32 weights), so a bf16 decode step would
+    be slower than a float32 one; the rounded float32 result is what the bf16 dot returns anyway."""
+    out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
+    return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+def low_precision_dot(dtype):
+    """The dot_general for a layer computing in ``dtype``: ``accumulate_f32`` for 16-bit floats on CPU,
+    else None (flax's default)."""
+    if dtype is None or jnp.dtype(dtype).itemsize > 2 or sums.target_platform() != "cpu":
+        return None
+    return accumulate_f32
 
 
 def dense(
@@ -54,6 +74,7 @@ def dense(
         dtype=dtype,
         param_dtype=param_dtype,
         precision=precision,
+        dot_general=low_precision_dot(dtype),
         kernel_init=nn.with_logical_partitioning(kernel_init, tuple(axes)),
         bias_init=nn.with_logical_partitioning(bias_init, bias_axes),
         name=name,
