@@ -4,14 +4,14 @@ sequence that the tokenizer's decoder turns into (nearly) the same image.
 A VQGAN spends many codebook entries on plain background next to objects: on the shapes 8×8
 tokenizer the second to fifth most frequent codes (29% of all tokens) each change the decoded
 pixels of their own cells by < 0.004 on average when swapped for the background code. A GPT over
-those codes must still predict which of the synonyms the encoder happened to pick — entropy that
-carries no image content and, sampled wrongly, decodes into stray blobs at object edges.
+those codes must still predict which of the synonyms the encoder happened to pick: entropy that
+carries no image content.
 
 ``simplify_codes`` sets every code to ``fill`` (the background code), puts back the original code
 of every cell whose own pixels moved by more than ``tol`` (the content), then, for a few rounds,
 of every changed cell with such a cell in its 3×3-cell neighbourhood (decoders mix neighbouring
-cells); an image still off by more than ``tol`` anywhere keeps all its original codes. So every simplified image decodes within ``tol`` (max abs, images in [-1, 1]) of
-the original codes' decode.
+cells); an image still off by more than ``tol`` anywhere keeps all its original codes. So every
+simplified image decodes within ``tol`` (max abs, images in [-1, 1]) of its original codes' decode.
 """
 
 from __future__ import annotations
