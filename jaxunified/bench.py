@@ -291,7 +291,7 @@ def bench_sample(model_name: str, batch: int = 8, tokens: int = 256, cfg_scale: 
     ``model_name``: a LlamaGen GPT variant (``GPT-B``…, class-conditional, 2-D RoPE over a
     √tokens grid) or a decoder-LM variant (``qwen2.5-0.5b``…, a ``prompt_len``-token prompt).
     CFG (``cfg_scale`` > 1) doubles the rows as the samplers do; top-k 1000 categorical draws.
-    ``dtype`` bfloat16 stores the weights and runs the matmuls in bf16 (``sample.cast_weights``).
+    ``dtype`` bfloat16 stores the weights and runs the matmuls in bf16 (``sample.decode.cast_weights``).
     """
     import flax.linen as nn
     import jax

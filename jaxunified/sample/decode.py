@@ -25,9 +25,10 @@ StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
 
 def cast_weights(variables: Any, dtype: Any) -> Any:
-    """``variables`` with every floating array stored in ``dtype``. A decode step at a few rows is
-    bound by reading the weights, so bfloat16 storage (with the model's ``dtype`` bfloat16, whose
-    casts then cost nothing) halves what each step reads; float32 returns ``variables`` as is."""
+    """``variables`` with every floating array stored in ``dtype`` (use with the model's ``dtype``
+    bfloat16, whose casts then cost nothing): half the bytes each decode step reads. On this
+    project's 2-core CPU a GPT-B decode runs at the float32 speed (94.6 vs 94.7 tok/s): its step
+    is not bound by the weight reads there. float32 returns ``variables`` as is."""
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float32:
         return variables
