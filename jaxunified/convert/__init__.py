@@ -25,6 +25,7 @@ _LOADERS: dict[str, str] = {
     "hf_qwen2": "jaxunified.convert.qwen2:load_hf_qwen2",
     "llamagen_gpt": "jaxunified.convert.llamagen_gpt:load_llamagen_gpt",
     "rq_transformer": "jaxunified.convert.rq_transformer:load_rq_transformer",
+    "star": "jaxunified.convert.star:load_star",
 }
 
 

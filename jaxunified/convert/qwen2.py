@@ -111,8 +111,9 @@ def _rules(cfg: LMConfig):
     ]
 
 
-def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: LMConfig, what: str = "Qwen2 checkpoint") -> dict:
-    """A HF state dict → ``{"params": ...}`` for ``DecoderLM(cfg)``."""
+def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: LMConfig, what: str = "Qwen2 checkpoint", *,
+                       token_embedding: bool = True) -> dict:
+    """A HF state dict → ``{"params": ...}`` for ``DecoderLM(cfg, token_embedding=...)``."""
     sd = _canonical(sd)
     vision = sorted(k for k in sd if any(re.fullmatch(p, k) for p in _VISION))
     if vision:
@@ -125,7 +126,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: LMConfig, what: str = 
     params = unflatten(flat)
     if cfg.scan_layers and all(f"layers_{i}" in params for i in range(cfg.num_layers)):
         params = stack_layers(params, cfg.num_layers)
-    model = DecoderLM(cfg)
+    model = DecoderLM(cfg, token_embedding=token_embedding)
     expected = nn.meta.unbox(abstract_params(model))
     return {"params": check_and_build(flatten(params), expected, unmapped, what)}
 

@@ -4,7 +4,9 @@ Token embedding → N pre-norm decoder blocks (``nn.decoder.DecoderBlock``: RMSN
 q/k/v bias and 1-D RoPE, SwiGLU) → final RMSNorm → LM head (its own [embed, vocab] kernel, or
 the embedding table transposed when ``tie_embeddings``).
 
-- Entry from token ids or from ``inputs_embeds`` (images enter as embeddings).
+- Entry from token ids, from ``inputs_embeds``, or both with ``embeds_mask`` choosing per
+  position (images enter as embeddings between text tokens). ``token_embedding=False`` builds
+  the decoder without a token table (STAR's stacked layers read another model's states).
 - ``return_hidden``: HF's ``hidden_states`` convention — the embeddings, then each layer's
   output, with the last entry replaced by the final-normed state (L + 1 arrays).
 - ``decode=True``: every layer's attention keeps a static KV cache (``nn.attention``); a
@@ -111,6 +113,7 @@ class _ScanBlock(DecoderBlock):
 class DecoderLM(nn.Module):
     config: LMConfig
     decode: bool = False
+    token_embedding: bool = True
 
     def _block_kwargs(self, emit: bool) -> dict[str, Any]:
         c = self.config
@@ -124,6 +127,7 @@ class DecoderLM(nn.Module):
         input_ids: jax.Array | None = None,
         *,
         inputs_embeds: jax.Array | None = None,
+        embeds_mask: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         return_hidden: bool = False,
@@ -133,16 +137,18 @@ class DecoderLM(nn.Module):
         "hidden_states" (L + 1 arrays, if return_hidden)}.
 
         ``attention_mask`` [B, S] marks valid keys: S = T, or the cache's max_len when decoding.
+        With both ``input_ids`` and ``inputs_embeds``, ``embeds_mask`` [B, T] (True = take the
+        embedding) picks each position's input; the ids under it are not read.
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
-        embed = nn.Embed(
-            c.vocab_size, c.hidden_size, param_dtype=jnp.float32,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-            name="embed")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        x = embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.float32)
+        embed = None
+        if self.token_embedding:
+            embed = nn.Embed(
+                c.vocab_size, c.hidden_size, param_dtype=jnp.float32,
+                embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                name="embed")
+        x = _inputs(c, embed, input_ids, inputs_embeds, embeds_mask)
         x = nn.with_logical_constraint(x, EMBED_AXES)
         mask = None if attention_mask is None else padding_mask(attention_mask)
         hidden = [x]
@@ -173,6 +179,8 @@ class DecoderLM(nn.Module):
         if return_hidden:
             out["hidden_states"] = tuple(hidden[:-1]) + (x,)
         if compute_logits:
+            if not self.token_embedding:
+                raise ValueError("a decoder built with token_embedding=False has no LM head; pass compute_logits=False")
             if c.tie_embeddings:
                 table = embed.embedding
             else:
@@ -185,18 +193,44 @@ class DecoderLM(nn.Module):
         return out
 
 
+def _inputs(c: LMConfig, embed, input_ids, inputs_embeds, embeds_mask) -> jax.Array:
+    """The decoder's input states [B, T, H] float32 (see ``DecoderLM.__call__``)."""
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("pass input_ids, inputs_embeds, or both with embeds_mask")
+    if input_ids is not None and embed is None:
+        raise ValueError("this decoder has no token embedding (token_embedding=False); pass inputs_embeds")
+    if input_ids is not None and inputs_embeds is not None and embeds_mask is None:
+        raise ValueError("with both input_ids and inputs_embeds, pass embeds_mask [B, T] (True = embedding)")
+    if input_ids is None:
+        return inputs_embeds.astype(jnp.float32)
+    x = embed(input_ids)
+    if inputs_embeds is None:
+        return x
+    if inputs_embeds.shape != x.shape or embeds_mask.shape != input_ids.shape:
+        raise ValueError(f"inputs_embeds {inputs_embeds.shape} and embeds_mask {embeds_mask.shape} must match "
+                         f"input_ids {input_ids.shape} (+ hidden {c.hidden_size})")
+    return jnp.where(embeds_mask[..., None], inputs_embeds.astype(jnp.float32), x)
+
+
 def init_cache(model: DecoderLM, batch: int, max_len: int) -> Any:
     """The zeroed "cache" collection of ``model`` (built with ``decode=True``) for ``max_len`` slots."""
     if not model.decode:
         raise ValueError("init_cache needs the model built with decode=True")
-    ids = jnp.zeros((batch, max_len), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, compute_logits=False))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **_dummy_inputs(model, batch, max_len),
+                                               compute_logits=False))
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
 def abstract_params(model: DecoderLM) -> Any:
     """The (logically boxed) parameter shapes of ``model``; nothing is allocated."""
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), **_dummy_inputs(model, 1, 1),
+                                             compute_logits=model.token_embedding))["params"]
+
+
+def _dummy_inputs(model: DecoderLM, batch: int, length: int) -> dict[str, jax.Array]:
+    if model.token_embedding:
+        return {"input_ids": jnp.zeros((batch, length), jnp.int32)}
+    return {"inputs_embeds": jnp.zeros((batch, length, model.config.hidden_size), jnp.float32)}
 
 
 def count_params(config: LMConfig) -> int:

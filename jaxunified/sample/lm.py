@@ -36,16 +36,24 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, bucket: int = 8)
     return ids, valid
 
 
+def cache_layout(valid: jax.Array, max_new_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """For left-padded prompts ``valid`` [B, T]: (slot_valid [B, T + max_new_tokens], the pads per
+    row [B, 1], the prompt's RoPE positions [B, T]). Token n after the prompt sits at position
+    ``T + n - pads``."""
+    batch, length = valid.shape
+    # Slots after the prompt are always valid; a row's pads never are.
+    slot_valid = jnp.concatenate([valid, jnp.ones((batch, max_new_tokens), bool)], axis=1)
+    offset = jnp.sum(jnp.logical_not(valid), axis=1, keepdims=True).astype(jnp.int32)
+    positions = jnp.maximum(jnp.arange(length)[None] - offset, 0)
+    return slot_valid, offset, positions
+
+
 def prefill_and_step(model: DecoderLM, params, ids: jax.Array, valid: jax.Array, max_new_tokens: int):
     """(first_logits [B, V], cache, step) for ``decode.generate`` over left-padded prompts."""
     dec = model.clone(decode=True)
     batch, length = ids.shape
-    max_len = length + max_new_tokens
-    # Slots after the prompt are always valid; a row's pads never are.
-    slot_valid = jnp.concatenate([valid, jnp.ones((batch, max_new_tokens), bool)], axis=1)
-    offset = jnp.sum(jnp.logical_not(valid), axis=1, keepdims=True).astype(jnp.int32)  # pads per row
-    positions = jnp.maximum(jnp.arange(length)[None] - offset, 0)
-    cache = init_cache(dec, batch, max_len)
+    slot_valid, offset, positions = cache_layout(valid, max_new_tokens)
+    cache = init_cache(dec, batch, length + max_new_tokens)
     out, state = dec.apply({"params": params, "cache": cache}, ids, attention_mask=slot_valid,
                            positions=positions, mutable=["cache"])
 
@@ -99,4 +107,4 @@ def generate_text(
     return np.asarray(tokens), np.asarray(lengths)
 
 
-__all__ = ["generate_text", "left_pad", "prefill_and_step"]
+__all__ = ["cache_layout", "generate_text", "left_pad", "prefill_and_step"]

@@ -1,0 +1,224 @@
+"""STAR (MM-MVR/STAR): image generation stacked on a frozen understanding LM.
+
+    prompt ids ──► base DecoderLM (frozen, L layers + final norm) ──► stacked decoder (N layers +
+    own final norm, no token table) ──► image head (Linear H → K, bias) ──► next image code
+
+Image codes re-enter as input embeddings of the base: the frozen VQ codebook row of the code
+through the adapter (Linear D → H, then (GELU, Linear H → H) × (depth − 1)). Image codes never
+enter the text vocabulary and the base's LM head is only used for text (understanding and the
+reasoning mode's rewrite). The stacked decoder starts as a copy of the base's top N layers and
+final norm (``init_stacked_from_base``) and reads the base's *final-normed* last hidden state.
+
+Both decoders use plain 1-D RoPE over their own positions (the released t2i path passes no
+position ids, so Qwen2.5-VL's mRoPE sections all carry the same index). With ``decode=True``
+each keeps its own static KV cache (``cache/base``, ``cache/stacked``), as the reference keeps
+two DynamicCaches.
+
+The VQ (``vq``, a ``models.vqgan.VQGAN``) is part of the module, as ``pixel_encoder`` is of the
+reference: its codebook feeds the adapter and its decoder turns sampled codes into pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxunified.models import lm as lm_lib
+from jaxunified.models import vqgan as vqgan_lib
+from jaxunified.nn.dense import dense
+
+FROZEN_SUBTREES = ("base", "vq")  # what STAR's generation stages never train
+
+
+@dataclasses.dataclass(frozen=True)
+class STARConfig:
+    base: lm_lib.LMConfig
+    num_stacked: int
+    vq: vqgan_lib.VQGANConfig
+    adapter_depth: int = 2
+
+    def __post_init__(self):
+        if not 1 <= self.num_stacked <= self.base.num_layers:
+            raise ValueError(f"num_stacked must be in [1, {self.base.num_layers}] (the stacked layers start as "
+                             f"copies of the base's top layers), got {self.num_stacked}")
+        if self.adapter_depth < 1:
+            raise ValueError(f"adapter_depth must be ≥ 1, got {self.adapter_depth}")
+
+    @property
+    def stacked(self) -> lm_lib.LMConfig:
+        return dataclasses.replace(self.base, num_layers=self.num_stacked)
+
+    @property
+    def image_vocab(self) -> int:
+        return self.vq.vq.codebook_size
+
+
+VARIANTS: dict[str, STARConfig] = {
+    # star/configs/STAR_Qwen2.5-VL-{3B,7B}.json
+    "star-3b": STARConfig(lm_lib.VARIANTS["qwen2.5-vl-3b"], 16, vqgan_lib.VARIANTS["STAR-VQ"], adapter_depth=2),
+    "star-7b": STARConfig(lm_lib.VARIANTS["qwen2.5-vl-7b"], 14, vqgan_lib.VARIANTS["STAR-VQ"], adapter_depth=4),
+}
+
+
+def variant(name: str, **overrides) -> STARConfig:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown STAR variant {name!r}; known: {', '.join(VARIANTS)}")
+    return dataclasses.replace(VARIANTS[name], **overrides)
+
+
+class Adapter(nn.Module):
+    """STAR's ``MlpProjector`` (MLP_GELU): codebook vectors [.., D] → input embeddings [.., H]."""
+
+    features: int
+    depth: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = dense(self.features, (None, "embed"), dtype=self.dtype, name="dense_0")(x)
+        for i in range(1, self.depth):
+            # torch nn.GELU(): the exact erf form.
+            x = dense(self.features, ("embed", "embed"), dtype=self.dtype, name=f"dense_{i}")(
+                jax.nn.gelu(x, approximate=False))
+        return x.astype(jnp.float32)
+
+
+class STAR(nn.Module):
+    config: STARConfig
+    decode: bool = False
+
+    def setup(self):
+        c = self.config
+        self.base = lm_lib.DecoderLM(c.base, decode=self.decode)
+        self.stacked = lm_lib.DecoderLM(c.stacked, decode=self.decode, token_embedding=False)
+        self.adapter = Adapter(c.base.hidden_size, c.adapter_depth, jnp.dtype(c.base.dtype))
+        self.head = dense(c.image_vocab, ("embed", "vocab"), dtype=jnp.dtype(c.base.dtype), name="head")
+        self.vq = vqgan_lib.VQGAN(c.vq)
+
+    def embed_images(self, codes: jax.Array) -> jax.Array:
+        """Image codes [...] → base input embeddings [..., H] (codebook row → adapter)."""
+        return self.adapter(self.vq.lookup(codes))
+
+    def image_logits(self, stacked_hidden: jax.Array) -> jax.Array:
+        logits = self.head(stacked_hidden.astype(jnp.dtype(self.config.base.dtype)))
+        return nn.with_logical_constraint(logits.astype(jnp.float32), lm_lib.LOGIT_AXES)
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        image_codes: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        embeds_mask: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        return_hidden: bool = False,
+        text_logits: bool = False,
+    ) -> dict[str, Any]:
+        """Teacher-forced (or, with ``decode``, one prefill/step) pass over prompt ids followed by
+        ``image_codes`` [B, T] (or any mix given as ``inputs_embeds`` + ``embeds_mask``).
+
+        Returns "pixel_logits" [B, S, K] for every position, "image_logits" [B, T, K] (position j
+        predicts ``image_codes[:, j]``; only with ``image_codes``), the base's and stacked
+        decoder's final-normed states ("base_last_hidden", "stacked_last_hidden"), their
+        ``hidden_states`` with ``return_hidden``, and the base's text "logits" with ``text_logits``.
+        """
+        num_image = 0
+        if image_codes is not None:
+            if input_ids is None or inputs_embeds is not None:
+                raise ValueError("image_codes go after input_ids; pass inputs_embeds/embeds_mask for other layouts")
+            num_image = image_codes.shape[1]
+            batch = input_ids.shape[0]
+            inputs_embeds = jnp.concatenate(
+                [jnp.zeros(input_ids.shape + (self.config.base.hidden_size,), jnp.float32),
+                 self.embed_images(image_codes)], axis=1)
+            embeds_mask = jnp.concatenate(
+                [jnp.zeros(input_ids.shape, bool), jnp.ones((batch, num_image), bool)], axis=1)
+            input_ids = jnp.concatenate([input_ids, jnp.zeros((batch, num_image), input_ids.dtype)], axis=1)
+        base = self.base(input_ids, inputs_embeds=inputs_embeds, embeds_mask=embeds_mask,
+                         attention_mask=attention_mask, positions=positions, return_hidden=return_hidden,
+                         compute_logits=text_logits)
+        stacked = self.stacked(inputs_embeds=base["last_hidden"], attention_mask=attention_mask,
+                               positions=positions, return_hidden=return_hidden, compute_logits=False)
+        out = {"base_last_hidden": base["last_hidden"], "stacked_last_hidden": stacked["last_hidden"],
+               "pixel_logits": self.image_logits(stacked["last_hidden"])}
+        if num_image:
+            out["image_logits"] = out["pixel_logits"][:, -num_image - 1:-1]
+        if return_hidden:
+            out["base_hidden_states"] = base["hidden_states"]
+            out["stacked_hidden_states"] = stacked["hidden_states"]
+        if text_logits:
+            out["logits"] = base["logits"]
+        return out
+
+    def step_codes(self, codes: jax.Array, *, attention_mask=None, positions=None) -> jax.Array:
+        """One decode step fed image codes [R, T]: the pixel logits [R, T, K] (``decode=True``)."""
+        return self(inputs_embeds=self.embed_images(codes), attention_mask=attention_mask,
+                    positions=positions)["pixel_logits"]
+
+    def text(self, input_ids: jax.Array, **kw) -> dict[str, Any]:
+        """The frozen base alone, as an understanding LM (text logits)."""
+        return self.base(input_ids, **kw)
+
+    def decode_image(self, codes: jax.Array) -> jax.Array:
+        """Codes [B, h, w] → images [B, H, W, 3] in [-1, 1] (unclipped) through the VQ decoder."""
+        return self.vq.decode_codes(codes)
+
+
+def _dummy(config: STARConfig, length: int):
+    f = config.vq.downsample_factor
+    return jnp.zeros((1, length), jnp.int32), jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, f, f, 3))
+
+
+def _init_all(model: STAR, key, length: int):
+    ids, codes, image = _dummy(model.config, length)
+    v = model.init(key, ids, codes, text_logits=True)
+    # the VQ's encoder/quant convs are only built by a forward through it
+    vq_vars = model.init(key, image, method=lambda m, x: m.vq(x))
+    return {col: {**v.get(col, {}), **vq_vars.get(col, {})} for col in set(v) | set(vq_vars)}
+
+
+def abstract_variables(config: STARConfig) -> dict:
+    """Every variable of ``STAR(config)`` as shapes (logically boxed); nothing is allocated."""
+    return jax.eval_shape(lambda: _init_all(STAR(config), jax.random.key(0), 1))
+
+
+def init_variables(config: STARConfig, key) -> dict:
+    return _init_all(STAR(config), key, 1)
+
+
+def init_cache(model: STAR, batch: int, max_len: int) -> Any:
+    """Both decoders' zeroed KV caches for ``max_len`` slots (``model`` built with ``decode=True``)."""
+    if not model.decode:
+        raise ValueError("init_cache needs the model built with decode=True")
+    ids = jnp.zeros((batch, max_len), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+def init_stacked_from_base(config: STARConfig, params: dict) -> dict:
+    """``params`` with ``stacked`` set to copies of the base's top ``num_stacked`` layers and its
+    final norm (the reference's construction; each stage then trains the copies)."""
+    n, total = config.num_stacked, config.base.num_layers
+    base = params["base"]
+    if config.base.scan_layers:
+        layers = jax.tree.map(lambda x: x[total - n:], base["layers"])
+        stacked = {"layers": layers}
+    else:
+        stacked = {f"layers_{i}": base[f"layers_{total - n + i}"] for i in range(n)}
+    stacked["final_norm"] = base["final_norm"]
+    return {**params, "stacked": jax.tree.map(jnp.array, stacked)}
+
+
+def count_params(config: STARConfig) -> dict[str, int]:
+    """Parameter counts per part: base, stacked, adapter, head, vq (from abstract shapes)."""
+    params = nn.meta.unbox(abstract_variables(config)["params"])
+    return {k: sum(int(x.size) for x in jax.tree.leaves(v)) for k, v in params.items()}
+
+
+__all__ = ["STAR", "STARConfig", "Adapter", "VARIANTS", "FROZEN_SUBTREES", "variant", "abstract_variables",
+           "init_variables", "init_cache", "init_stacked_from_base", "count_params"]

@@ -1,0 +1,100 @@
+"""Text-to-image sampling from a ``models.star.STAR`` (the reference's ``generate_images``).
+
+Prompts are chat-templated ids ending in ``<|vision_start|>``. Under guidance every prompt gets
+STAR's unconditional row: the same ids with everything between the first and the last four
+tokens replaced by ``<|fim_pad|>`` (``uncond_ids``), so both rows have the same length. The rows
+run as [cond; uncond] halves (the reference interleaves them; each row's numbers are the same)
+and each sampled code is fed to both. Prompts of different lengths are left-padded into one
+block (``sample.lm.cache_layout``); both decoders' caches are created inside one jit and
+``sample.decode.generate`` runs the codes as a ``lax.while_loop``.
+
+The reference's sampler hard-codes temperature 1 and filters top-k then top-p: ``Categorical(1.0,
+top_k, top_p)``; its top-k 1 is ``Greedy()``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxunified.models.star import STAR, init_cache
+from jaxunified.sample.decode import generate
+from jaxunified.sample.lm import cache_layout, left_pad
+from jaxunified.sample.strategies import Greedy, Guidance, Strategy, row_keys
+
+# Qwen2's ids for the tokens STAR's generation rows use.
+FIM_PAD_ID = 151662
+VISION_START_ID = 151652
+
+
+def uncond_ids(ids: Sequence[int], fim_pad_id: int = FIM_PAD_ID, keep_tail: int = 4) -> list[int]:
+    """STAR's unconditional row for prompt ``ids``: position 0 and the last ``keep_tail`` ids
+    (``<|im_start|> assistant \\n <|vision_start|>``) kept, ``<|fim_pad|>`` in between."""
+    ids = list(ids)
+    if len(ids) < keep_tail + 1:
+        raise ValueError(f"a STAR prompt needs more than {keep_tail} ids, got {len(ids)}")
+    return ids[:1] + [fim_pad_id] * (len(ids) - 1 - keep_tail) + ids[-keep_tail:]
+
+
+def prefill_and_step(model: STAR, variables: Any, ids: jax.Array, valid: jax.Array, num_tokens: int):
+    """(first pixel logits [R, K], caches, step) for ``decode.generate`` over left-padded prompts."""
+    dec = model.clone(decode=True)
+    rows, length = ids.shape
+    slot_valid, offset, positions = cache_layout(valid, num_tokens)
+    # The last sampled code is never fed: the prompt plus num_tokens - 1 slots suffice.
+    slot_valid = slot_valid[:, :length + num_tokens - 1]
+    cache = init_cache(dec, rows, length + num_tokens - 1)
+    fixed = {k: v for k, v in variables.items() if k != "cache"}
+    out, state = dec.apply({**fixed, "cache": cache}, ids, attention_mask=slot_valid, positions=positions,
+                           mutable=["cache"])
+
+    def step(codes, cache, n):
+        # Feeds code n - 1, at prompt position length + n - 1 - pads.
+        logits, state = dec.apply({**fixed, "cache": cache}, codes[:, None], attention_mask=slot_valid,
+                                  positions=length + n - 1 - offset, method="step_codes", mutable=["cache"])
+        return logits[:, 0], state["cache"]
+
+    return out["pixel_logits"][:, -1], state["cache"], step
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "strategy", "guidance"))
+def _sample(model, variables, ids, valid, keys, *, num_tokens, strategy, guidance):
+    first, cache, step = prefill_and_step(model, variables, ids, valid, num_tokens)
+    codes, _ = generate(step, first, cache, num_tokens, strategy, keys, guidance=guidance)
+    return codes
+
+
+def generate_images(
+    model: STAR,
+    variables: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    num_tokens: int,
+    strategy: Strategy = Greedy(),
+    guidance: Guidance | None = None,
+    key: jax.Array | None = None,
+    uncond_prompts: Sequence[Sequence[int]] | None = None,
+    fim_pad_id: int = FIM_PAD_ID,
+    pad_id: int = 0,
+    bucket: int = 8,
+) -> jax.Array:
+    """Image codes [B, num_tokens] (raster order) for chat-templated ``prompts`` (each ending in
+    ``<|vision_start|>``). With ``guidance`` the unconditional rows are ``uncond_prompts`` or,
+    by default, ``uncond_ids(prompt, fim_pad_id)``. Decode them with ``STAR.decode_image``."""
+    rows = [list(p) for p in prompts]
+    if guidance is not None:
+        unc = [uncond_ids(p, fim_pad_id) for p in rows] if uncond_prompts is None else [list(p) for p in uncond_prompts]
+        if len(unc) != len(rows):
+            raise ValueError(f"{len(unc)} unconditional prompts for {len(rows)} prompts")
+        rows += unc
+    ids, valid = left_pad(rows, pad_id, bucket)
+    keys = None if isinstance(strategy, Greedy) else row_keys(jax.random.key(0) if key is None else key,
+                                                               len(prompts))
+    return _sample(model.clone(decode=False), variables, jnp.asarray(ids), jnp.asarray(valid), keys,
+                   num_tokens=int(num_tokens), strategy=strategy, guidance=guidance)
+
+
+__all__ = ["FIM_PAD_ID", "VISION_START_ID", "generate_images", "prefill_and_step", "uncond_ids"]
