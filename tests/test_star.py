@@ -66,6 +66,7 @@ def test_cfg_decode_reproduces_the_golden_codes_step_logits_and_image(golden):
 
     ids, valid = star_sample.left_pad([prompt, star_sample.uncond_ids(prompt, fim)])
     first, cache, step = star_sample.prefill_and_step(model, variables, jnp.asarray(ids), jnp.asarray(valid), 16)
+    step = jax.jit(step)
     logits = [first]
     for n in range(1, 16):
         fed = jnp.full((2,), int(ref["gen_codes"][n - 1]), jnp.int32)
@@ -99,6 +100,7 @@ def test_kv_caches_reproduce_the_full_forward_with_padded_prompts(tiny):
     codes = np.array([[3, 17, 25, 1, 9], [30, 2, 2, 14, 6]], np.int32)
     ids, valid = star_sample.left_pad(prompts, bucket=4)
     first, cache, step = star_sample.prefill_and_step(model, variables, jnp.asarray(ids), jnp.asarray(valid), 5)
+    step = jax.jit(step)
     stepped = [first]
     for n in range(1, 5):
         out, cache = step(jnp.asarray(codes[:, n - 1]), cache, n)

@@ -339,7 +339,7 @@ def text_transforms(cfg: Any, split: str, *, tokens: bool = True, negatives: boo
     return out
 
 
-def build_dataset(cfg: Any, split: str, mesh: Mesh) -> DataIterator:
+def build_dataset(cfg: Any, split: str, mesh: Mesh, extra_transforms: tuple = ()) -> DataIterator:
     """The training loop's single data entry point: an iterator of host batches for ``split``.
 
     Pass each batch through ``to_global(batch, mesh)`` before a jitted step; captions stay in the
@@ -362,9 +362,10 @@ def build_dataset(cfg: Any, split: str, mesh: Mesh) -> DataIterator:
 
     The "train" split follows ``shuffle`` (True) and ``num_epochs`` (None = forever) and drops
     the last partial batch; every other split is read once, in order, with the last batch padded
-    (see ``DataIterator``'s ``mask`` field).
+    (see ``DataIterator``'s ``mask`` field). ``extra_transforms`` (grain transforms a task adds,
+    e.g. chat examples from the labels) run after the caption transforms.
     """
-    transforms = text_transforms(cfg, split)  # first: a bad text config fails before any data is read
+    transforms = text_transforms(cfg, split) + tuple(extra_transforms)  # first: a bad text config fails before any data is read
     source = make_source(cfg, split)
     train = split == "train"
     batch_size = _get(cfg, "batch_size") if train else _get(cfg, "eval_batch_size", _get(cfg, "batch_size"))

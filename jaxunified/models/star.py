@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jaxunified.models import lm as lm_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.nn.dense import dense
+from jaxunified.nn.projector import MlpProjector
 
 FROZEN_SUBTREES = ("base", "vq")  # what STAR's generation stages never train
 
@@ -70,23 +71,6 @@ def variant(name: str, **overrides) -> STARConfig:
     return dataclasses.replace(VARIANTS[name], **overrides)
 
 
-class Adapter(nn.Module):
-    """STAR's ``MlpProjector`` (MLP_GELU): codebook vectors [.., D] → input embeddings [.., H]."""
-
-    features: int
-    depth: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = dense(self.features, (None, "embed"), dtype=self.dtype, name="dense_0")(x)
-        for i in range(1, self.depth):
-            # torch nn.GELU(): the exact erf form.
-            x = dense(self.features, ("embed", "embed"), dtype=self.dtype, name=f"dense_{i}")(
-                jax.nn.gelu(x, approximate=False))
-        return x.astype(jnp.float32)
-
-
 class STAR(nn.Module):
     config: STARConfig
     decode: bool = False
@@ -95,7 +79,7 @@ class STAR(nn.Module):
         c = self.config
         self.base = lm_lib.DecoderLM(c.base, decode=self.decode)
         self.stacked = lm_lib.DecoderLM(c.stacked, decode=self.decode, token_embedding=False)
-        self.adapter = Adapter(c.base.hidden_size, c.adapter_depth, jnp.dtype(c.base.dtype))
+        self.adapter = MlpProjector(c.base.hidden_size, c.adapter_depth, jnp.dtype(c.base.dtype))
         self.head = dense(c.image_vocab, ("embed", "vocab"), dtype=jnp.dtype(c.base.dtype), name="head")
         self.vq = vqgan_lib.VQGAN(c.vq)
 
@@ -220,5 +204,5 @@ def count_params(config: STARConfig) -> dict[str, int]:
     return {k: sum(int(x.size) for x in jax.tree.leaves(v)) for k, v in params.items()}
 
 
-__all__ = ["STAR", "STARConfig", "Adapter", "VARIANTS", "FROZEN_SUBTREES", "variant", "abstract_variables",
+__all__ = ["STAR", "STARConfig", "VARIANTS", "FROZEN_SUBTREES", "variant", "abstract_variables",
            "init_variables", "init_cache", "init_stacked_from_base", "count_params"]

@@ -11,7 +11,7 @@ multiple of ``bucket`` so a new prompt length rarely means a new compile.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,14 +48,27 @@ def cache_layout(valid: jax.Array, max_new_tokens: int) -> tuple[jax.Array, jax.
     return slot_valid, offset, positions
 
 
-def prefill_and_step(model: DecoderLM, params, ids: jax.Array, valid: jax.Array, max_new_tokens: int):
-    """(first_logits [B, V], cache, step) for ``decode.generate`` over left-padded prompts."""
+def zero_cache(dec, batch: int, max_len: int) -> Any:
+    """The zeroed "cache" collection of any decode-mode module whose ``init`` takes ids [B, max_len]."""
+    if isinstance(dec, DecoderLM):
+        return init_cache(dec, batch, max_len)
+    ids = jnp.zeros((batch, max_len), jnp.int32)
+    shapes = jax.eval_shape(lambda: dec.init(jax.random.key(0), ids))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+def prefill_and_step(model, params, ids: jax.Array, valid: jax.Array, max_new_tokens: int,
+                     prefill_inputs: dict | None = None):
+    """(first_logits [B, V], cache, step) for ``decode.generate`` over left-padded prompts.
+
+    ``model``: a ``DecoderLM`` or a module with its call convention (``models.mllm.MLLM``), whose
+    prefill also takes ``prefill_inputs`` (e.g. the image vectors and their first slot)."""
     dec = model.clone(decode=True)
     batch, length = ids.shape
     slot_valid, offset, positions = cache_layout(valid, max_new_tokens)
-    cache = init_cache(dec, batch, length + max_new_tokens)
+    cache = zero_cache(dec, batch, length + max_new_tokens)
     out, state = dec.apply({"params": params, "cache": cache}, ids, attention_mask=slot_valid,
-                           positions=positions, mutable=["cache"])
+                           positions=positions, mutable=["cache"], **(prefill_inputs or {}))
 
     def step(tok, cache, n):
         pos = length + n - 1 - offset
@@ -67,8 +80,8 @@ def prefill_and_step(model: DecoderLM, params, ids: jax.Array, valid: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "strategy", "guidance", "eos_id", "pad_id"))
-def _generate(model, params, ids, valid, keys, *, max_new_tokens, strategy, guidance, eos_id, pad_id):
-    first, cache, step = prefill_and_step(model, params, ids, valid, max_new_tokens)
+def _generate(model, params, ids, valid, keys, prefill_inputs, *, max_new_tokens, strategy, guidance, eos_id, pad_id):
+    first, cache, step = prefill_and_step(model, params, ids, valid, max_new_tokens, prefill_inputs)
     return generate(step, first, cache, max_new_tokens, strategy, keys, guidance=guidance, eos_id=eos_id,
                     pad_id=pad_id)
 
@@ -86,12 +99,15 @@ def generate_text(
     bucket: int = 8,
     guidance: Guidance | None = None,
     uncond_prompts: Sequence[Sequence[int]] | None = None,
+    prefill_inputs: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Continuations of ``prompts``: (tokens [B, max_new_tokens], lengths [B]) — after a row's
     EOS (counted in its length) the rest is ``pad_id``.
 
     ``guidance`` with ``uncond_prompts`` (one per prompt, e.g. STAR's ``<|fim_pad|>`` rows): the
     two sets run as one [cond; uncond] batch and each sampled token is fed to both rows.
+    ``prefill_inputs``: more arrays for the prefill call (an ``MLLM``'s ``vision``/``image_start``),
+    one row per prompt row.
     """
     rows = list(prompts)
     if guidance is not None:
@@ -101,10 +117,10 @@ def generate_text(
     ids, valid = left_pad(rows, pad_id, bucket)
     keys = None if isinstance(strategy, Greedy) else row_keys(
         jax.random.key(0) if key is None else key, len(prompts))
-    tokens, lengths = _generate(model, params, jnp.asarray(ids), jnp.asarray(valid), keys,
+    tokens, lengths = _generate(model, params, jnp.asarray(ids), jnp.asarray(valid), keys, prefill_inputs,
                                 max_new_tokens=max_new_tokens, strategy=strategy, guidance=guidance, eos_id=eos_id,
                                 pad_id=pad_id)
     return np.asarray(tokens), np.asarray(lengths)
 
 
-__all__ = ["cache_layout", "generate_text", "left_pad", "prefill_and_step"]
+__all__ = ["zero_cache", "cache_layout", "generate_text", "left_pad", "prefill_and_step"]

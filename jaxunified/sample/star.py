@@ -78,15 +78,16 @@ def generate_images(
     key: jax.Array | None = None,
     uncond_prompts: Sequence[Sequence[int]] | None = None,
     fim_pad_id: int = FIM_PAD_ID,
+    keep_tail: int = 4,
     pad_id: int = 0,
     bucket: int = 8,
 ) -> jax.Array:
     """Image codes [B, num_tokens] (raster order) for chat-templated ``prompts`` (each ending in
     ``<|vision_start|>``). With ``guidance`` the unconditional rows are ``uncond_prompts`` or,
-    by default, ``uncond_ids(prompt, fim_pad_id)``. Decode them with ``STAR.decode_image``."""
+    by default, ``uncond_ids(prompt, fim_pad_id, keep_tail)``. Decode them with ``STAR.decode_image``."""
     rows = [list(p) for p in prompts]
     if guidance is not None:
-        unc = [uncond_ids(p, fim_pad_id) for p in rows] if uncond_prompts is None else [list(p) for p in uncond_prompts]
+        unc = [uncond_ids(p, fim_pad_id, keep_tail) for p in rows] if uncond_prompts is None else [list(p) for p in uncond_prompts]
         if len(unc) != len(rows):
             raise ValueError(f"{len(unc)} unconditional prompts for {len(rows)} prompts")
         rows += unc

@@ -126,3 +126,16 @@ def guide(logits: jax.Array, guidance: Guidance | None, token_index) -> jax.Arra
 def row_keys(key: jax.Array, batch: int) -> jax.Array:
     """Per-row keys for ``batch`` samples from one key."""
     return jax.random.split(key, batch)
+
+
+def strategy_from(sc) -> Strategy:
+    """A config ``sample`` block's strategy (``temperature``, ``top_k``, ``top_p``): temperature 0 is greedy."""
+    if float(sc.temperature) == 0.0:
+        return Greedy()
+    return Categorical(temperature=float(sc.temperature), top_k=int(sc.top_k), top_p=float(sc.top_p))
+
+
+def guidance_from(sc) -> Guidance | None:
+    """A config ``sample`` block's guidance (``cfg_scale``, optional ``cfg_interval``); scale 1 is none."""
+    scale = float(sc.cfg_scale)
+    return None if scale == 1.0 else Guidance(scale, int(sc.get("cfg_interval", -1)))

@@ -21,7 +21,6 @@ grid of samples per category.
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import flax.linen as nn
@@ -34,29 +33,17 @@ from jaxunified.data import cache
 from jaxunified.data.pipeline import as_float_images, to_global
 from jaxunified.data.text import make_tokenizer
 from jaxunified.eval import shapes_geneval
-from jaxunified.eval.images import image_grid, save_png
+from jaxunified.eval import t2i_report
 from jaxunified.models import llamagen_gpt as gpt_lib
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.quant import simplify
 from jaxunified.sample.llamagen import sample_images
-from jaxunified.sample.strategies import Categorical, Greedy, Guidance
+from jaxunified.sample.strategies import guidance_from, strategy_from
 from jaxunified.train import frozen as frozen_parts
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
 CACHE_FIELDS = ("codes", "caption_states")
-
-
-def strategy_from(sc):
-    """The ``sample`` block's strategy: temperature 0 is greedy."""
-    if float(sc.temperature) == 0.0:
-        return Greedy()
-    return Categorical(temperature=float(sc.temperature), top_k=int(sc.top_k), top_p=float(sc.top_p))
-
-
-def guidance_from(sc) -> Guidance | None:
-    scale = float(sc.cfg_scale)
-    return None if scale == 1.0 else Guidance(scale, int(sc.get("cfg_interval", -1)))
 
 
 class ARTask(Task):
@@ -271,27 +258,8 @@ class ARTask(Task):
         captions = captions[:k]
         images, _ = self.sample(gpt_params, colls, captions, key=jax.random.key(int(self.config.sample.seed)))
         report = shapes_geneval.evaluate(images, captions)
-        out.update(_geneval_metrics(report))
+        out.update(t2i_report.geneval_metrics(report))
         if workdir is not None and jax.process_index() == 0:
-            self._write_samples(pathlib.Path(workdir), split, step, images, captions, report)
+            t2i_report.write_samples(workdir, split, step, images, captions, report,
+                                     int(self.config.eval.get("grid_per_category", 16)))
         return out
-
-    def _write_samples(self, workdir, split, step, images, captions, report):
-        per = int(self.config.eval.get("grid_per_category", 16))
-        results = report["results"]
-        for cat in shapes_geneval.CATEGORIES:
-            idx = [i for i, r in enumerate(results) if cat in r.categories][:per]
-            if idx:
-                save_png(workdir / f"samples_{split}_{step:07d}_{cat}.png",
-                         image_grid(images[idx], ncol=min(8, len(idx))), upscale=4)
-        rows = [{"caption": c, "passed": bool(r.passed), "categories": list(r.categories), "reason": r.reason}
-                for c, r in zip(captions, results)]
-        (workdir / f"samples_{split}_{step:07d}.json").write_text(json.dumps(rows, indent=0))
-
-
-def _geneval_metrics(report) -> dict:
-    out = {"geneval_overall": float(report["overall"]), "geneval_caption_pass": float(report["caption_pass_rate"])}
-    for cat in shapes_geneval.CATEGORIES:
-        if cat in report["per_category"]:
-            out[f"geneval_{cat}"] = float(report["per_category"][cat])
-    return out

@@ -21,6 +21,8 @@ TASKS = {
     "dualtoken": "jaxunified.train.dualtoken:DualTokenTask",
     "toklip": "jaxunified.train.toklip:TokLIPTask",
     "ar": "jaxunified.train.ar:ARTask",
+    "mllm": "jaxunified.train.mllm:MLLMTask",
+    "star": "jaxunified.train.star:STARTask",
 }
 
 

@@ -1,0 +1,87 @@
+r"""Understanding: a decoder LM reads a shapes image as tokens (a frozen vision model through a
+trainable projector), then a question, and answers in words (task ``mllm``; data/shapes_chat.py).
+
+Presets (the argument after the colon):
+
+* ``shapes`` — SigLIP patch states as the visual input (the LLaVA baseline):
+      python train.py --config configs/siglip.py:shapes --workdir runs/siglip_shapes
+      python train.py --config configs/mllm.py:shapes   --workdir runs/mllm_shapes
+* ``shapes_vq`` — the shapes VQ's codebook rows of the image's codes (discrete visual tokens):
+      python train.py --config configs/vqgan.py:shapes8  --workdir runs/vqgan_shapes8
+      python train.py --config configs/mllm.py:shapes_vq --workdir runs/mllm_shapes_vq
+* ``tiny`` (also ``runlocal``) — a seconds-long smoke run with an untrained vision model (tests).
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections as mlc
+
+_spec = importlib.util.spec_from_file_location("_jaxunified_config_common",
+                                               pathlib.Path(__file__).resolve().with_name("common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def _block(kind: str, workdir: str, variant: str) -> mlc.ConfigDict:
+    """A frozen-part block (train/frozen.py)."""
+    b = mlc.ConfigDict()
+    b.kind = kind
+    b.workdir = workdir
+    b.config = ""
+    b.path = ""
+    b.variant = variant
+    b.image_size = 0
+    b.overrides = mlc.ConfigDict()
+    b.vision = mlc.ConfigDict()
+    b.text = mlc.ConfigDict()
+    return b
+
+
+def _base() -> mlc.ConfigDict:
+    c = common.base("mllm")
+    c.data.max_len = 96  # 64 image slots + the longest question and caption answer
+    c.data.eval_batch_size = 250
+
+    # The frozen visual input: kind "siglip" (source: a SigLIP block) or "vq" (source: a VQ block).
+    c.vision = mlc.ConfigDict()
+    c.vision.kind = "siglip"
+    c.vision.source = _block("workdir", "runs/siglip_shapes", "shapes-S")
+
+    # The LM (models/lm.py): a variant plus overrides; the vocabulary is the shapes chat vocabulary.
+    c.model = mlc.ConfigDict()
+    c.model.variant = "tiny"
+    c.model.overrides = mlc.ConfigDict()
+    c.model.projector_depth = 2
+
+    c.optim.lr = 1e-3
+    c.optim.weight_decay = 0.05
+    c.eval.num_examples = 500
+    return c
+
+
+def get_config(arg: str = "shapes") -> mlc.ConfigDict:
+    c = _base()
+    if arg in ("shapes", "shapes_vq"):
+        c.total_steps = 2000
+        c.checkpoint_every = 500
+        c.data.batch_size = 64
+        c.model.overrides = mlc.ConfigDict(dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                                                mlp_dim=384, tie_embeddings=True))
+        c.optim.lr = 2e-3
+        c.optim.warmup_steps = 100
+        c.xla_cpu_options = mlc.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
+        if arg == "shapes_vq":
+            c.vision.kind = "vq"
+            c.vision.source = _block("workdir", "runs/vqgan_shapes8", "shapes-S8")
+    elif arg in ("tiny", "runlocal"):
+        common.smoke(c)
+        c.vision.source.kind = "random"
+        c.vision.source.vision = mlc.ConfigDict(dict(width=16, depth=1, mlp_dim=32, num_heads=2))
+        c.vision.source.text = mlc.ConfigDict(dict(width=16, depth=1, mlp_dim=32, num_heads=2, proj_dim=16))
+        c.model.overrides = mlc.ConfigDict(dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                                                mlp_dim=64))
+        c.eval.num_examples = 16
+    else:
+        raise ValueError(f"unknown mllm preset {arg!r}; use shapes, shapes_vq or tiny")
+    return c

@@ -1,0 +1,94 @@
+r"""STAR's text-to-image stage: stacked decoder layers, an adapter and an image head learn to generate
+a frozen VQ's codes on top of a frozen understanding LM (task ``star``; models/star.py).
+
+Presets (the argument after the colon):
+
+* ``shapes`` — on the shapes ``mllm`` model's LM, generating the shapes VQ's 8×8 codes:
+      python train.py --config configs/vqgan.py:shapes8 --workdir runs/vqgan_shapes8
+      python train.py --config configs/siglip.py:shapes --workdir runs/siglip_shapes
+      python train.py --config configs/mllm.py:shapes   --workdir runs/mllm_shapes
+      python train.py --config configs/star.py:shapes   --workdir runs/star_shapes
+* ``tiny`` (also ``runlocal``) — a seconds-long smoke run with an untrained base and tokenizer (tests).
+
+Sampling for eval (``sample.*``): STAR's CFG scale, temperature, top-k, top-p.
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections as mlc
+
+_spec = importlib.util.spec_from_file_location("_jaxunified_config_common",
+                                               pathlib.Path(__file__).resolve().with_name("common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def _base() -> mlc.ConfigDict:
+    c = common.base("star")
+    c.data.max_prompt_len = 16  # <|im_start|> user + the longest caption (10 words) + 4 chat tokens
+    c.data.eval_batch_size = 250
+
+    # The frozen VQ (train/frozen.py): "workdir" (a vqgan run), "star_vq" / "llamagen_vq" (path) or "random".
+    c.tokenizer = mlc.ConfigDict()
+    c.tokenizer.kind = "workdir"
+    c.tokenizer.workdir = "runs/vqgan_shapes8"
+    c.tokenizer.config = ""
+    c.tokenizer.path = ""
+    c.tokenizer.variant = "shapes-S8"
+    c.tokenizer.overrides = mlc.ConfigDict()
+
+    # The frozen understanding base: "workdir" (an mllm run's LM), "hf_qwen2" / "star" (path) or "random".
+    c.base = mlc.ConfigDict()
+    c.base.kind = "workdir"
+    c.base.workdir = "runs/mllm_shapes"
+    c.base.config = ""
+    c.base.path = ""
+    c.base.variant = "tiny"
+    c.base.overrides = mlc.ConfigDict()
+
+    c.model = mlc.ConfigDict()
+    c.model.num_stacked = 4
+    c.model.adapter_depth = 2
+    c.model.init_stacked = "base_top"  # or "random"
+    c.model.prompt_dropout = 0.1
+    c.model.lm_overrides = mlc.ConfigDict()  # LMConfig fields for both decoders, e.g. dtype
+
+    c.optim.lr = 1e-3
+    c.optim.weight_decay = 0.05
+
+    c.sample = mlc.ConfigDict()
+    c.sample.cfg_scale = 2.0
+    c.sample.temperature = 1.0
+    c.sample.top_k = 3
+    c.sample.top_p = 1.0
+    c.sample.seed = 0
+
+    c.eval.num_examples = 1000
+    c.eval.num_samples = 0
+    c.eval.grid_per_category = 16
+    return c
+
+
+def get_config(arg: str = "shapes") -> mlc.ConfigDict:
+    c = _base()
+    if arg == "shapes":
+        c.total_steps = 1900
+        c.checkpoint_every = 500
+        c.data.batch_size = 64
+        c.optim.lr = 3e-3
+        c.optim.warmup_steps = 100
+        c.xla_cpu_options = mlc.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
+    elif arg in ("tiny", "runlocal"):
+        common.smoke(c)
+        c.tokenizer.kind = "random"
+        c.tokenizer.overrides = mlc.ConfigDict(dict(ch=8, ch_mult=(1, 2, 2), z_channels=8, norm_groups=4,
+                                                    codebook_size=32))
+        c.base.kind = "random"
+        c.base.overrides = mlc.ConfigDict(dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64))
+        c.model.num_stacked = 1
+        c.eval.num_examples = 16
+        c.eval.grid_per_category = 4
+    else:
+        raise ValueError(f"unknown star preset {arg!r}; use shapes or tiny")
+    return c

@@ -1,0 +1,247 @@
+"""Task ``mllm``: understanding — a decoder LM reads an image as tokens, then a question, and
+answers (``models.mllm.MLLM``; the chat data of ``data.shapes_chat``).
+
+    loss = CE over the answer tokens (and the closing <|im_end|>) only
+
+Visual inputs (``vision.kind``), frozen, through the trainable projector:
+
+- ``siglip``: a SigLIP vision tower's patch states (the LLaVA baseline; ``vision.source`` is a
+  ``train.frozen.load_siglip`` block);
+- ``vq``: the codebook rows of a VQ tokenizer's codes — discrete visual tokens, the input STAR's
+  generation path uses (``vision.source`` is a ``train.frozen.load_vq`` block).
+
+The LM trains from scratch on the shapes vocabulary (``model.variant`` + ``model.overrides``);
+every training image gets one conversation drawn uniformly from ``shapes_chat.TASKS`` (a
+caption request or one question type the scene can answer).
+
+Evaluation on the split's first ``eval.num_examples`` images, greedy answers: per question type
+the exact-answer accuracy (``qa_<type>``) and their mean (``qa_mean``); for captions the exact
+match (``caption_exact``) and the attribute accuracy (``caption_attr_acc``: of every object's
+shape, colour and count and the relation the true caption states, the fraction the generated
+caption states identically, parsed with the shapes-GenEval grammar; an unparsable caption scores 0).
+
+The exported model (``runs.load_run``) is the MLLM; STAR's stages take its LM as their frozen base.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxunified.data import cache, pipeline, shapes_chat
+from jaxunified.data.pipeline import as_float_images, to_global
+from jaxunified.eval import shapes_geneval
+from jaxunified.models import lm as lm_lib
+from jaxunified.models import mllm as mllm_lib
+from jaxunified.models import siglip as siglip_lib
+from jaxunified.models import vqgan as vqgan_lib
+from jaxunified.sample.lm import generate_text, left_pad
+from jaxunified.train import frozen as frozen_parts
+from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
+
+VISION_KINDS = ("siglip", "vq")
+ANSWER_TOKENS = {"caption": 14, **{k: 2 for k in shapes_chat.QA_TYPES}}
+
+
+class ChatExamples(grain.transforms.RandomMap):
+    """Adds ``tokens``/``loss_mask`` [max_len]: one conversation per image, its kind drawn uniformly
+    from ``shapes_chat.TASKS`` among those the scene can answer."""
+
+    def __init__(self, num_image_tokens: int, max_len: int):
+        self.vocab = shapes_chat.ChatVocab()
+        self.num_image_tokens, self.max_len = num_image_tokens, max_len
+
+    def random_map(self, element, rng: np.random.Generator):
+        for _ in range(32):
+            kind = shapes_chat.TASKS[int(rng.integers(len(shapes_chat.TASKS)))]
+            ex = shapes_chat.understanding_example(self.vocab, element, kind, self.num_image_tokens, self.max_len,
+                                                   rng)
+            if ex is not None:
+                return {**element, **ex}
+        raise RuntimeError("no answerable conversation for a shapes scene")  # caption/count always are
+
+
+class MLLMTask(Task):
+    def __init__(self, config, mesh):
+        super().__init__(config, mesh)
+        self.vocab = shapes_chat.ChatVocab()
+        vc = config.vision
+        self.vision_kind = vc.kind
+        r = int(config.data.resolution)
+        if vc.kind == "siglip":
+            siglip, sv = frozen_parts.load_siglip(vc.source)
+            self.vision = siglip_lib.VisionTower(siglip.cfg.vision)
+            self._vision_vars = {"params": sv["params"]["vision"]}
+            shape = jax.eval_shape(lambda: self.vision.apply(self._vision_vars, jnp.zeros((1, r, r, 3))))
+            n, dim = shape["last_hidden"].shape[1:]
+        elif vc.kind == "vq":
+            self.vision, self._vision_vars = frozen_parts.load_vq(vc.source)
+            g = r // self.vision.cfg.downsample_factor
+            n, dim = g * g, self.vision.cfg.vq.embed_dim
+        else:
+            raise ValueError(f"vision.kind={vc.kind!r}; use one of {', '.join(VISION_KINDS)}")
+        self.model_cfg = self.mllm_config(config, n, dim)
+        self.model = mllm_lib.MLLM(self.model_cfg)
+
+    @staticmethod
+    def mllm_config(config, num_image_tokens: int, vision_dim: int) -> mllm_lib.MLLMConfig:
+        lm = lm_lib.variant(config.model.variant, **{**kwargs(config.model.get("overrides")),
+                                                     "vocab_size": shapes_chat.ChatVocab().size})
+        return mllm_lib.MLLMConfig(lm, vision_dim, num_image_tokens, shapes_chat.IMAGE_START,
+                                   int(config.model.get("projector_depth", 2)))
+
+    @classmethod
+    def model_config(cls, config) -> mllm_lib.MLLMConfig:
+        return cls(config, None).model_cfg
+
+    def export(self, params, collections):
+        return self.model, {"params": params["mllm"]}
+
+    @property
+    def max_len(self) -> int:
+        return int(self.config.data.max_len)
+
+    # ---- variables ----
+    def dummy_batch(self):
+        r, b = int(self.config.data.resolution), int(self.config.data.batch_size)
+        return {"image": np.zeros((b, r, r, 3), np.float32), "tokens": np.zeros((b, self.max_len), np.int32),
+                "loss_mask": np.zeros((b, self.max_len), np.float32)}
+
+    def init_variables(self, rng, batch):
+        c = self.model_cfg
+        boxed = self.model.init(rng, jnp.zeros((1, self.max_len), jnp.int32),
+                                jnp.zeros((1, c.num_image_tokens, c.vision_dim), jnp.float32))
+        r = int(self.config.data.resolution)
+        v_abs = jax.eval_shape(lambda: self.vision.init(jax.random.key(0), jnp.zeros((1, r, r, 3))))
+        if self.vision_kind == "siglip":
+            v_abs = {"params": v_abs["params"]}
+        frozen = {"vision": fill_boxes(v_abs, nn.meta.unbox(self._vision_vars), "the frozen vision model")}
+        return {"mllm": boxed["params"]}, {"frozen": frozen}
+
+    def param_labels(self, params):
+        return {"mllm": jax.tree.map(lambda _: "mllm", params["mllm"])}
+
+    # ---- the step ----
+    def vision_vectors(self, frozen, images) -> jax.Array:
+        """[B, N, vision_dim] float32 for images in [-1, 1] (uint8 batches are normalised here)."""
+        images = as_float_images(images)
+        if self.vision_kind == "siglip":
+            out = self.vision.apply(frozen["vision"], images)["last_hidden"]
+        else:
+            _, codes, _ = self.vision.apply(frozen["vision"], images, method=vqgan_lib.VQGAN.encode)
+            out = self.vision.apply(frozen["vision"], codes.reshape(codes.shape[0], -1), method=vqgan_lib.VQGAN.lookup)
+        return jax.lax.stop_gradient(out.astype(jnp.float32))
+
+    def loss_and_metrics(self, mllm_params, collections, batch):
+        vision = self.vision_vectors(collections["frozen"], batch["image"])
+        tokens = batch["tokens"]
+        logits = self.model.apply({"params": mllm_params}, tokens, vision)["logits"][:, :-1]
+        targets, mask = tokens[:, 1:], batch["loss_mask"][:, :-1]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        n = jnp.maximum(mask.sum(), 1.0)
+        acc = ((jnp.argmax(logits, -1) == targets) * mask).sum() / n
+        return (ce * mask).sum() / n, acc
+
+    def grad_fn(self, params, collections, batch, rng, step, axis_name=None):
+        def loss_fn(p):
+            loss, acc = self.loss_and_metrics(p, collections, batch)
+            return loss, {"loss": loss, "answer_token_acc": acc}
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params["mllm"])
+        return {"mllm": grads}, collections, metrics
+
+    # ---- data ----
+    def build_dataset(self, split: str):
+        extra = (ChatExamples(self.model_cfg.num_image_tokens, self.max_len),) if split == "train" else ()
+        return pipeline.build_dataset(self.config.data, split, self.mesh, extra_transforms=extra)
+
+    # ---- evaluation ----
+    def answer(self, mllm_params, frozen, images, questions, max_new_tokens: int) -> list[str]:
+        """Greedy answers to ``questions`` (one per image) about ``images`` [B, H, W, 3]."""
+        n = self.model_cfg.num_image_tokens
+        prompts = [shapes_chat.understanding_ids(self.vocab, q, n) for q in questions]
+        _, valid = left_pad(prompts, shapes_chat.PAD, bucket=8)
+        start = (valid.shape[1] - valid.sum(1) + shapes_chat.IMAGE_START).astype(np.int32)
+        vision = jax.jit(self.vision_vectors)(frozen, jnp.asarray(images))
+        tokens, _ = generate_text(self.model, mllm_params, prompts, max_new_tokens=max_new_tokens,
+                                  eos_id=shapes_chat.IM_END, pad_id=shapes_chat.PAD,
+                                  prefill_inputs={"vision": vision, "image_start": jnp.asarray(start)})
+        return [self.vocab.decode(t) for t in tokens]
+
+    def evaluate(self, state, split, workdir, step) -> dict:
+        params = eval_params(state)["mllm"]
+        frozen = state.collections["frozen"]
+        limit = self.eval_num_examples() or 10**9
+        bs = int(self.config.data.get("eval_batch_size", 64))
+        _, data = cache.in_order_batches(self.config.data, split, bs)
+        right = {k: 0 for k in shapes_chat.TASKS}
+        asked = {k: 0 for k in shapes_chat.TASKS}
+        attr_total, rows, seen = 0.0, [], 0
+        for host in data:
+            keep = np.flatnonzero(np.asarray(host["mask"], bool))[:max(limit - seen, 0)]
+            if not len(keep):
+                break
+            for kind in shapes_chat.TASKS:
+                qas, idx = [], []
+                for i in keep:
+                    labels = {k: (v[i] if hasattr(v, "__len__") else v) for k, v in host.items()}
+                    qa = shapes_chat.question_answer(labels, kind, np.random.default_rng(seen + int(i)))
+                    if qa is not None:
+                        qas.append(qa)
+                        idx.append(i)
+                if not qas:
+                    continue
+                images = np.asarray(host["image"])[idx]
+                got = self.answer(params, frozen, images, [q for q, _ in qas], ANSWER_TOKENS[kind])
+                for (q, a), g in zip(qas, got):
+                    asked[kind] += 1
+                    right[kind] += int(g == a)
+                    if kind == "caption":
+                        attr_total += caption_attribute_accuracy(a, g)
+                    if len(rows) < 200:
+                        rows.append({"kind": kind, "question": q, "answer": a, "generated": g})
+            seen += len(keep)
+            if seen >= limit:
+                break
+        out = {f"qa_{k}": right[k] / max(asked[k], 1) for k in shapes_chat.QA_TYPES}
+        out["qa_mean"] = float(np.mean([out[f"qa_{k}"] for k in shapes_chat.QA_TYPES]))
+        out["caption_exact"] = right["caption"] / max(asked["caption"], 1)
+        out["caption_attr_acc"] = attr_total / max(asked["caption"], 1)
+        out["num_examples"] = seen
+        if workdir is not None and jax.process_index() == 0:
+            (pathlib.Path(workdir) / f"answers_{split}_{step:07d}.json").write_text(json.dumps(rows, indent=0))
+        return out
+
+
+def _attributes(caption: str) -> list[tuple]:
+    p = shapes_geneval.parse_prompt(caption)
+    out = [("relation", p.relation)] if p.template == "relation" else []
+    for i, o in enumerate(p.objects):
+        out += [(i, "shape", o.shape), (i, "color", o.color), (i, "count", o.count)]
+    return out
+
+
+def caption_attribute_accuracy(truth: str, generated: str) -> float:
+    """Of the attributes ``truth`` states (each object's shape, colour, count; the relation), the
+    fraction ``generated`` states the same way, objects matched in caption order (two-object
+    captions also in swapped order, as "a and b" says the same as "b and a")."""
+    want = _attributes(truth)
+    try:
+        got = shapes_geneval.parse_prompt(generated)
+    except ValueError:
+        return 0.0
+    orders = [got.objects] + ([got.objects[::-1]] if len(got.objects) == 2 and got.template == "binding" else [])
+    best = 0.0
+    for objs in orders:
+        have = {("relation", got.relation)} if got.template == "relation" else set()
+        for i, o in enumerate(objs):
+            have |= {(i, "shape", o.shape), (i, "color", o.color), (i, "count", o.count)}
+        best = max(best, sum(a in have for a in want) / len(want))
+    return best

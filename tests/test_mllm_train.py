@@ -1,0 +1,128 @@
+"""Task ``mllm`` and its chat data: answers only are supervised, questions are unambiguous and
+right for their scene, caption attribute scoring, padded prompts answer as alone, only the MLLM
+trains, and a tiny run trains, answers and loads back."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxunified.data import shapes, shapes_chat
+from jaxunified.parallel import mesh as meshlib
+from jaxunified.sample.lm import cache_layout, left_pad, prefill_and_step
+from jaxunified.train import loop as looplib
+from jaxunified.train import mllm as M
+from tests import helpers
+from tests.helpers import one_step
+
+
+def tiny_config(**kw):
+    return helpers.tiny_config("mllm", **kw)
+
+
+def test_only_the_answer_and_its_end_are_supervised():
+    vocab = shapes_chat.ChatVocab()
+    labels = shapes.render_example(3, "test", resolution=32)
+    ex = shapes_chat.understanding_example(vocab, labels, "caption", 64, 96, np.random.default_rng(0))
+    tokens, mask = ex["tokens"], ex["loss_mask"]
+    targets = tokens[1:][mask[:-1] > 0]  # position t predicts token t + 1
+    assert vocab.decode(targets) == labels["caption"] and targets[-1] == shapes_chat.IM_END
+    assert tokens[shapes_chat.IMAGE_START - 1] == shapes_chat.VISION_START
+    assert (tokens[shapes_chat.IMAGE_START:shapes_chat.IMAGE_START + 64] == shapes_chat.IMAGE_PAD).all()
+
+
+def test_questions_are_unambiguous_and_answered_from_the_scene():
+    rng = np.random.default_rng(0)
+    asked = {k: 0 for k in shapes_chat.QA_TYPES}
+    for i in range(300):
+        lab = shapes.render_example(i, "test", resolution=32)
+        objs = [(shapes.SHAPES[lab["obj_shape"][j]], shapes.COLORS[lab["obj_color"][j]]) for j in range(lab["count"])]
+        for kind in shapes_chat.QA_TYPES:
+            qa = shapes_chat.question_answer(lab, kind, rng)
+            if qa is None:
+                continue
+            asked[kind] += 1
+            q, a = qa
+            shapes_chat.ChatVocab().encode(q + " " + a)  # every word is in the vocabulary
+            if kind == "count":
+                assert a == shapes_chat.COUNT_WORDS[len(objs) - 1]
+            elif kind == "color":
+                shape = q.split()[-1]
+                assert {c for s, c in objs if s == shape} == {a}
+            elif kind == "shape":
+                color = q.split()[-2]
+                assert {s for s, c in objs if c == color} == {a}
+            elif kind == "relation":
+                assert a == shapes_chat.RELATION_ANSWERS[lab["relation"]]
+            else:
+                words = q.split()
+                assert ((words[-1], words[-2]) in objs) == (a == "yes")
+    assert min(asked.values()) > 30, asked
+
+
+def test_caption_attribute_accuracy():
+    f = M.caption_attribute_accuracy
+    assert f("a red circle above a blue square", "a red circle above a blue square") == 1.0
+    assert f("a red circle and a blue square", "a blue square and a red circle") == 1.0
+    assert f("a red circle above a blue square", "a red circle below a blue square") == pytest.approx(6 / 7)
+    assert f("three green stars", "two green stars") == pytest.approx(2 / 3)
+    assert f("a red circle", "red red below") == 0.0
+
+
+@pytest.fixture(scope="module")
+def task():
+    t = M.MLLMTask(tiny_config(), meshlib.make_mesh((1, -1, 1)))
+    batch = t.dummy_batch()
+    params, colls = jax.jit(lambda k: t.init_variables(k, batch))(jax.random.key(0))
+    return t, nn.meta.unbox(params)["mllm"], nn.meta.unbox(colls)
+
+
+def test_a_padded_prompt_answers_as_it_would_alone(task):
+    t, params, colls = task
+    n = t.model_cfg.num_image_tokens
+    vocab = shapes_chat.ChatVocab()
+    prompts = [shapes_chat.understanding_ids(vocab, q, n) for q in
+               ("where is the red circle relative to the blue square", "how many objects are there")]
+    r = int(t.config.data.resolution)
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, r, r, 3)), jnp.float32)
+    vision = t.vision_vectors(colls["frozen"], images)
+    ids, valid = left_pad(prompts, shapes_chat.PAD, bucket=8)
+    _, pads, _ = cache_layout(jnp.asarray(valid), 1)
+    start = pads[:, 0] + shapes_chat.IMAGE_START
+    first, _, _ = prefill_and_step(t.model, params, jnp.asarray(ids), jnp.asarray(valid), 1,
+                                   {"vision": vision, "image_start": start})
+    alone = t.model.apply({"params": params}, jnp.asarray([prompts[1]]), vision[1:])["logits"][0, -1]
+    np.testing.assert_allclose(np.asarray(first[1]), np.asarray(alone), atol=2e-5)
+
+
+def test_step_trains_only_the_mllm_and_the_vision_model_stays_bit_identical(task):
+    t, _, colls = task
+    b = t.dummy_batch()
+    b["image"] = np.random.default_rng(0).uniform(-1, 1, b["image"].shape).astype(np.float32)
+    b["loss_mask"][:, 70:75] = 1.0
+    params, new_colls, metrics = one_step(tiny_config(), jax.devices(), b)
+    assert set(params) == {"mllm"} and np.isfinite(metrics["loss"])
+    for x, y in zip(jax.tree.leaves(colls["frozen"]), jax.tree.leaves(new_colls["frozen"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_tiny_run_trains_answers_and_loads_back(tmp_path):
+    from jaxunified.train.runs import load_run
+
+    config = tiny_config(total_steps=8, **{"optim.lr": 3e-3})
+    looplib.Trainer(config, tmp_path).run()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["split"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
+    ev = [x for x in lines if x["split"] == "eval"][-1]
+    assert {f"qa_{k}" for k in shapes_chat.QA_TYPES} | {"qa_mean", "caption_attr_acc", "caption_exact"} <= set(ev)
+    rows = json.loads(next(tmp_path.glob("answers_test_*.json")).read_text())
+    assert {r["kind"] for r in rows} == set(shapes_chat.TASKS)
+    _, model, variables = load_run(tmp_path)
+    c = model.config
+    out = model.apply(variables, jnp.zeros((1, 80), jnp.int32), jnp.zeros((1, c.num_image_tokens, c.vision_dim)))
+    assert out["logits"].shape == (1, 80, shapes_chat.ChatVocab().size)

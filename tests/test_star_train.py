@@ -1,0 +1,119 @@
+"""Task ``star``: only the stacked layers, adapter and head train; the frozen base and VQ stay
+bit-identical and hold no optimizer state; teacher forcing equals the sampler's cached decode;
+prompt dropout trains the sampler's unconditional row; a tiny run trains, samples and loads back."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxunified.data import shapes_chat
+from jaxunified.models.star import STAR
+from jaxunified.parallel import mesh as meshlib
+from jaxunified.sample import star as star_sample
+from jaxunified.train import loop as looplib
+from jaxunified.train import star as S
+from tests import helpers
+from tests.helpers import one_step
+
+
+def tiny_config(**kw):
+    return helpers.tiny_config("star", **kw)
+
+
+@pytest.fixture(scope="module")
+def task():
+    t = S.STARTask(tiny_config(), meshlib.make_mesh((1, -1, 1)))
+    batch = t.dummy_batch()
+    params, colls = jax.jit(lambda k: t.init_variables(k, batch))(jax.random.key(0))
+    return t, nn.meta.unbox(params)["star"], nn.meta.unbox(colls)
+
+
+def _batch(t, captions, seed=0):
+    vocab = shapes_chat.ChatVocab()
+    rows = [S.left_padded_prompt(shapes_chat.generation_ids(vocab, c), t.prompt_len) for c in captions]
+    r = int(t.config.data.resolution)
+    image = np.random.default_rng(seed).uniform(-1, 1, (len(captions), r, r, 3)).astype(np.float32)
+    return {"image": image, "prompt": np.stack([x[0] for x in rows]), "prompt_valid": np.stack([x[1] for x in rows])}
+
+
+def test_only_stacked_adapter_head_train_and_the_base_stays_bit_identical(task):
+    t, star, colls = task
+    assert set(star) == {"stacked", "adapter", "head"}
+    # the stacked layer starts as the base's top layer
+    np.testing.assert_array_equal(star["stacked"]["layers"]["mlp"]["up"]["kernel"],
+                                  colls["frozen"]["base"]["layers"]["mlp"]["up"]["kernel"][-1:])
+    config = tiny_config()
+    trainer = looplib.Trainer(config, "/tmp/unused", devices=jax.devices())
+    state = trainer.init_state()
+    opt_leaves = sum(int(x.size) for x in jax.tree.leaves(state.opt_state))
+    trained = sum(int(x.size) for x in jax.tree.leaves(state.params))
+    base = sum(int(x.size) for x in jax.tree.leaves(colls["frozen"]["base"]))
+    assert opt_leaves < 2 * trained + 16 and base > 0  # Adam moments of the trained parts only
+
+    b = _batch(t, ["a red circle", "three blue squares"] * 8)
+    params, new_colls, metrics = one_step(config, jax.devices(), b)
+    assert set(params) == {"star"} and np.isfinite(metrics["loss"])
+    for x, y in zip(jax.tree.leaves(colls["frozen"]), jax.tree.leaves(new_colls["frozen"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # the understanding outputs (the base's text logits) are those of the untouched base
+    ids = jnp.asarray(b["prompt"][:2])
+    before = t.model.apply(t.variables(star, colls), ids, method=STAR.text)["logits"]
+    after = t.model.apply(t.variables(params["star"], new_colls), ids, method=STAR.text)["logits"]
+    np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+    assert not np.array_equal(params["star"]["head"]["kernel"], star["head"]["kernel"])
+
+
+def test_teacher_forcing_equals_the_samplers_cached_decode(task):
+    t, star, colls = task
+    captions = ["a red circle to the left of a blue square", "two green stars"]
+    b = _batch(t, captions)
+    logits, codes = jax.jit(lambda p, bb: t.logits(p, colls, bb))(star, {k: jnp.asarray(v) for k, v in b.items()})
+    variables = t.variables(star, colls)
+    prompts = [shapes_chat.generation_ids(shapes_chat.ChatVocab(), c) for c in captions]
+    ids, valid = star_sample.left_pad(prompts, shapes_chat.PAD, bucket=t.prompt_len)
+    n = codes.shape[1]
+    first, cache, step = star_sample.prefill_and_step(t.model, variables, jnp.asarray(ids), jnp.asarray(valid), n)
+    step = jax.jit(step)
+    stepped = [first]
+    for i in range(1, n):
+        out, cache = step(codes[:, i - 1], cache, i)
+        stepped.append(out)
+    np.testing.assert_allclose(np.stack(stepped, axis=1), np.asarray(logits), atol=2e-5)
+
+
+def test_prompt_dropout_trains_the_samplers_unconditional_row():
+    vocab = shapes_chat.ChatVocab()
+    ids = shapes_chat.generation_ids(vocab, "four purple crosses")
+    element = {"caption": b"four purple crosses"}
+    out = S.GenerationPrompts(16, dropout=1.0).random_map(element, np.random.default_rng(0))
+    want = star_sample.uncond_ids(ids, shapes_chat.FIM_PAD, shapes_chat.GENERATION_TAIL)
+    assert out["prompt"][out["prompt_valid"]].tolist() == want
+    assert want[0] == shapes_chat.IM_START and want[-1] == shapes_chat.VISION_START
+    assert vocab.decode(want) == "assistant"  # nothing of the caption is left
+    kept = S.GenerationPrompts(16, dropout=0.0).random_map(element, np.random.default_rng(0))
+    assert kept["prompt"][kept["prompt_valid"]].tolist() == ids
+
+
+@pytest.mark.slow
+def test_tiny_run_trains_samples_scores_and_loads_back(tmp_path):
+    from jaxunified.train.runs import load_run
+
+    config = tiny_config(total_steps=8, **{"optim.lr": 3e-3})
+    looplib.Trainer(config, tmp_path).run()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["split"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
+    evals = [x for x in lines if x["split"] == "eval"]
+    assert {"val_loss", "val_token_acc", "geneval_overall", "geneval_colors"} <= set(evals[-1])
+    assert list(tmp_path.glob("samples_test_*_colors.png"))
+
+    _, model, variables = load_run(tmp_path)
+    assert isinstance(model, STAR)
+    prompt = shapes_chat.generation_ids(shapes_chat.ChatVocab(), "a red circle")
+    codes = star_sample.generate_images(model, variables, [prompt], num_tokens=4, fim_pad_id=shapes_chat.FIM_PAD,
+                                        keep_tail=shapes_chat.GENERATION_TAIL)
+    assert codes.shape == (1, 4) and int(codes.max()) < model.config.image_vocab
