@@ -63,7 +63,7 @@ def _base() -> mlc.ConfigDict:
 def get_config(arg: str = "shapes") -> mlc.ConfigDict:
     c = _base()
     if arg in ("shapes", "shapes_vq"):
-        c.total_steps = 2000
+        c.total_steps = 1800
         c.checkpoint_every = 500
         c.data.batch_size = 64
         c.model.overrides = mlc.ConfigDict(dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,

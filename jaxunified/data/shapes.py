@@ -224,6 +224,26 @@ def _sample_scene(rng: np.random.Generator):
     return template, relation, caption, [(s, c, z, xy) for (s, c), z, xy in zip(objs, sizes, centres)]
 
 
+def render_objects(objects, resolution: int) -> np.ndarray:
+    """uint8 [R, R, 3] image of ``objects``: (shape id, colour id, size id, (cx, cy)) in [0, 1], drawn
+    in order over the background."""
+    image = np.broadcast_to(BACKGROUND_RGB, (resolution, resolution, 3)).copy()
+    for shape, color, size, (cx, cy) in objects:
+        r = SIZE_RADIUS[size] * resolution
+        y0, x0, alpha = _coverage(shape, cx * resolution, cy * resolution, r, r, resolution, resolution)
+        h, w = alpha.shape
+        window = image[y0 : y0 + h, x0 : x0 + w]
+        window += alpha[..., None] * (COLOR_RGB[color] - window)
+    return np.rint(image).astype(np.uint8)
+
+
+def scene_objects(labels) -> list[tuple[int, int, int, tuple[float, float]]]:
+    """The objects of an example's labels, in ``render_objects``' form."""
+    return [(int(labels["obj_shape"][i]), int(labels["obj_color"][i]), int(labels["obj_size"][i]),
+             (float(labels["obj_center"][i][0]), float(labels["obj_center"][i][1])))
+            for i in range(int(labels["count"]))]
+
+
 def render_example(index: int, split: str = "train", seed: int = 0, resolution: int = 64) -> dict:
     """Renders example ``index`` of ``split``: a dict with ``image`` (uint8 [H, W, 3]), ``caption``
     (str) and the labels in ``LABEL_KEYS``.
@@ -239,19 +259,11 @@ def render_example(index: int, split: str = "train", seed: int = 0, resolution: 
         )
     rng = _rng(index, split, seed)
     template, relation, caption, objects = _sample_scene(rng)
-
-    image = np.broadcast_to(BACKGROUND_RGB, (resolution, resolution, 3)).copy()
-    for shape, color, size, (cx, cy) in objects:
-        r = SIZE_RADIUS[size] * resolution
-        y0, x0, alpha = _coverage(shape, cx * resolution, cy * resolution, r, r, resolution, resolution)
-        h, w = alpha.shape
-        window = image[y0 : y0 + h, x0 : x0 + w]
-        window += alpha[..., None] * (COLOR_RGB[color] - window)
-
+    image = render_objects(objects, resolution)
     pad = MAX_OBJECTS - len(objects)
     ids = lambda k: np.array([o[k] for o in objects] + [-1] * pad, np.int32)  # noqa: E731
     return dict(
-        image=np.rint(image).astype(np.uint8),
+        image=image,
         caption=caption,
         obj_shape=ids(0),
         obj_color=ids(1),
@@ -335,6 +347,7 @@ class Detection(NamedTuple):
     shape: str
     color: str
     center: tuple[float, float]  # (x, y) in [0, 1], y down
+    area: float = 0.0  # the component's pixels, as a fraction of the image
 
 
 def _to_rgb255(image) -> np.ndarray:
@@ -404,7 +417,8 @@ def detect_objects(image, *, min_area: float | None = None) -> list[Detection]:
         a = np.where(nearest == color, alpha[..., color], 0.0)
         labels, n = ndimage.label(a >= 0.5, structure=eight)
         for sl, idx in zip(ndimage.find_objects(labels), range(1, n + 1)):
-            if (labels[sl] == idx).sum() < min_area:
+            pixels = int((labels[sl] == idx).sum())
+            if pixels < min_area:
                 continue
             y0, y1 = max(sl[0].start - 2, 0), min(sl[0].stop + 2, res_y)
             x0, x1 = max(sl[1].start - 2, 0), min(sl[1].stop + 2, res_x)
@@ -414,7 +428,7 @@ def detect_objects(image, *, min_area: float | None = None) -> list[Detection]:
             window[~grown] = 0.0
             _, shape, cx, cy = _match_shape(window)
             centre = ((x0 + cx) / res_x, (y0 + cy) / res_y)
-            found.append(Detection(SHAPES[shape], COLORS[color], centre))
+            found.append(Detection(SHAPES[shape], COLORS[color], centre, pixels / (res_x * res_y)))
     found.sort(key=lambda d: (round(d.center[1], 2), d.center[0]))
     return found
 

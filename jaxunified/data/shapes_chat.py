@@ -11,7 +11,9 @@ Question types (``QA_TYPES``), each asked only where its answer is unambiguous f
 ``count`` (how many objects), ``color`` (the colour of a shape that appears in one colour),
 ``shape`` (the shape of a colour that appears on one shape), ``relation`` (where the first object
 of a relation scene is relative to the second), ``yes_no`` (is there a <colour> <shape>, half the
-time about an object that is absent). ``caption`` asks for the scene's caption.
+time about an object that is absent). ``caption`` asks for the scene's caption. ``rewrite`` is
+text only: an object of the scene named indirectly ("a plus sign the color of grass") is to be
+rewritten as its plain caption ("a green cross") — the knowledge STAR's reasoning mode uses.
 """
 
 from __future__ import annotations
@@ -20,13 +22,20 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from jaxunified.data import shapes
+from jaxunified.data import shapes, shapes_edit
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|fim_pad|>")
 PAD, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, FIM_PAD = range(len(SPECIALS))
-TASKS = ("caption", "count", "color", "shape", "relation", "yes_no")
-QA_TYPES = TASKS[1:]
+TASKS = ("caption", "count", "color", "shape", "relation", "yes_no", "rewrite")
+QA_TYPES = ("count", "color", "shape", "relation", "yes_no")
+TEXT_ONLY = ("rewrite",)  # conversations without an image
+# Indirect names the understanding stage teaches ("rewrite" conversations) and STAR's reasoning
+# mode relies on: "a plus sign the color of grass" is "a green cross".
+COLOR_RIDDLES = {"red": "cherry", "green": "grass", "blue": "sky", "yellow": "lemon", "purple": "grape",
+                 "orange": "carrot"}
+SHAPE_RIDDLES = {"circle": "round shape", "square": "box", "triangle": "three sided shape",
+                 "star": "five pointed shape", "diamond": "rhombus", "cross": "plus sign"}
 COUNT_WORDS = ("one",) + tuple(shapes.NUMBER_WORDS[n] for n in sorted(shapes.NUMBER_WORDS))
 RELATION_ANSWERS = ("left", "right", "above", "below")  # shapes.RELATIONS order
 _QUESTION_WORDS = ("user", "assistant", "describe", "the", "image", "how", "many", "objects", "are", "there",
@@ -38,6 +47,8 @@ def _words() -> list[str]:
     words = set(_QUESTION_WORDS) | set(COUNT_WORDS) | set(RELATION_ANSWERS)
     words |= set(shapes.SHAPES) | set(shapes.PLURALS) | set(shapes.COLORS) | {"a", "an", "and", "of"}
     words |= {w for p in shapes._RELATION_PHRASES for w in p.split()}
+    words |= set(shapes_edit.WORDS) | {"rewrite"}
+    words |= {w for p in (*COLOR_RIDDLES.values(), *SHAPE_RIDDLES.values()) for w in p.split()}
     return sorted(words)
 
 
@@ -80,6 +91,9 @@ def question_answer(labels: Mapping, kind: str, rng: np.random.Generator) -> tup
         return "describe the image", caption.decode() if isinstance(caption, bytes) else str(caption)
     if kind == "count":
         return "how many objects are there", COUNT_WORDS[n - 1]
+    if kind == "rewrite":
+        s, c = objs[int(rng.integers(n))]
+        return f"rewrite {indirect_caption(s, c, rng)}", shapes.object_phrase(s, c)
     if kind == "color":
         by_shape = {s: {c for s2, c in objs if s2 == s} for s, _ in objs}
         ok = sorted(s for s, cs in by_shape.items() if len(cs) == 1)
@@ -112,14 +126,26 @@ def question_answer(labels: Mapping, kind: str, rng: np.random.Generator) -> tup
     raise ValueError(f"unknown question kind {kind!r}; use one of {TASKS}")
 
 
+def indirect_caption(shape: int, color: int, rng: np.random.Generator) -> str:
+    """A single-object caption naming the colour, the shape or both indirectly (``*_RIDDLES``)."""
+    how = int(rng.integers(3))  # 0: both, 1: colour only, 2: shape only
+    noun = SHAPE_RIDDLES[shapes.SHAPES[shape]] if how != 1 else shapes.SHAPES[shape]
+    if how == 2:
+        return f"{_article(color)} {shapes.COLORS[color]} {noun}"
+    article = "an" if noun[0] in "aeiou" else "a"
+    return f"{article} {noun} the color of {COLOR_RIDDLES[shapes.COLORS[color]]}"
+
+
 def _article(color: int) -> str:
     return shapes.object_phrase(0, color).split()[0]
 
 
 def understanding_ids(vocab: ChatVocab, question: str, num_image_tokens: int) -> list[int]:
-    """The user turn with the image and the assistant's opening: the answer's prompt."""
-    return ([IM_START, vocab.ids["user"], VISION_START] + [IMAGE_PAD] * num_image_tokens + [VISION_END]
-            + vocab.encode(question) + [IM_END, IM_START, vocab.ids["assistant"]])
+    """The user turn with the image (none when ``num_image_tokens`` is 0) and the assistant's
+    opening: the answer's prompt."""
+    image = [VISION_START] + [IMAGE_PAD] * num_image_tokens + [VISION_END] if num_image_tokens else []
+    return ([IM_START, vocab.ids["user"]] + image + vocab.encode(question)
+            + [IM_END, IM_START, vocab.ids["assistant"]])
 
 
 def generation_ids(vocab: ChatVocab, caption: str) -> list[int]:
@@ -138,7 +164,8 @@ def understanding_example(vocab: ChatVocab, labels: Mapping, kind: str, num_imag
     qa = question_answer(labels, kind, rng)
     if qa is None:
         return None
-    prompt = understanding_ids(vocab, qa[0], num_image_tokens)
+    with_image = kind not in TEXT_ONLY
+    prompt = understanding_ids(vocab, qa[0], num_image_tokens if with_image else 0)
     answer = vocab.encode(qa[1]) + [IM_END]
     ids = prompt + answer
     if len(ids) > max_len:
@@ -147,8 +174,8 @@ def understanding_example(vocab: ChatVocab, labels: Mapping, kind: str, num_imag
     tokens[:len(ids)] = ids
     mask = np.zeros((max_len,), np.float32)
     mask[len(prompt) - 1:len(ids) - 1] = 1.0
-    return {"tokens": tokens, "loss_mask": mask}
+    return {"tokens": tokens, "loss_mask": mask, "has_image": np.bool_(with_image)}
 
 
-__all__ = ["ChatVocab", "SPECIALS", "TASKS", "QA_TYPES", "IMAGE_START", "GENERATION_TAIL", "question_answer",
+__all__ = ["ChatVocab", "SPECIALS", "TASKS", "QA_TYPES", "TEXT_ONLY", "indirect_caption", "IMAGE_START", "GENERATION_TAIL", "question_answer",
            "understanding_ids", "generation_ids", "understanding_example"]

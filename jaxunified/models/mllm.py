@@ -41,10 +41,11 @@ class MLLM(nn.Module):
         self.lm = lm_lib.DecoderLM(c.lm, decode=self.decode)
 
     def __call__(self, input_ids: jax.Array, vision: jax.Array | None = None, *, image_start: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                 has_image: jax.Array | None = None, attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                  return_hidden: bool = False) -> dict[str, Any]:
         """Text logits [B, T, V] (``"logits"``) and the LM's states for ``input_ids`` [B, T] whose image
-        slots are filled from ``vision`` [B, N, vision_dim]."""
+        slots are filled from ``vision`` [B, N, vision_dim]; rows whose ``has_image`` [B] is False are
+        text only (their vision rows are ignored)."""
         if vision is None:
             return self.lm(input_ids, attention_mask=attention_mask, positions=positions, return_hidden=return_hidden)
         c = self.config
@@ -59,6 +60,8 @@ class MLLM(nn.Module):
             jnp.zeros((length, c.lm.hidden_size), jnp.float32), e, (s, 0)))(image, start)
         slots = jnp.arange(length)[None]
         mask = (slots >= start[:, None]) & (slots < start[:, None] + n)
+        if has_image is not None:
+            mask = mask & has_image.astype(bool)[:, None]
         return self.lm(input_ids, inputs_embeds=embeds, embeds_mask=mask, attention_mask=attention_mask,
                        positions=positions, return_hidden=return_hidden)
 

@@ -15,7 +15,8 @@ every training image gets one conversation drawn uniformly from ``shapes_chat.TA
 caption request or one question type the scene can answer).
 
 Evaluation on the split's first ``eval.num_examples`` images, greedy answers: per question type
-the exact-answer accuracy (``qa_<type>``) and their mean (``qa_mean``); for captions the exact
+the exact-answer accuracy (``qa_<type>``) and their mean (``qa_mean``); the text-only rewrites of
+indirect names (``rewrite_acc``); for captions the exact
 match (``caption_exact``) and the attribute accuracy (``caption_attr_acc``: of every object's
 shape, colour and count and the relation the true caption states, the fraction the generated
 caption states identically, parsed with the shapes-GenEval grammar; an unparsable caption scores 0).
@@ -38,6 +39,7 @@ import optax
 from jaxunified.data import cache, pipeline, shapes_chat
 from jaxunified.data.pipeline import as_float_images, to_global
 from jaxunified.eval import shapes_geneval
+from jaxunified.eval.chat import text_answers
 from jaxunified.models import lm as lm_lib
 from jaxunified.models import mllm as mllm_lib
 from jaxunified.models import siglip as siglip_lib
@@ -47,7 +49,8 @@ from jaxunified.train import frozen as frozen_parts
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
 VISION_KINDS = ("siglip", "vq")
-ANSWER_TOKENS = {"caption": 14, **{k: 2 for k in shapes_chat.QA_TYPES}}
+ANSWER_TOKENS = {"caption": 14, "rewrite": 5, **{k: 2 for k in shapes_chat.QA_TYPES}}
+
 
 
 class ChatExamples(grain.transforms.RandomMap):
@@ -112,7 +115,7 @@ class MLLMTask(Task):
     def dummy_batch(self):
         r, b = int(self.config.data.resolution), int(self.config.data.batch_size)
         return {"image": np.zeros((b, r, r, 3), np.float32), "tokens": np.zeros((b, self.max_len), np.int32),
-                "loss_mask": np.zeros((b, self.max_len), np.float32)}
+                "loss_mask": np.zeros((b, self.max_len), np.float32), "has_image": np.ones((b,), bool)}
 
     def init_variables(self, rng, batch):
         c = self.model_cfg
@@ -142,7 +145,8 @@ class MLLMTask(Task):
     def loss_and_metrics(self, mllm_params, collections, batch):
         vision = self.vision_vectors(collections["frozen"], batch["image"])
         tokens = batch["tokens"]
-        logits = self.model.apply({"params": mllm_params}, tokens, vision)["logits"][:, :-1]
+        logits = self.model.apply({"params": mllm_params}, tokens, vision,
+                                  has_image=batch.get("has_image"))["logits"][:, :-1]
         targets, mask = tokens[:, 1:], batch["loss_mask"][:, :-1]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         n = jnp.maximum(mask.sum(), 1.0)
@@ -164,7 +168,10 @@ class MLLMTask(Task):
 
     # ---- evaluation ----
     def answer(self, mllm_params, frozen, images, questions, max_new_tokens: int) -> list[str]:
-        """Greedy answers to ``questions`` (one per image) about ``images`` [B, H, W, 3]."""
+        """Greedy answers to ``questions`` (one per image) about ``images`` [B, H, W, 3]; ``images``
+        None asks them without an image."""
+        if images is None:
+            return text_answers(self.model, {"params": mllm_params}, questions, max_new_tokens)
         n = self.model_cfg.num_image_tokens
         prompts = [shapes_chat.understanding_ids(self.vocab, q, n) for q in questions]
         _, valid = left_pad(prompts, shapes_chat.PAD, bucket=8)
@@ -198,7 +205,7 @@ class MLLMTask(Task):
                         idx.append(i)
                 if not qas:
                     continue
-                images = np.asarray(host["image"])[idx]
+                images = None if kind in shapes_chat.TEXT_ONLY else np.asarray(host["image"])[idx]
                 got = self.answer(params, frozen, images, [q for q, _ in qas], ANSWER_TOKENS[kind])
                 for (q, a), g in zip(qas, got):
                     asked[kind] += 1
@@ -212,6 +219,7 @@ class MLLMTask(Task):
                 break
         out = {f"qa_{k}": right[k] / max(asked[k], 1) for k in shapes_chat.QA_TYPES}
         out["qa_mean"] = float(np.mean([out[f"qa_{k}"] for k in shapes_chat.QA_TYPES]))
+        out["rewrite_acc"] = right["rewrite"] / max(asked["rewrite"], 1)
         out["caption_exact"] = right["caption"] / max(asked["caption"], 1)
         out["caption_attr_acc"] = attr_total / max(asked["caption"], 1)
         out["num_examples"] = seen
