@@ -8,6 +8,9 @@ Presets (the argument after the colon):
       python train.py --config configs/siglip.py:shapes --workdir runs/siglip_shapes
       python train.py --config configs/mllm.py:shapes   --workdir runs/mllm_shapes
       python train.py --config configs/star.py:shapes   --workdir runs/star_shapes
+* ``shapes_edit`` — stage 3 from the ``shapes`` run: half the rows are edits of the scene
+  (recolour, remove, add, move, resize one object) with the source image as VQ tokens:
+      python train.py --config configs/star.py:shapes_edit --workdir runs/star_shapes_edit
 * ``tiny`` (also ``runlocal``) — a seconds-long smoke run with an untrained base and tokenizer (tests).
 
 Sampling for eval (``sample.*``): STAR's CFG scale, temperature, top-k, top-p.
@@ -27,6 +30,9 @@ _spec.loader.exec_module(common)
 def _base() -> mlc.ConfigDict:
     c = common.base("star")
     c.data.max_prompt_len = 16  # <|im_start|> user + the longest caption (10 words) + 4 chat tokens
+    # > 0: that fraction of training rows are edits (data/shapes_edit.py): the source image's codes,
+    # the instruction, and the edited scene as the target (stage 3, instruction tuning).
+    c.data.edit_fraction = 0.0
     c.data.eval_batch_size = 250
 
     # The frozen VQ (train/frozen.py): "workdir" (a vqgan run), "star_vq" / "llamagen_vq" (path) or "random".
@@ -51,6 +57,7 @@ def _base() -> mlc.ConfigDict:
     c.model.num_stacked = 4
     c.model.adapter_depth = 2
     c.model.init_stacked = "base_top"  # or "random"
+    c.model.init_from = ""  # a previous stage's star run: its stacked layers, adapter and head
     c.model.prompt_dropout = 0.1
     c.model.lm_overrides = mlc.ConfigDict()  # LMConfig fields for both decoders, e.g. dtype
 
@@ -66,19 +73,29 @@ def _base() -> mlc.ConfigDict:
 
     c.eval.num_examples = 1000
     c.eval.num_samples = 0
+    c.eval.num_edits = 0  # test scenes edited and scored by data/shapes_edit.check_edit
+    c.eval.num_reasoning = 0  # test objects prompted indirectly, plain vs reasoning mode
     c.eval.grid_per_category = 16
     return c
 
 
 def get_config(arg: str = "shapes") -> mlc.ConfigDict:
     c = _base()
-    if arg == "shapes":
+    if arg in ("shapes", "shapes_edit"):
         c.total_steps = 1900
         c.checkpoint_every = 500
         c.data.batch_size = 64
         c.optim.lr = 3e-3
         c.optim.warmup_steps = 100
+        c.eval.num_reasoning = 300
         c.xla_cpu_options = mlc.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
+        if arg == "shapes_edit":
+            c.model.init_from = "runs/star_shapes"
+            c.data.edit_fraction = 0.5
+            c.data.max_prompt_len = 80  # + the source image's 64 codes and its delimiters
+            c.total_steps = 1000
+            c.optim.lr = 1e-3
+            c.eval.num_edits = 500
     elif arg in ("tiny", "runlocal"):
         common.smoke(c)
         c.tokenizer.kind = "random"
@@ -87,7 +104,11 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.base.kind = "random"
         c.base.overrides = mlc.ConfigDict(dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64))
         c.model.num_stacked = 1
+        c.data.edit_fraction = 0.5
+        c.data.max_prompt_len = 80
         c.eval.num_examples = 16
+        c.eval.num_edits = 8
+        c.eval.num_reasoning = 8
         c.eval.grid_per_category = 4
     else:
         raise ValueError(f"unknown star preset {arg!r}; use shapes or tiny")

@@ -67,28 +67,64 @@ def test_only_stacked_adapter_head_train_and_the_base_stays_bit_identical(task):
     assert not np.array_equal(params["star"]["head"]["kernel"], star["head"]["kernel"])
 
 
-def test_teacher_forcing_equals_the_samplers_cached_decode(task):
+@pytest.mark.parametrize("edit", [False, True])
+def test_teacher_forcing_equals_the_samplers_cached_decode(task, edit):
     t, star, colls = task
+    vocab = shapes_chat.ChatVocab()
     captions = ["a red circle to the left of a blue square", "two green stars"]
     b = _batch(t, captions)
-    logits, codes = jax.jit(lambda p, bb: t.logits(p, colls, bb))(star, {k: jnp.asarray(v) for k, v in b.items()})
+    if edit:
+        n = t.grid ** 2
+        prompts = [shapes_chat.edit_ids(vocab, i, n) for i in ("remove the red circle", "make the green star blue")]
+        rows = [S.left_padded_prompt(p, t.prompt_len) for p in prompts]
+        b["prompt"], b["prompt_valid"] = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+        b["target_image"] = np.random.default_rng(1).uniform(-1, 1, b["image"].shape).astype(np.float32)
+    else:
+        prompts = [shapes_chat.generation_ids(vocab, c) for c in captions]
+    batch = {k: jnp.asarray(v) for k, v in b.items()}
+    logits, codes = jax.jit(lambda p, bb: t.logits(p, colls, bb))(star, batch)
     variables = t.variables(star, colls)
-    prompts = [shapes_chat.generation_ids(shapes_chat.ChatVocab(), c) for c in captions]
     ids, valid = star_sample.left_pad(prompts, shapes_chat.PAD, bucket=t.prompt_len)
+    source = (t.codes(colls["frozen"], batch["image"]), shapes_chat.IMAGE_PAD) if edit else (None, None)
     n = codes.shape[1]
-    first, cache, step = star_sample.prefill_and_step(t.model, variables, jnp.asarray(ids), jnp.asarray(valid), n)
+    first, cache, step = star_sample.prefill_and_step(t.model, variables, jnp.asarray(ids), jnp.asarray(valid), n,
+                                                      *source)
     step = jax.jit(step)
     stepped = [first]
     for i in range(1, n):
         out, cache = step(codes[:, i - 1], cache, i)
         stepped.append(out)
     np.testing.assert_allclose(np.stack(stepped, axis=1), np.asarray(logits), atol=2e-5)
+    if edit:  # the source image matters
+        no_source = t.model.apply(variables, batch["prompt"][:, -4:], codes[:, :1])["image_logits"]
+        assert not np.allclose(np.asarray(no_source)[:, 0], np.asarray(logits)[:, 0], atol=1e-3)
+
+
+def test_edit_rows_carry_the_source_block_and_the_edited_scene():
+    from jaxunified.data import shapes, shapes_edit
+
+    ex = shapes.render_example(7, "test", resolution=32)
+    element = {**ex, "caption": ex["caption"].encode()}
+    out = S.GenerationPrompts(80, dropout=0.0, edit_fraction=1.0, num_image_tokens=64).random_map(
+        element, np.random.default_rng(0))
+    ids = out["prompt"][out["prompt_valid"]].tolist()
+    assert ids.count(shapes_chat.IMAGE_PAD) == 64 and ids[-1] == shapes_chat.VISION_START
+    instruction = shapes_chat.ChatVocab().decode(ids[3 + 64 + 1:-4])
+    assert instruction.split()[0] in ("make", "remove", "add", "move")
+    assert not np.array_equal(out["target_image"], ex["image"])
+    dropped = S.GenerationPrompts(80, dropout=1.0, edit_fraction=1.0, num_image_tokens=64).random_map(
+        element, np.random.default_rng(0))
+    unc = dropped["prompt"][dropped["prompt_valid"]].tolist()
+    # guidance is on the text: the unconditional edit row keeps the image block, loses the words
+    assert unc.count(shapes_chat.IMAGE_PAD) == 64 and shapes_chat.ChatVocab().decode(unc) == "assistant"
+    assert shapes_edit.check_edit(out["target_image"], shapes_edit.random_edit(
+        shapes.scene_objects(ex), np.random.default_rng(0))).passed in (True, False)
 
 
 def test_prompt_dropout_trains_the_samplers_unconditional_row():
     vocab = shapes_chat.ChatVocab()
     ids = shapes_chat.generation_ids(vocab, "four purple crosses")
-    element = {"caption": b"four purple crosses"}
+    element = {"caption": b"four purple crosses", "image": np.zeros((32, 32, 3), np.uint8)}
     out = S.GenerationPrompts(16, dropout=1.0).random_map(element, np.random.default_rng(0))
     want = star_sample.uncond_ids(ids, shapes_chat.FIM_PAD, shapes_chat.GENERATION_TAIL)
     assert out["prompt"][out["prompt_valid"]].tolist() == want

@@ -154,6 +154,14 @@ def generation_ids(vocab: ChatVocab, caption: str) -> list[int]:
                                                                     VISION_START]
 
 
+def edit_ids(vocab: ChatVocab, instruction: str, num_image_tokens: int) -> list[int]:
+    """STAR's edit prompt: the source image's VQ block, the instruction, then the assistant's
+    ``<|vision_start|>`` (the source's codes go in the ``IMAGE_PAD`` slots)."""
+    return ([IM_START, vocab.ids["user"], VISION_START] + [IMAGE_PAD] * num_image_tokens + [VISION_END]
+            + vocab.encode(instruction) + [IM_END, IM_START, vocab.ids["assistant"], VISION_START])
+
+
+IMAGE_BLOCK = (VISION_START, IMAGE_PAD, VISION_END)  # kept in STAR's unconditional edit rows
 GENERATION_TAIL = 3  # <|im_start|> assistant <|vision_start|>: kept in STAR's unconditional row
 
 
@@ -177,5 +185,6 @@ def understanding_example(vocab: ChatVocab, labels: Mapping, kind: str, num_imag
     return {"tokens": tokens, "loss_mask": mask, "has_image": np.bool_(with_image)}
 
 
-__all__ = ["ChatVocab", "SPECIALS", "TASKS", "QA_TYPES", "TEXT_ONLY", "indirect_caption", "IMAGE_START", "GENERATION_TAIL", "question_answer",
-           "understanding_ids", "generation_ids", "understanding_example"]
+__all__ = ["ChatVocab", "SPECIALS", "TASKS", "QA_TYPES", "TEXT_ONLY", "IMAGE_START", "IMAGE_BLOCK", "GENERATION_TAIL",
+           "indirect_caption", "question_answer", "understanding_ids", "generation_ids", "edit_ids",
+           "understanding_example"]

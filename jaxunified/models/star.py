@@ -98,6 +98,8 @@ class STAR(nn.Module):
         *,
         inputs_embeds: jax.Array | None = None,
         embeds_mask: jax.Array | None = None,
+        source_codes: jax.Array | None = None,
+        source_mask: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         return_hidden: bool = False,
@@ -106,22 +108,30 @@ class STAR(nn.Module):
         """Teacher-forced (or, with ``decode``, one prefill/step) pass over prompt ids followed by
         ``image_codes`` [B, T] (or any mix given as ``inputs_embeds`` + ``embeds_mask``).
 
+        Editing: ``source_codes`` [B, N] (the source image's VQ codes) enter the prompt, in order,
+        at the N positions ``source_mask`` [B, P] marks (the reference's VQ block after the user
+        turn's opening), through the same codebook + adapter path as generated codes.
+
         Returns "pixel_logits" [B, S, K] for every position, "image_logits" [B, T, K] (position j
         predicts ``image_codes[:, j]``; only with ``image_codes``), the base's and stacked
         decoder's final-normed states ("base_last_hidden", "stacked_last_hidden"), their
         ``hidden_states`` with ``return_hidden``, and the base's text "logits" with ``text_logits``.
         """
+        if source_codes is not None:
+            if input_ids is None or inputs_embeds is not None or source_mask is None:
+                raise ValueError("source_codes need input_ids and source_mask (their slots), not inputs_embeds")
+            inputs_embeds, embeds_mask = self._source_embeds(source_codes, source_mask), source_mask.astype(bool)
         num_image = 0
         if image_codes is not None:
-            if input_ids is None or inputs_embeds is not None:
+            if input_ids is None or (inputs_embeds is not None and source_codes is None):
                 raise ValueError("image_codes go after input_ids; pass inputs_embeds/embeds_mask for other layouts")
             num_image = image_codes.shape[1]
             batch = input_ids.shape[0]
-            inputs_embeds = jnp.concatenate(
-                [jnp.zeros(input_ids.shape + (self.config.base.hidden_size,), jnp.float32),
-                 self.embed_images(image_codes)], axis=1)
-            embeds_mask = jnp.concatenate(
-                [jnp.zeros(input_ids.shape, bool), jnp.ones((batch, num_image), bool)], axis=1)
+            if inputs_embeds is None:
+                inputs_embeds = jnp.zeros(input_ids.shape + (self.config.base.hidden_size,), jnp.float32)
+                embeds_mask = jnp.zeros(input_ids.shape, bool)
+            inputs_embeds = jnp.concatenate([inputs_embeds, self.embed_images(image_codes)], axis=1)
+            embeds_mask = jnp.concatenate([embeds_mask, jnp.ones((batch, num_image), bool)], axis=1)
             input_ids = jnp.concatenate([input_ids, jnp.zeros((batch, num_image), input_ids.dtype)], axis=1)
         base = self.base(input_ids, inputs_embeds=inputs_embeds, embeds_mask=embeds_mask,
                          attention_mask=attention_mask, positions=positions, return_hidden=return_hidden,
@@ -138,6 +148,11 @@ class STAR(nn.Module):
         if text_logits:
             out["logits"] = base["logits"]
         return out
+
+    def _source_embeds(self, codes: jax.Array, mask: jax.Array) -> jax.Array:
+        emb = self.embed_images(codes)  # [B, N, H]
+        slot = jnp.clip(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0, codes.shape[1] - 1)
+        return jnp.take_along_axis(emb, slot[..., None], axis=1)
 
     def step_codes(self, codes: jax.Array, *, attention_mask=None, positions=None) -> jax.Array:
         """One decode step fed image codes [R, T]: the pixel logits [R, T, K] (``decode=True``)."""

@@ -30,17 +30,23 @@ FIM_PAD_ID = 151662
 VISION_START_ID = 151652
 
 
-def uncond_ids(ids: Sequence[int], fim_pad_id: int = FIM_PAD_ID, keep_tail: int = 4) -> list[int]:
+def uncond_ids(ids: Sequence[int], fim_pad_id: int = FIM_PAD_ID, keep_tail: int = 4,
+               keep: Sequence[int] = ()) -> list[int]:
     """STAR's unconditional row for prompt ``ids``: position 0 and the last ``keep_tail`` ids
-    (``<|im_start|> assistant \\n <|vision_start|>``) kept, ``<|fim_pad|>`` in between."""
+    (``<|im_start|> assistant \\n <|vision_start|>``) kept, ``<|fim_pad|>`` in between — except
+    ids in ``keep`` (an edit's source-image block stays in both rows, so guidance is on the text)."""
     ids = list(ids)
     if len(ids) < keep_tail + 1:
         raise ValueError(f"a STAR prompt needs more than {keep_tail} ids, got {len(ids)}")
-    return ids[:1] + [fim_pad_id] * (len(ids) - 1 - keep_tail) + ids[-keep_tail:]
+    keep = set(keep)
+    middle = [i if i in keep else fim_pad_id for i in ids[1:len(ids) - keep_tail]]
+    return ids[:1] + middle + ids[-keep_tail:]
 
 
-def prefill_and_step(model: STAR, variables: Any, ids: jax.Array, valid: jax.Array, num_tokens: int):
-    """(first pixel logits [R, K], caches, step) for ``decode.generate`` over left-padded prompts."""
+def prefill_and_step(model: STAR, variables: Any, ids: jax.Array, valid: jax.Array, num_tokens: int,
+                     source_codes: jax.Array | None = None, source_id: int | None = None):
+    """(first pixel logits [R, K], caches, step) for ``decode.generate`` over left-padded prompts;
+    an edit's ``source_codes`` [R, N] fill the prompt slots holding ``source_id``."""
     dec = model.clone(decode=True)
     rows, length = ids.shape
     slot_valid, offset, positions = cache_layout(valid, num_tokens)
@@ -48,8 +54,9 @@ def prefill_and_step(model: STAR, variables: Any, ids: jax.Array, valid: jax.Arr
     slot_valid = slot_valid[:, :length + num_tokens - 1]
     cache = init_cache(dec, rows, length + num_tokens - 1)
     fixed = {k: v for k, v in variables.items() if k != "cache"}
+    source = {} if source_codes is None else {"source_codes": source_codes, "source_mask": ids == source_id}
     out, state = dec.apply({**fixed, "cache": cache}, ids, attention_mask=slot_valid, positions=positions,
-                           mutable=["cache"])
+                           mutable=["cache"], **source)
 
     def step(codes, cache, n):
         # Feeds code n - 1, at prompt position length + n - 1 - pads.
@@ -60,9 +67,10 @@ def prefill_and_step(model: STAR, variables: Any, ids: jax.Array, valid: jax.Arr
     return out["pixel_logits"][:, -1], state["cache"], step
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "strategy", "guidance"))
-def _sample(model, variables, ids, valid, keys, *, num_tokens, strategy, guidance):
-    first, cache, step = prefill_and_step(model, variables, ids, valid, num_tokens)
+@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "strategy", "guidance", "source_id"))
+def _sample(model, variables, ids, valid, keys, source_codes=None, *, num_tokens, strategy, guidance,
+            source_id=None):
+    first, cache, step = prefill_and_step(model, variables, ids, valid, num_tokens, source_codes, source_id)
     codes, _ = generate(step, first, cache, num_tokens, strategy, keys, guidance=guidance)
     return codes
 
@@ -81,21 +89,35 @@ def generate_images(
     keep_tail: int = 4,
     pad_id: int = 0,
     bucket: int = 8,
+    source_codes=None,
+    source_id: int | None = None,
+    uncond_keep: Sequence[int] = (),
 ) -> jax.Array:
     """Image codes [B, num_tokens] (raster order) for chat-templated ``prompts`` (each ending in
     ``<|vision_start|>``). With ``guidance`` the unconditional rows are ``uncond_prompts`` or,
-    by default, ``uncond_ids(prompt, fim_pad_id, keep_tail)``. Decode them with ``STAR.decode_image``."""
+    by default, ``uncond_ids(prompt, fim_pad_id, keep_tail)``. Decode them with ``STAR.decode_image``.
+
+    Editing: ``source_codes`` [B, N] are each prompt's source-image codes, entering at the
+    prompt's ``source_id`` slots in both guidance rows: pass the image block's ids (``source_id`` and
+    its delimiters) as ``uncond_keep`` so the default unconditional rows keep it, as STAR's do."""
     rows = [list(p) for p in prompts]
     if guidance is not None:
-        unc = [uncond_ids(p, fim_pad_id, keep_tail) for p in rows] if uncond_prompts is None else [list(p) for p in uncond_prompts]
+        if uncond_prompts is None:
+            unc = [uncond_ids(p, fim_pad_id, keep_tail, uncond_keep) for p in rows]
+        else:
+            unc = [list(p) for p in uncond_prompts]
         if len(unc) != len(rows):
             raise ValueError(f"{len(unc)} unconditional prompts for {len(rows)} prompts")
         rows += unc
     ids, valid = left_pad(rows, pad_id, bucket)
     keys = None if isinstance(strategy, Greedy) else row_keys(jax.random.key(0) if key is None else key,
                                                                len(prompts))
-    return _sample(model.clone(decode=False), variables, jnp.asarray(ids), jnp.asarray(valid), keys,
-                   num_tokens=int(num_tokens), strategy=strategy, guidance=guidance)
+    if source_codes is not None:
+        source_codes = jnp.asarray(source_codes, jnp.int32)
+        if guidance is not None:
+            source_codes = jnp.concatenate([source_codes, source_codes])
+    return _sample(model.clone(decode=False), variables, jnp.asarray(ids), jnp.asarray(valid), keys, source_codes,
+                   num_tokens=int(num_tokens), strategy=strategy, guidance=guidance, source_id=source_id)
 
 
 __all__ = ["FIM_PAD_ID", "VISION_START_ID", "generate_images", "prefill_and_step", "uncond_ids"]

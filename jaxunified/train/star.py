@@ -25,6 +25,9 @@ split's captions scored by shapes-GenEval per category, with PNG grids (``eval.t
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
+
 import flax.linen as nn
 import grain
 import jax
@@ -33,9 +36,11 @@ import numpy as np
 import optax
 
 from jaxunified import convert
-from jaxunified.data import cache, pipeline, shapes_chat
+from jaxunified.data import cache, pipeline, shapes, shapes_chat, shapes_edit
 from jaxunified.data.pipeline import as_float_images, to_global
 from jaxunified.eval import shapes_geneval, t2i_report
+from jaxunified.eval.chat import text_answers
+from jaxunified.eval.images import image_grid, save_png
 from jaxunified.models import lm as lm_lib
 from jaxunified.models import star as star_lib
 from jaxunified.models import vqgan as vqgan_lib
@@ -59,19 +64,29 @@ def left_padded_prompt(ids, length: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class GenerationPrompts(grain.transforms.RandomMap):
-    """Adds ``prompt``/``prompt_valid`` [max_prompt_len] (left-padded), STAR's unconditional row
-    with probability ``dropout``."""
+    """Adds ``prompt``/``prompt_valid`` [max_prompt_len] (left-padded) and ``target_image``: the
+    caption's t2i prompt and the image itself, or with probability ``edit_fraction`` an edit of the
+    scene (``data.shapes_edit``): its instruction after the source image's block, and the edited
+    scene rendered. With probability ``dropout`` the prompt becomes STAR's unconditional row."""
 
-    def __init__(self, max_len: int, dropout: float):
+    def __init__(self, max_len: int, dropout: float, edit_fraction: float = 0.0, num_image_tokens: int = 0):
         self.vocab, self.max_len, self.dropout = shapes_chat.ChatVocab(), max_len, dropout
+        self.edit_fraction, self.num_image_tokens = edit_fraction, num_image_tokens
 
     def random_map(self, element, rng: np.random.Generator):
         caption = element["caption"]
         ids = shapes_chat.generation_ids(self.vocab, caption.decode() if isinstance(caption, bytes) else str(caption))
+        target = element["image"]
+        edit = None
+        if self.edit_fraction and rng.random() < self.edit_fraction:
+            edit = shapes_edit.random_edit(shapes.scene_objects(element), rng)
+        if edit is not None:
+            ids = shapes_chat.edit_ids(self.vocab, edit.instruction, self.num_image_tokens)
+            target = shapes.render_objects(edit.target, element["image"].shape[0])
         if self.dropout and rng.random() < self.dropout:
-            ids = star_sample.uncond_ids(ids, shapes_chat.FIM_PAD, shapes_chat.GENERATION_TAIL)
+            ids = star_sample.uncond_ids(ids, shapes_chat.FIM_PAD, shapes_chat.GENERATION_TAIL, shapes_chat.IMAGE_BLOCK)
         prompt, valid = left_padded_prompt(ids, self.max_len)
-        return {**element, "prompt": prompt, "prompt_valid": valid}
+        return {**element, "prompt": prompt, "prompt_valid": valid, "target_image": target}
 
 
 def _load_base(bc):
@@ -136,14 +151,18 @@ class STARTask(Task):
     # ---- variables ----
     def dummy_batch(self):
         r, b, p = int(self.config.data.resolution), int(self.config.data.batch_size), self.prompt_len
-        return {"image": np.zeros((b, r, r, 3), np.float32), "prompt": np.zeros((b, p), np.int32),
-                "prompt_valid": np.ones((b, p), bool)}
+        return {"image": np.zeros((b, r, r, 3), np.float32), "target_image": np.zeros((b, r, r, 3), np.float32),
+                "prompt": np.zeros((b, p), np.int32), "prompt_valid": np.ones((b, p), bool)}
 
     def init_variables(self, rng, batch):
         boxed = self.model.init(rng, jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 2), jnp.int32), text_logits=True)
         trained = {k: boxed["params"][k] for k in TRAINED}
         plain = nn.meta.unbox(trained)
-        if self._star_params is not None:
+        init_from = self.config.model.get("init_from") or ""
+        if init_from:  # the previous stage's run
+            _, _, prev = load_run(init_from)
+            plain = {k: prev["params"][k] for k in TRAINED}
+        elif self._star_params is not None:
             plain = {k: self._star_params[k] for k in TRAINED}
         elif self.config.model.get("init_stacked", "base_top") == "base_top":
             plain = {**plain, "stacked": star_lib.init_stacked_from_base(
@@ -164,16 +183,26 @@ class STARTask(Task):
         _, codes, _ = self.vq.apply(variables, as_float_images(images), method=vqgan_lib.VQGAN.encode)
         return jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1).astype(jnp.int32))
 
+    @property
+    def edit_fraction(self) -> float:
+        return float(self.config.data.get("edit_fraction", 0.0))
+
     def logits(self, star_params, collections, batch):
-        """Teacher-forced image logits [B, h·w, K] and the codes they predict."""
-        codes = batch["codes"] if "codes" in batch else self.codes(collections["frozen"], batch["image"])
+        """Teacher-forced image logits [B, h·w, K] and the codes they predict (the target image's;
+        with editing on, the source image's codes fill the prompt's ``IMAGE_PAD`` slots)."""
+        frozen = collections["frozen"]
+        codes = self.codes(frozen, batch.get("target_image", batch["image"]))
+        source = {}
+        if self.edit_fraction > 0:
+            source = {"source_codes": self.codes(frozen, batch["image"]),
+                      "source_mask": batch["prompt"] == shapes_chat.IMAGE_PAD}
         valid = batch["prompt_valid"].astype(bool)
         b, n = codes.shape
         attention = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)
         pads = jnp.sum(~valid, axis=1, keepdims=True)
         positions = jnp.maximum(jnp.arange(valid.shape[1] + n)[None] - pads, 0)
         out = self.model.apply(self.variables(star_params, collections), batch["prompt"], codes,
-                               attention_mask=attention, positions=positions)
+                               attention_mask=attention, positions=positions, **source)
         return out["image_logits"], codes
 
     def loss_and_metrics(self, star_params, collections, batch):
@@ -193,9 +222,10 @@ class STARTask(Task):
 
     # ---- data ----
     def build_dataset(self, split: str):
-        drop = float(self.config.model.prompt_dropout) if split == "train" else 0.0
-        return pipeline.build_dataset(self.config.data, split, self.mesh,
-                                      extra_transforms=(GenerationPrompts(self.prompt_len, drop),))
+        train = split == "train"
+        drop = float(self.config.model.prompt_dropout) if train else 0.0
+        prompts = GenerationPrompts(self.prompt_len, drop, self.edit_fraction if train else 0.0, self.grid ** 2)
+        return pipeline.build_dataset(self.config.data, split, self.mesh, extra_transforms=(prompts,))
 
     # ---- evaluation ----
     def decode_images(self, frozen, codes) -> jax.Array:
@@ -203,26 +233,36 @@ class STARTask(Task):
         return jnp.clip(self.vq.apply(frozen["vq"], codes.reshape(-1, g, g), method=vqgan_lib.VQGAN.decode_codes),
                         -1.0, 1.0)
 
-    def sample(self, star_params, collections, captions, *, key, batch_size: int = 0):
-        """Images [N, H, W, 3] in [-1, 1] and codes [N, h·w] for ``captions`` (CFG per ``config.sample``)."""
+    def sample(self, star_params, collections, prompts, *, key, source_images=None, batch_size: int = 0):
+        """Images [N, H, W, 3] in [-1, 1] and codes [N, h·w] for chat ``prompts`` (id lists; CFG per
+        ``config.sample``); edits pass their ``source_images`` [N, H, W, 3] (uint8 or [-1, 1])."""
         sc = self.config.sample
+        frozen = collections["frozen"]
         variables = self.variables(star_params, collections)
         bs = batch_size or int(self.config.data.get("eval_batch_size", 64))
-        decode = jax.jit(self.decode_images)
+        decode, encode = jax.jit(self.decode_images), jax.jit(self.codes)
         images, codes = [], []
-        for i in range(0, len(captions), bs):
-            chunk = list(captions[i:i + bs])
+        for i in range(0, len(prompts), bs):
+            chunk = [list(p) for p in prompts[i:i + bs]]
             n = len(chunk)
             chunk += [chunk[-1]] * (bs - n)  # one compiled shape
-            prompts = [shapes_chat.generation_ids(self.vocab, c) for c in chunk]
-            c = star_sample.generate_images(self.model, variables, prompts, num_tokens=self.grid ** 2,
+            source = {}
+            if source_images is not None:
+                src = np.asarray(source_images[i:i + bs])
+                src = np.concatenate([src, np.repeat(src[-1:], bs - n, axis=0)])
+                source = {"source_codes": encode(frozen, jnp.asarray(src)), "source_id": shapes_chat.IMAGE_PAD,
+                          "uncond_keep": shapes_chat.IMAGE_BLOCK}
+            c = star_sample.generate_images(self.model, variables, chunk, num_tokens=self.grid ** 2,
                                             strategy=strategy_from(sc), guidance=guidance_from(sc),
                                             key=jax.random.fold_in(key, i), fim_pad_id=shapes_chat.FIM_PAD,
                                             keep_tail=shapes_chat.GENERATION_TAIL, pad_id=shapes_chat.PAD,
-                                            bucket=self.prompt_len)
-            images.append(np.asarray(decode(collections["frozen"], c))[:n])
+                                            bucket=self.prompt_len, **source)
+            images.append(np.asarray(decode(frozen, c))[:n])
             codes.append(np.asarray(c)[:n])
         return np.concatenate(images), np.concatenate(codes)
+
+    def t2i_prompts(self, captions) -> list[list[int]]:
+        return [shapes_chat.generation_ids(self.vocab, c) for c in captions]
 
     def evaluate(self, state, split, workdir, step) -> dict:
         star_params = eval_params(state)["star"]
@@ -238,14 +278,18 @@ class STARTask(Task):
 
         tot = np.zeros(3)
         captions: list[str] = []
+        scenes: list[dict] = []
         with jax.set_mesh(self.mesh):
             for host in data:
                 mask = np.asarray(host["mask"], np.float32)
                 if limit:
                     mask = mask * (np.cumsum(mask) <= limit - tot[2])
                 caps = [str(c) for c in host["caption"]]
-                captions += [c for c, m in zip(caps, mask) if m]
-                rows = [left_padded_prompt(shapes_chat.generation_ids(self.vocab, c), self.prompt_len) for c in caps]
+                for i in np.flatnonzero(mask):
+                    captions.append(caps[i])
+                    scenes.append({"image": host["image"][i], "objects": shapes.scene_objects(
+                        {k: host[k][i] for k in ("obj_shape", "obj_color", "obj_size", "obj_center", "count")})})
+                rows = [left_padded_prompt(ids, self.prompt_len) for ids in self.t2i_prompts(caps)]
                 b = to_global({"image": host["image"], "prompt": np.stack([r[0] for r in rows]),
                                "prompt_valid": np.stack([r[1] for r in rows])}, self.mesh)
                 tot += np.asarray(jax.device_get(tf_step(star_params, colls, b, jnp.asarray(mask))), np.float64)
@@ -253,12 +297,79 @@ class STARTask(Task):
                     break
         n = max(tot[2], 1.0)
         out = {"val_loss": tot[0] / n, "val_token_acc": tot[1] / n, "num_examples": tot[2]}
+        key = jax.random.key(int(self.config.sample.seed))
+        write = workdir is not None and jax.process_index() == 0
+        per = int(self.config.eval.get("grid_per_category", 16))
+
         k = int(self.config.eval.get("num_samples", 0)) or len(captions)
-        captions = captions[:k]
-        images, _ = self.sample(star_params, colls, captions, key=jax.random.key(int(self.config.sample.seed)))
-        report = shapes_geneval.evaluate(images, captions)
+        images, _ = self.sample(star_params, colls, self.t2i_prompts(captions[:k]), key=key)
+        report = shapes_geneval.evaluate(images, captions[:k])
         out.update(t2i_report.geneval_metrics(report))
-        if workdir is not None and jax.process_index() == 0:
-            t2i_report.write_samples(workdir, split, step, images, captions, report,
-                                     int(self.config.eval.get("grid_per_category", 16)))
+        if write:
+            t2i_report.write_samples(workdir, split, step, images, captions[:k], report, per)
+
+        num_edits = int(self.config.eval.get("num_edits", 0))
+        if num_edits:
+            out.update(self.evaluate_edits(star_params, colls, scenes[:num_edits], key, workdir if write else None,
+                                           split, step))
+        num_reasoning = int(self.config.eval.get("num_reasoning", 0))
+        if num_reasoning:
+            out.update(self.evaluate_reasoning(star_params, colls, scenes[:num_reasoning], key,
+                                               workdir if write else None, split, step))
         return out
+
+    def evaluate_edits(self, star_params, colls, scenes, key, workdir, split, step) -> dict:
+        """Edit success (``shapes_edit.check_edit``) overall and per kind, one random edit per scene."""
+        edits, sources = [], []
+        for i, sc in enumerate(scenes):
+            e = shapes_edit.random_edit(sc["objects"], np.random.default_rng(i))
+            if e is not None:
+                edits.append(e)
+                sources.append(sc["image"])
+        if not edits:
+            return {}
+        prompts = [shapes_chat.edit_ids(self.vocab, e.instruction, self.grid ** 2) for e in edits]
+        images, _ = self.sample(star_params, colls, prompts, key=key, source_images=np.stack(sources))
+        checks = [shapes_edit.check_edit(im, e) for im, e in zip(images, edits)]
+        if workdir is not None:
+            r = int(self.config.data.resolution)
+            n = min(16, len(edits))
+            rows = []
+            for j in range(n):  # source | edited | wanted
+                rows += [as_unit(sources[j]), images[j], as_unit(shapes.render_objects(edits[j].target, r))]
+            save_png(pathlib.Path(workdir) / f"edits_{split}_{step:07d}.png", image_grid(np.stack(rows), ncol=6),
+                     upscale=4)
+            (pathlib.Path(workdir) / f"edits_{split}_{step:07d}.json").write_text(json.dumps(
+                [{"instruction": e.instruction, "kind": e.kind, "passed": c.passed, "reason": c.reason}
+                 for e, c in zip(edits, checks)], indent=0))
+        return shapes_edit.summarize(edits, checks)
+
+    def evaluate_reasoning(self, star_params, colls, scenes, key, workdir, split, step) -> dict:
+        """Reasoning mode on prompts that name an object indirectly ("a plus sign the color of
+        grass"): shapes-GenEval of plain generation from the indirect prompt vs generation from the
+        frozen base's text rewrite of it (STAR's ``generate_images_reasoning``)."""
+        rng = np.random.default_rng(0)
+        direct, indirect = [], []
+        for sc in scenes:
+            s, c = sc["objects"][int(rng.integers(len(sc["objects"])))][:2]
+            direct.append(shapes.object_phrase(s, c))
+            indirect.append(shapes_chat.indirect_caption(s, c, rng))
+        base = lm_lib.DecoderLM(self.model_cfg.base)
+        rewrites = text_answers(base, {"params": colls["frozen"]["base"]}, [f"rewrite {p}" for p in indirect], 6)
+        out = {"reasoning_rewrite_acc": float(np.mean([r == d for r, d in zip(rewrites, direct)]))}
+        for name, prompts in (("plain", indirect), ("reasoning", rewrites)):
+            ids = [shapes_chat.generation_ids(self.vocab, p) if p else shapes_chat.generation_ids(self.vocab, q)
+                   for p, q in zip(prompts, indirect)]
+            images, _ = self.sample(star_params, colls, ids, key=key)
+            report = shapes_geneval.evaluate(images, direct)
+            out[f"geneval_indirect_{name}"] = float(report["overall"])
+        if workdir is not None:
+            (pathlib.Path(workdir) / f"reasoning_{split}_{step:07d}.json").write_text(json.dumps(
+                [{"indirect": i, "rewrite": r, "direct": d} for i, r, d in zip(indirect, rewrites, direct)], indent=0))
+        return out
+
+
+def as_unit(image) -> np.ndarray:
+    """uint8 or [-1, 1] float → float [-1, 1]."""
+    image = np.asarray(image)
+    return image.astype(np.float32) / 127.5 - 1.0 if image.dtype == np.uint8 else image.astype(np.float32)
