@@ -9,6 +9,9 @@ Presets (the argument after the colon):
 * ``shapes_vq`` — the shapes VQ's codebook rows of the image's codes (discrete visual tokens):
       python train.py --config configs/vqgan.py:shapes8  --workdir runs/vqgan_shapes8
       python train.py --config configs/mllm.py:shapes_vq --workdir runs/mllm_shapes_vq
+* ``shapes_toklip`` / ``shapes_dualtoken`` — TokLIP's code embeddings ⊕ causal features, DualToken's
+  pixel ⊕ semantic code sums (their shapes presets' runs, ``runs/toklip_shapes`` / ``runs/dualtoken_shapes``):
+      python train.py --config configs/mllm.py:shapes_dualtoken --workdir runs/mllm_shapes_dualtoken
 * ``tiny`` (also ``runlocal``) — a seconds-long smoke run with an untrained vision model (tests).
 """
 
@@ -62,7 +65,7 @@ def _base() -> mlc.ConfigDict:
 
 def get_config(arg: str = "shapes") -> mlc.ConfigDict:
     c = _base()
-    if arg in ("shapes", "shapes_vq"):
+    if arg in ("shapes", "shapes_vq", "shapes_toklip", "shapes_dualtoken"):
         c.total_steps = 1800
         c.checkpoint_every = 500
         c.data.batch_size = 64
@@ -74,6 +77,11 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         if arg == "shapes_vq":
             c.vision.kind = "vq"
             c.vision.source = _block("workdir", "runs/vqgan_shapes8", "shapes-S8")
+        if arg in ("shapes_toklip", "shapes_dualtoken"):
+            c.vision.kind = arg.split("_")[1]
+            c.vision.source = _block("workdir", f"runs/{c.vision.kind}_shapes", "")
+        if arg == "shapes_toklip":
+            c.data.max_len = 288  # TokLIP's shapes tokenizer gives 16×16 = 256 image tokens
     elif arg in ("tiny", "runlocal"):
         common.smoke(c)
         c.vision.source.kind = "random"
@@ -83,5 +91,6 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
                                                 mlp_dim=64))
         c.eval.num_examples = 16
     else:
-        raise ValueError(f"unknown mllm preset {arg!r}; use shapes, shapes_vq or tiny")
+        raise ValueError(f"unknown mllm preset {arg!r}; use shapes, shapes_vq, shapes_toklip, shapes_dualtoken "
+                         "or tiny")
     return c

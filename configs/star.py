@@ -82,7 +82,7 @@ def _base() -> mlc.ConfigDict:
 def get_config(arg: str = "shapes") -> mlc.ConfigDict:
     c = _base()
     if arg in ("shapes", "shapes_edit"):
-        c.total_steps = 1900
+        c.total_steps = 1700
         c.checkpoint_every = 500
         c.data.batch_size = 64
         c.optim.lr = 3e-3
@@ -93,7 +93,7 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
             c.model.init_from = "runs/star_shapes"
             c.data.edit_fraction = 0.5
             c.data.max_prompt_len = 80  # + the source image's 64 codes and its delimiters
-            c.total_steps = 1000
+            c.total_steps = 900
             c.optim.lr = 1e-3
             c.eval.num_edits = 500
     elif arg in ("tiny", "runlocal"):

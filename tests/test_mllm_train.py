@@ -126,3 +126,22 @@ def test_tiny_run_trains_answers_and_loads_back(tmp_path):
     c = model.config
     out = model.apply(variables, jnp.zeros((1, 80), jnp.int32), jnp.zeros((1, c.num_image_tokens, c.vision_dim)))
     assert out["logits"].shape == (1, 80, shapes_chat.ChatVocab().size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["toklip", "dualtoken"])
+def test_tiny_mllm_reads_a_toklip_or_dualtoken_run(tmp_path, kind):
+    looplib.Trainer(helpers.tiny_config(kind, total_steps=2), tmp_path / kind).run()
+    config = tiny_config(total_steps=2, **{"vision.kind": kind, "vision.source.kind": "workdir",
+                                           "vision.source.workdir": str(tmp_path / kind)})
+    t = M.MLLMTask(config, meshlib.make_mesh((1, -1, 1)))
+    c = t.model_cfg
+    r = int(config.data.resolution)
+    params, colls = jax.jit(lambda k: t.init_variables(k, t.dummy_batch()))(jax.random.key(0))
+    vectors = t.vision_vectors(nn.meta.unbox(colls)["frozen"], jnp.zeros((2, r, r, 3)))
+    assert vectors.shape == (2, c.num_image_tokens, c.vision_dim)
+    if kind == "toklip":  # code embeddings ⊕ causal features
+        assert c.vision_dim == t.vision.cfg.vq.vq.embed_dim + t.vision.cfg.width
+    looplib.Trainer(config, tmp_path / "mllm").run()
+    ev = [json.loads(x) for x in (tmp_path / "mllm" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert ev["split"] == "eval" and "qa_mean" in ev

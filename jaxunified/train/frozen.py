@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxunified import convert
+from jaxunified.models import dualtoken as dualtoken_lib
 from jaxunified.models import siglip as siglip_lib
+from jaxunified.models import toklip as toklip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.train.runs import load_run
 from jaxunified.train.task import host_variables, kwargs
@@ -63,3 +65,25 @@ def load_siglip(tc) -> tuple[siglip_lib.SigLIP, dict]:
     if not isinstance(module, siglip_lib.SigLIP):
         raise ValueError(f"the block names a {type(module).__name__}, not a SigLIP")
     return module, variables
+
+
+def _run_or_checkpoint(tc, convert_kind: str, cls, what: str):
+    if tc.kind == "workdir":
+        _, module, variables = load_run(tc.workdir, tc.get("config") or None)
+    elif tc.kind == convert_kind:
+        module, variables = convert.load(convert_kind, tc.path, **kwargs(tc.get("overrides")))
+    else:
+        raise ValueError(f"{what} kind={tc.kind!r}; use 'workdir' or {convert_kind!r}")
+    if not isinstance(module, cls):
+        raise ValueError(f"the block names a {type(module).__name__}, not a {cls.__name__}")
+    return module, variables
+
+
+def load_toklip(tc) -> tuple[toklip_lib.TokLIP, dict]:
+    """A frozen TokLIP: a ``toklip`` run or a released checkpoint (``kind="toklip"``, ``path``)."""
+    return _run_or_checkpoint(tc, "toklip", toklip_lib.TokLIP, "toklip")
+
+
+def load_dualtoken(tc) -> tuple[dualtoken_lib.DualToken, dict]:
+    """A frozen DualToken tokenizer: a ``dualtoken`` run or an official checkpoint (``kind="dualtoken"``)."""
+    return _run_or_checkpoint(tc, "dualtoken", dualtoken_lib.DualToken, "dualtoken")

@@ -8,7 +8,10 @@ Visual inputs (``vision.kind``), frozen, through the trainable projector:
 - ``siglip``: a SigLIP vision tower's patch states (the LLaVA baseline; ``vision.source`` is a
   ``train.frozen.load_siglip`` block);
 - ``vq``: the codebook rows of a VQ tokenizer's codes — discrete visual tokens, the input STAR's
-  generation path uses (``vision.source`` is a ``train.frozen.load_vq`` block).
+  generation path uses (``vision.source`` is a ``train.frozen.load_vq`` block);
+- ``toklip``: TokLIP's code embeddings ⊕ causal features, as the TokLIP paper feeds its MLLM
+  (``vision.source``: a ``toklip`` run or ``kind="toklip"`` checkpoint);
+- ``dualtoken``: DualToken's pixel ⊕ semantic residual code sums (a ``dualtoken`` run or checkpoint).
 
 The LM trains from scratch on the shapes vocabulary (``model.variant`` + ``model.overrides``);
 every training image gets one conversation drawn uniformly from ``shapes_chat.TASKS`` (a
@@ -43,12 +46,13 @@ from jaxunified.eval.chat import text_answers
 from jaxunified.models import lm as lm_lib
 from jaxunified.models import mllm as mllm_lib
 from jaxunified.models import siglip as siglip_lib
+from jaxunified.models import toklip as toklip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.sample.lm import generate_text, left_pad
 from jaxunified.train import frozen as frozen_parts
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
-VISION_KINDS = ("siglip", "vq")
+VISION_KINDS = ("siglip", "vq", "toklip", "dualtoken")
 ANSWER_TOKENS = {"caption": 14, "rewrite": 5, **{k: 2 for k in shapes_chat.QA_TYPES}}
 
 
@@ -88,6 +92,11 @@ class MLLMTask(Task):
             self.vision, self._vision_vars = frozen_parts.load_vq(vc.source)
             g = r // self.vision.cfg.downsample_factor
             n, dim = g * g, self.vision.cfg.vq.embed_dim
+        elif vc.kind in ("toklip", "dualtoken"):
+            load = frozen_parts.load_toklip if vc.kind == "toklip" else frozen_parts.load_dualtoken
+            self.vision, self._vision_vars = load(vc.source)
+            shape = jax.eval_shape(lambda: self.vision_vectors({"vision": self._vision_vars}, jnp.zeros((1, r, r, 3))))
+            n, dim = shape.shape[1:]
         else:
             raise ValueError(f"vision.kind={vc.kind!r}; use one of {', '.join(VISION_KINDS)}")
         self.model_cfg = self.mllm_config(config, n, dim)
@@ -122,10 +131,13 @@ class MLLMTask(Task):
         boxed = self.model.init(rng, jnp.zeros((1, self.max_len), jnp.int32),
                                 jnp.zeros((1, c.num_image_tokens, c.vision_dim), jnp.float32))
         r = int(self.config.data.resolution)
-        v_abs = jax.eval_shape(lambda: self.vision.init(jax.random.key(0), jnp.zeros((1, r, r, 3))))
-        if self.vision_kind == "siglip":
-            v_abs = {"params": v_abs["params"]}
-        frozen = {"vision": fill_boxes(v_abs, nn.meta.unbox(self._vision_vars), "the frozen vision model")}
+        v_abs = None  # TokLIP/DualToken: their run's variables as loaded (replicated; they are small)
+        if self.vision_kind in ("siglip", "vq"):  # boxed like a fresh init, so they shard like it
+            v_abs = jax.eval_shape(lambda: self.vision.init(jax.random.key(0), jnp.zeros((1, r, r, 3))))
+            if self.vision_kind == "siglip":
+                v_abs = {"params": v_abs["params"]}
+        loaded = nn.meta.unbox(self._vision_vars)
+        frozen = {"vision": loaded if v_abs is None else fill_boxes(v_abs, loaded, "the frozen vision model")}
         return {"mllm": boxed["params"]}, {"frozen": frozen}
 
     def param_labels(self, params):
@@ -137,6 +149,19 @@ class MLLMTask(Task):
         images = as_float_images(images)
         if self.vision_kind == "siglip":
             out = self.vision.apply(frozen["vision"], images)["last_hidden"]
+        elif self.vision_kind == "toklip":
+            # TokLIP's MLLM input: code embeddings ⊕ causal features
+            def both(m, x):
+                codes, feats = m.encode_tokens(x)
+                return toklip_lib.concat_tokens(m.codebook_vectors(codes), feats)
+            out = self.vision.apply(frozen["vision"], images, method=both)
+        elif self.vision_kind == "dualtoken":
+            # DualToken's: pixel ⊕ semantic residual code sums per token
+            def both(m, x):
+                enc = m.encode_image(x)
+                emb = m.code_embeddings(enc["code_pix"], enc["code_sem"])
+                return emb.reshape(emb.shape[0], -1, emb.shape[-1])
+            out = self.vision.apply(frozen["vision"], images, method=both)
         else:
             _, codes, _ = self.vision.apply(frozen["vision"], images, method=vqgan_lib.VQGAN.encode)
             out = self.vision.apply(frozen["vision"], codes.reshape(codes.shape[0], -1), method=vqgan_lib.VQGAN.lookup)
