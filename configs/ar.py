@@ -44,27 +44,13 @@ def _base() -> mlc.ConfigDict:
     c.data.build_cache = False
 
     # The frozen VQ (train/frozen.py): "workdir" (a vqgan run), "llamagen_vq" / "star_vq" (path) or "random".
-    c.tokenizer = mlc.ConfigDict()
-    c.tokenizer.kind = "workdir"
-    c.tokenizer.workdir = "runs/vqgan_shapes8"
-    c.tokenizer.config = ""
-    c.tokenizer.path = ""
-    c.tokenizer.variant = "shapes-S8"
-    c.tokenizer.overrides = mlc.ConfigDict()
+    c.tokenizer = common.frozen_part("runs/vqgan_shapes8", "shapes-S8")
     # > 0: the GPT trains on simplified codes (quant/simplify.py): background synonyms replaced by the
     # background code wherever the decoded image moves by at most this much (max abs, [-1, 1] pixels).
     c.tokenizer.simplify_tol = 0.0
 
     # The frozen text encoder: a SigLIP's text tower ("workdir": a siglip run; "hf_siglip"; "random").
-    c.text_encoder = mlc.ConfigDict()
-    c.text_encoder.kind = "workdir"
-    c.text_encoder.workdir = "runs/siglip_shapes"
-    c.text_encoder.config = ""
-    c.text_encoder.path = ""
-    c.text_encoder.variant = "shapes-S"
-    c.text_encoder.image_size = 0
-    c.text_encoder.vision = mlc.ConfigDict()
-    c.text_encoder.text = mlc.ConfigDict()
+    c.text_encoder = common.frozen_part("runs/siglip_shapes", "shapes-S", siglip=True)
 
     # The GPT (models/llamagen_gpt.py): a variant plus field overrides; vocabulary, image-token
     # count, condition length and width come from the frozen parts.

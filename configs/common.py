@@ -77,6 +77,25 @@ def base(task: str) -> mlc.ConfigDict:
     return c
 
 
+def frozen_part(workdir: str, variant: str, *, siglip: bool = False) -> mlc.ConfigDict:
+    """A frozen sub-model block (train/frozen.py): ``kind`` "workdir" (the run in ``workdir``, its
+    ``config`` spec optional), a checkpoint kind with ``path`` (+ ``overrides``), or "random"
+    (``variant`` + ``overrides``; smoke tests). SigLIP blocks add ``image_size`` and per-tower
+    ``vision``/``text`` overrides."""
+    b = mlc.ConfigDict()
+    b.kind = "workdir"
+    b.workdir = workdir
+    b.config = ""
+    b.path = ""
+    b.variant = variant
+    b.overrides = mlc.ConfigDict()
+    if siglip:
+        b.image_size = 0
+        b.vision = mlc.ConfigDict()
+        b.text = mlc.ConfigDict()
+    return b
+
+
 def text(*, negatives: bool = True, **fields) -> mlc.ConfigDict:
     """The caption tokenizer block (``data.text``): bytes by default; ``fields`` replace defaults."""
     t = mlc.ConfigDict()

@@ -26,21 +26,6 @@ common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
 
 
-def _block(kind: str, workdir: str, variant: str) -> mlc.ConfigDict:
-    """A frozen-part block (train/frozen.py)."""
-    b = mlc.ConfigDict()
-    b.kind = kind
-    b.workdir = workdir
-    b.config = ""
-    b.path = ""
-    b.variant = variant
-    b.image_size = 0
-    b.overrides = mlc.ConfigDict()
-    b.vision = mlc.ConfigDict()
-    b.text = mlc.ConfigDict()
-    return b
-
-
 def _base() -> mlc.ConfigDict:
     c = common.base("mllm")
     c.data.max_len = 96  # 64 image slots + the longest question and caption answer
@@ -49,7 +34,7 @@ def _base() -> mlc.ConfigDict:
     # The frozen visual input: kind "siglip" (source: a SigLIP block) or "vq" (source: a VQ block).
     c.vision = mlc.ConfigDict()
     c.vision.kind = "siglip"
-    c.vision.source = _block("workdir", "runs/siglip_shapes", "shapes-S")
+    c.vision.source = common.frozen_part("runs/siglip_shapes", "shapes-S", siglip=True)
 
     # The LM (models/lm.py): a variant plus overrides; the vocabulary is the shapes chat vocabulary.
     c.model = mlc.ConfigDict()
@@ -76,10 +61,10 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.xla_cpu_options = mlc.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
         if arg == "shapes_vq":
             c.vision.kind = "vq"
-            c.vision.source = _block("workdir", "runs/vqgan_shapes8", "shapes-S8")
+            c.vision.source = common.frozen_part("runs/vqgan_shapes8", "shapes-S8")
         if arg in ("shapes_toklip", "shapes_dualtoken"):
             c.vision.kind = arg.split("_")[1]
-            c.vision.source = _block("workdir", f"runs/{c.vision.kind}_shapes", "")
+            c.vision.source = common.frozen_part(f"runs/{c.vision.kind}_shapes", "")
         if arg == "shapes_toklip":
             c.data.max_len = 288  # TokLIP's shapes tokenizer gives 16×16 = 256 image tokens
     elif arg in ("tiny", "runlocal"):

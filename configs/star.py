@@ -34,24 +34,17 @@ def _base() -> mlc.ConfigDict:
     # the instruction, and the edited scene as the target (stage 3, instruction tuning).
     c.data.edit_fraction = 0.0
     c.data.eval_batch_size = 250
+    # Precomputed (simplified) codes of the training split, keyed by the frozen VQ (stage 2 only).
+    c.data.cache_dir = ""
+    c.data.build_cache = False
 
     # The frozen VQ (train/frozen.py): "workdir" (a vqgan run), "star_vq" / "llamagen_vq" (path) or "random".
-    c.tokenizer = mlc.ConfigDict()
-    c.tokenizer.kind = "workdir"
-    c.tokenizer.workdir = "runs/vqgan_shapes8"
-    c.tokenizer.config = ""
-    c.tokenizer.path = ""
-    c.tokenizer.variant = "shapes-S8"
-    c.tokenizer.overrides = mlc.ConfigDict()
+    c.tokenizer = common.frozen_part("runs/vqgan_shapes8", "shapes-S8")
+    # > 0: generation targets are simplified codes (quant/simplify.py), as in configs/ar.py.
+    c.tokenizer.simplify_tol = 0.0
 
     # The frozen understanding base: "workdir" (an mllm run's LM), "hf_qwen2" / "star" (path) or "random".
-    c.base = mlc.ConfigDict()
-    c.base.kind = "workdir"
-    c.base.workdir = "runs/mllm_shapes"
-    c.base.config = ""
-    c.base.path = ""
-    c.base.variant = "tiny"
-    c.base.overrides = mlc.ConfigDict()
+    c.base = common.frozen_part("runs/mllm_shapes", "tiny")
 
     c.model = mlc.ConfigDict()
     c.model.num_stacked = 4
@@ -82,20 +75,24 @@ def _base() -> mlc.ConfigDict:
 def get_config(arg: str = "shapes") -> mlc.ConfigDict:
     c = _base()
     if arg in ("shapes", "shapes_edit"):
-        c.total_steps = 1700
+        c.total_steps = 1450
         c.checkpoint_every = 500
         c.data.batch_size = 64
         c.optim.lr = 3e-3
         c.optim.warmup_steps = 100
         c.eval.num_reasoning = 300
+        c.tokenizer.simplify_tol = 0.2
+        c.data.cache_dir = "~/.cache/jaxunified/star"
+        c.data.build_cache = True
         c.xla_cpu_options = mlc.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
         if arg == "shapes_edit":
             c.model.init_from = "runs/star_shapes"
             c.data.edit_fraction = 0.5
             c.data.max_prompt_len = 80  # + the source image's 64 codes and its delimiters
-            c.total_steps = 900
+            c.total_steps = 650
             c.optim.lr = 1e-3
             c.eval.num_edits = 500
+            c.tokenizer.simplify_tol = 0.0  # edit targets are encoded every step: no simplification there
     elif arg in ("tiny", "runlocal"):
         common.smoke(c)
         c.tokenizer.kind = "random"

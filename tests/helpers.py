@@ -34,6 +34,18 @@ def tiny_config(family: str, **dotted):
     return c
 
 
+def tiny_task(task_cls, config):
+    """A task of ``config`` on all devices and its initial (params, collections), unboxed."""
+    import flax.linen as nn
+
+    from jaxunified.parallel import mesh as meshlib
+
+    t = task_cls(config, meshlib.make_mesh((1, -1, 1)))
+    batch = t.dummy_batch()
+    params, colls = jax.jit(lambda k: t.init_variables(k, batch))(jax.random.key(0))
+    return t, nn.meta.unbox(params), nn.meta.unbox(colls)
+
+
 def one_step(config, devices, batch_np):
     """One train step of ``config`` over ``devices`` from its initial state: host (params, collections, metrics)."""
     trainer = looplib.Trainer(config, "/tmp/unused", devices=devices)

@@ -3,14 +3,12 @@ VQ and text tower stay bit-identical, and a tiny run trains, samples, scores and
 
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxunified.data import cache
-from jaxunified.parallel import mesh as meshlib
 from jaxunified.train import ar as A
 from jaxunified.train import loop as looplib
 from tests import helpers
@@ -23,10 +21,8 @@ def tiny_config(**kw):
 
 @pytest.fixture(scope="module")
 def task():
-    t = A.ARTask(tiny_config(), meshlib.make_mesh((1, -1, 1)))
-    batch = t.dummy_batch()
-    params, colls = jax.jit(lambda k: t.init_variables(k, batch))(jax.random.key(0))
-    return t, nn.meta.unbox(params)["gpt"], nn.meta.unbox(colls)
+    t, params, colls = helpers.tiny_task(A.ARTask, tiny_config())
+    return t, params["gpt"], colls
 
 
 def test_cached_batch_gives_the_image_batch_loss(task, tmp_path):

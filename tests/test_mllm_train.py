@@ -4,14 +4,12 @@ trains, and a tiny run trains, answers and loads back."""
 
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxunified.data import shapes, shapes_chat
-from jaxunified.parallel import mesh as meshlib
 from jaxunified.sample.lm import cache_layout, left_pad, prefill_and_step
 from jaxunified.train import loop as looplib
 from jaxunified.train import mllm as M
@@ -63,21 +61,26 @@ def test_questions_are_unambiguous_and_answered_from_the_scene():
     assert min(asked.values()) > 30, asked
 
 
-def test_caption_attribute_accuracy():
+def test_caption_attribute_accuracy_judges_the_scene_not_the_wording():
     f = M.caption_attribute_accuracy
-    assert f("a red circle above a blue square", "a red circle above a blue square") == 1.0
-    assert f("a red circle and a blue square", "a blue square and a red circle") == 1.0
-    assert f("a red circle above a blue square", "a red circle below a blue square") == pytest.approx(6 / 7)
-    assert f("three green stars", "two green stars") == pytest.approx(2 / 3)
-    assert f("a red circle", "red red below") == 0.0
+    # a red circle left of a blue square (centres), and the same scene's binding caption
+    objs = [(0, 0, 0, (0.25, 0.5)), (1, 2, 0, (0.75, 0.5))]
+    truth = "a red circle to the left of a blue square"
+    assert f(truth, truth, objs) == 1.0
+    assert f(truth, "a blue square to the right of a red circle", objs) == 1.0
+    assert f(truth, "a red circle to the right of a blue square", objs) == pytest.approx(6 / 7)
+    assert f(truth, "a red circle and a blue square", objs) == pytest.approx(6 / 7)  # relation unsaid
+    assert f("a red circle and a blue square", "a blue square and a red circle", objs) == 1.0
+    assert f("a red circle and a blue square", "a blue circle and a red square", objs) == pytest.approx(4 / 6)
+    three = [(3, 1, 0, (0.2, 0.2)), (3, 1, 0, (0.5, 0.5)), (3, 1, 0, (0.8, 0.8))]
+    assert f("three green stars", "two green stars", three) == pytest.approx(2 / 3)
+    assert f("a red circle", "red red below", objs[:1]) == 0.0
 
 
 @pytest.fixture(scope="module")
 def task():
-    t = M.MLLMTask(tiny_config(), meshlib.make_mesh((1, -1, 1)))
-    batch = t.dummy_batch()
-    params, colls = jax.jit(lambda k: t.init_variables(k, batch))(jax.random.key(0))
-    return t, nn.meta.unbox(params)["mllm"], nn.meta.unbox(colls)
+    t, params, colls = helpers.tiny_task(M.MLLMTask, tiny_config())
+    return t, params["mllm"], colls
 
 
 def test_a_padded_prompt_answers_as_it_would_alone(task):
@@ -134,11 +137,10 @@ def test_tiny_mllm_reads_a_toklip_or_dualtoken_run(tmp_path, kind):
     looplib.Trainer(helpers.tiny_config(kind, total_steps=2), tmp_path / kind).run()
     config = tiny_config(total_steps=2, **{"vision.kind": kind, "vision.source.kind": "workdir",
                                            "vision.source.workdir": str(tmp_path / kind)})
-    t = M.MLLMTask(config, meshlib.make_mesh((1, -1, 1)))
+    t, _, colls = helpers.tiny_task(M.MLLMTask, config)
     c = t.model_cfg
     r = int(config.data.resolution)
-    params, colls = jax.jit(lambda k: t.init_variables(k, t.dummy_batch()))(jax.random.key(0))
-    vectors = t.vision_vectors(nn.meta.unbox(colls)["frozen"], jnp.zeros((2, r, r, 3)))
+    vectors = t.vision_vectors(colls["frozen"], jnp.zeros((2, r, r, 3)))
     assert vectors.shape == (2, c.num_image_tokens, c.vision_dim)
     if kind == "toklip":  # code embeddings ⊕ causal features
         assert c.vision_dim == t.vision.cfg.vq.vq.embed_dim + t.vision.cfg.width

@@ -12,7 +12,6 @@ import pytest
 
 from jaxunified.data import shapes_chat
 from jaxunified.models.star import STAR
-from jaxunified.parallel import mesh as meshlib
 from jaxunified.sample import star as star_sample
 from jaxunified.train import loop as looplib
 from jaxunified.train import star as S
@@ -26,10 +25,8 @@ def tiny_config(**kw):
 
 @pytest.fixture(scope="module")
 def task():
-    t = S.STARTask(tiny_config(), meshlib.make_mesh((1, -1, 1)))
-    batch = t.dummy_batch()
-    params, colls = jax.jit(lambda k: t.init_variables(k, batch))(jax.random.key(0))
-    return t, nn.meta.unbox(params)["star"], nn.meta.unbox(colls)
+    t, params, colls = helpers.tiny_task(S.STARTask, tiny_config())
+    return t, params["star"], colls
 
 
 def _batch(t, captions, seed=0):
@@ -121,6 +118,33 @@ def test_edit_rows_carry_the_source_block_and_the_edited_scene():
         shapes.scene_objects(ex), np.random.default_rng(0))).passed in (True, False)
 
 
+def test_cached_simplified_codes_give_the_image_batch_loss(task, tmp_path):
+    from jaxunified.data import cache
+
+    _, star, colls = task
+    config = tiny_config(**{"tokenizer.simplify_tol": 0.3, "data.edit_fraction": 0.0,
+                            "data.cache_dir": str(tmp_path), "data.build_cache": True})
+    t, _, _ = helpers.tiny_task(S.STARTask, config)
+    assert 0 <= t.fill_code < t.vq.cfg.vq.codebook_size
+    _, data = cache.in_order_batches(config.data, "train", 16)
+    host = next(data)
+    path = t.precompute_cache("train", tmp_path / "star.npz")
+    with np.load(path) as z:
+        codes = z["codes"][:16]
+    b = _batch(t, [str(c) for c in host["caption"]])
+    b["image"] = host["image"]
+    loss = jax.jit(lambda p, bb: t.loss_and_metrics(p, colls, bb))
+    from_images = loss(star, {k: jnp.asarray(v) for k, v in b.items()})
+    from_cache = loss(star, {**{k: jnp.asarray(v) for k, v in b.items() if k != "image"}, "codes": jnp.asarray(codes)})
+    np.testing.assert_allclose(from_cache[0], from_images[0], rtol=1e-6)
+    decoded = t.decode_images(colls["frozen"], jnp.asarray(codes))
+    plain = t.decode_images(colls["frozen"], t.codes(colls["frozen"], jnp.asarray(host["image"]), simplified=False))
+    assert float(jnp.abs(decoded - plain).max()) <= 0.3
+    it = t.build_dataset("train")  # reads the cache: no pixels, prompts added
+    first = next(iter(it))
+    assert "image" not in first and {"codes", "prompt", "prompt_valid"} <= set(first)
+
+
 def test_prompt_dropout_trains_the_samplers_unconditional_row():
     vocab = shapes_chat.ChatVocab()
     ids = shapes_chat.generation_ids(vocab, "four purple crosses")
@@ -149,6 +173,12 @@ def test_tiny_run_trains_samples_scores_and_loads_back(tmp_path):
 
     _, model, variables = load_run(tmp_path)
     assert isinstance(model, STAR)
+    # the next stage starts from this run's trained parts
+    nxt = S.STARTask(tiny_config(**{"model.init_from": str(tmp_path)}), None)
+    params, _ = nxt.init_variables(jax.random.key(5), nxt.dummy_batch())
+    for k in S.TRAINED:
+        for x, y in zip(jax.tree.leaves(nn.meta.unbox(params["star"][k])), jax.tree.leaves(variables["params"][k])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     prompt = shapes_chat.generation_ids(shapes_chat.ChatVocab(), "a red circle")
     codes = star_sample.generate_images(model, variables, [prompt], num_tokens=4, fim_pad_id=shapes_chat.FIM_PAD,
                                         keep_tail=shapes_chat.GENERATION_TAIL)

@@ -117,10 +117,11 @@ def write_cache(compute: Callable[[dict], Mapping[str, jax.Array]], data_cfg, sp
 
 
 def cached_dataset(data_cfg, split: str, mesh, path, pixel_fields: tuple[str, ...] = ("codes", "teacher_embeds"),
-                   token_field: str = "text_embeds"):
+                   token_field: str = "text_embeds", extra_transforms: tuple = ()):
     """Training batches whose records come from the cache at ``path`` instead of pixels, in the same
     shuffled order ``pipeline.build_dataset`` would give. Pixels are still read unless every field
-    in ``pixel_fields`` is cached; captions are tokenized unless ``token_field`` is."""
+    in ``pixel_fields`` is cached; captions are tokenized unless ``token_field`` is; a task's
+    ``extra_transforms`` run after that."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no cache at {path}; build it first (data.build_cache=True builds it on start)")
@@ -128,7 +129,7 @@ def cached_dataset(data_cfg, split: str, mesh, path, pixel_fields: tuple[str, ..
         arrays = {k: z[k] for k in z.files}
     pixels_needed = not set(pixel_fields) <= set(arrays)
     source = CachedSource(pipeline.make_source(data_cfg, split), arrays, drop=() if pixels_needed else ("image",))
-    transforms = pipeline.text_transforms(data_cfg, split, tokens=token_field not in arrays)
+    transforms = pipeline.text_transforms(data_cfg, split, tokens=token_field not in arrays) + tuple(extra_transforms)
     bs = int(data_cfg.batch_size)
     loader = pipeline.make_loader(source, bs, seed=int(data_cfg.get("seed", 0)), shuffle=bool(data_cfg.get("shuffle", True)),
                                   num_epochs=data_cfg.get("num_epochs"), drop_remainder=True, transforms=transforms,

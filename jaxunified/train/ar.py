@@ -129,11 +129,9 @@ class ARTask(Task):
         return float(self.config.tokenizer.get("simplify_tol", 0.0))
 
     def _find_fill_code(self) -> int:
-        """The code simplification fills in: the most frequent code of the first 256 training images."""
-        _, data = cache.in_order_batches(self.config.data, "train", 256)
-        images = jnp.asarray(next(iter(data))["image"])
-        codes = jax.jit(self._encode)({"tokenizer": nn.meta.unbox(self._vq_vars)}, images)
-        return simplify.most_frequent(codes, self.vq.cfg.vq.codebook_size)
+        frozen = {"tokenizer": nn.meta.unbox(self._vq_vars)}
+        return frozen_parts.fill_code(self.config.data, jax.jit(lambda x: self._encode(frozen, x)),
+                                      self.vq.cfg.vq.codebook_size)
 
     def caption_states(self, frozen, batch) -> jax.Array:
         if "caption_states" in batch:

@@ -87,3 +87,13 @@ def load_toklip(tc) -> tuple[toklip_lib.TokLIP, dict]:
 def load_dualtoken(tc) -> tuple[dualtoken_lib.DualToken, dict]:
     """A frozen DualToken tokenizer: a ``dualtoken`` run or an official checkpoint (``kind="dualtoken"``)."""
     return _run_or_checkpoint(tc, "dualtoken", dualtoken_lib.DualToken, "dualtoken")
+
+
+def fill_code(data_cfg, encode, codebook_size: int, num_images: int = 256) -> int:
+    """The code ``quant.simplify`` fills in: the most frequent code of the first ``num_images``
+    training images (``encode``: jitted images [B, H, W, 3] in [-1, 1] → codes)."""
+    from jaxunified.data import cache
+    from jaxunified.quant import simplify
+
+    _, data = cache.in_order_batches(data_cfg, "train", num_images)
+    return simplify.most_frequent(encode(jnp.asarray(next(iter(data))["image"])), codebook_size)

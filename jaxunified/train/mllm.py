@@ -20,9 +20,9 @@ caption request or one question type the scene can answer).
 Evaluation on the split's first ``eval.num_examples`` images, greedy answers: per question type
 the exact-answer accuracy (``qa_<type>``) and their mean (``qa_mean``); the text-only rewrites of
 indirect names (``rewrite_acc``); for captions the exact
-match (``caption_exact``) and the attribute accuracy (``caption_attr_acc``: of every object's
-shape, colour and count and the relation the true caption states, the fraction the generated
-caption states identically, parsed with the shapes-GenEval grammar; an unparsable caption scores 0).
+match (``caption_exact``) and the attribute accuracy (``caption_attr_acc``, see
+``caption_attribute_accuracy``: the generated caption parsed back into objects with the
+shapes-GenEval grammar and judged against the scene, not the wording).
 
 The exported model (``runs.load_run``) is the MLLM; STAR's stages take its LM as their frozen base.
 """
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxunified.data import cache, pipeline, shapes_chat
+from jaxunified.data import cache, pipeline, shapes, shapes_chat
 from jaxunified.data.pipeline import as_float_images, to_global
 from jaxunified.eval import shapes_geneval
 from jaxunified.eval.chat import text_answers
@@ -53,6 +53,7 @@ from jaxunified.train import frozen as frozen_parts
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
 VISION_KINDS = ("siglip", "vq", "toklip", "dualtoken")
+_SCENE_KEYS = ("obj_shape", "obj_color", "obj_size", "obj_center", "count")
 ANSWER_TOKENS = {"caption": 14, "rewrite": 5, **{k: 2 for k in shapes_chat.QA_TYPES}}
 
 
@@ -232,12 +233,13 @@ class MLLMTask(Task):
                     continue
                 images = None if kind in shapes_chat.TEXT_ONLY else np.asarray(host["image"])[idx]
                 got = self.answer(params, frozen, images, [q for q, _ in qas], ANSWER_TOKENS[kind])
-                for (q, a), g in zip(qas, got):
+                for (q, a), g, i in zip(qas, got, idx):
                     asked[kind] += 1
                     right[kind] += int(g == a)
                     if kind == "caption":
-                        attr_total += caption_attribute_accuracy(a, g)
-                    if len(rows) < 200:
+                        objects = shapes.scene_objects({k: host[k][i] for k in _SCENE_KEYS})
+                        attr_total += caption_attribute_accuracy(a, g, objects)
+                    if asked[kind] <= 40:
                         rows.append({"kind": kind, "question": q, "answer": a, "generated": g})
             seen += len(keep)
             if seen >= limit:
@@ -253,28 +255,39 @@ class MLLMTask(Task):
         return out
 
 
-def _attributes(caption: str) -> list[tuple]:
-    p = shapes_geneval.parse_prompt(caption)
-    out = [("relation", p.relation)] if p.template == "relation" else []
-    for i, o in enumerate(p.objects):
-        out += [(i, "shape", o.shape), (i, "color", o.color), (i, "count", o.count)]
-    return out
+def caption_attribute_accuracy(truth: str, generated: str, objects) -> float:
+    """How much of the scene ``truth`` describes a generated caption gets right, judged on the
+    scene's objects, not on the wording.
 
-
-def caption_attribute_accuracy(truth: str, generated: str) -> float:
-    """Of the attributes ``truth`` states (each object's shape, colour, count; the relation), the
-    fraction ``generated`` states the same way, objects matched in caption order (two-object
-    captions also in swapped order, as "a and b" says the same as "b and a")."""
-    want = _attributes(truth)
+    ``objects``: the scene's (shape id, colour id, size, (cx, cy)) in caption order. The attributes
+    are each described object's shape and colour and each phrase's count, plus the relation when
+    ``truth`` states one. The generated caption's phrases are matched to the true ones in the order
+    that scores best (so "b and a" = "a and b", and "b right of a" = "a left of b"); its relation
+    is right when it holds between the matched objects in the image (dominant axis of their
+    centres). An unparsable caption scores 0."""
+    want = shapes_geneval.parse_prompt(truth)
     try:
         got = shapes_geneval.parse_prompt(generated)
     except ValueError:
         return 0.0
-    orders = [got.objects] + ([got.objects[::-1]] if len(got.objects) == 2 and got.template == "binding" else [])
+    n_attr = 3 * len(want.objects) + (1 if want.relation else 0)
+    centres = {}  # phrase index in truth → centre of its (first) object
+    k = 0
+    for i, o in enumerate(want.objects):
+        centres[i] = objects[k][3]
+        k += o.count
     best = 0.0
-    for objs in orders:
-        have = {("relation", got.relation)} if got.template == "relation" else set()
-        for i, o in enumerate(objs):
-            have |= {(i, "shape", o.shape), (i, "color", o.color), (i, "count", o.count)}
-        best = max(best, sum(a in have for a in want) / len(want))
+    orders = [tuple(range(len(got.objects)))] + ([(1, 0)] if len(got.objects) == 2 else [])
+    for order in orders:  # got phrase order[j] ↔ truth phrase j
+        right = 0
+        for j, w in enumerate(want.objects):
+            if j >= len(order):
+                break
+            g = got.objects[order[j]]
+            right += (g.shape == w.shape) + (g.color == w.color) + (g.count == w.count)
+        if want.relation and got.relation and len(want.objects) == 2 and len(order) == 2:
+            a, b = (centres[order.index(0)], centres[order.index(1)])  # got's first / second objects
+            stated = shapes.RELATIONS.index(got.relation)
+            right += int(shapes.spatial_relation(a, b) == stated)
+        best = max(best, right / n_attr)
     return best

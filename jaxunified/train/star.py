@@ -18,6 +18,10 @@ codes follow every prompt directly. Prompt dropout (``model.prompt_dropout``) tr
 unconditional row — the prompt between its first and last three tokens replaced by
 ``<|fim_pad|>`` — which is the guidance row at sampling time (``sample.star``).
 
+Stage 2 can train on simplified codes (``tokenizer.simplify_tol``, ``quant.simplify``, as the
+``ar`` preset does) read from a cache built once per dataset (``data.cache_dir``); stage 3 draws
+edits per step and encodes on the fly.
+
 Evaluation: teacher-forced loss and token accuracy over the split, then CFG samples for the
 split's captions scored by shapes-GenEval per category, with PNG grids (``eval.t2i_report``).
 """
@@ -44,6 +48,7 @@ from jaxunified.eval.images import image_grid, save_png
 from jaxunified.models import lm as lm_lib
 from jaxunified.models import star as star_lib
 from jaxunified.models import vqgan as vqgan_lib
+from jaxunified.quant import simplify
 from jaxunified.sample import star as star_sample
 from jaxunified.sample.strategies import guidance_from, strategy_from
 from jaxunified.train import frozen as frozen_parts
@@ -76,7 +81,7 @@ class GenerationPrompts(grain.transforms.RandomMap):
     def random_map(self, element, rng: np.random.Generator):
         caption = element["caption"]
         ids = shapes_chat.generation_ids(self.vocab, caption.decode() if isinstance(caption, bytes) else str(caption))
-        target = element["image"]
+        target = element.get("image")  # absent when the codes come from a cache
         edit = None
         if self.edit_fraction and rng.random() < self.edit_fraction:
             edit = shapes_edit.random_edit(shapes.scene_objects(element), rng)
@@ -86,7 +91,10 @@ class GenerationPrompts(grain.transforms.RandomMap):
         if self.dropout and rng.random() < self.dropout:
             ids = star_sample.uncond_ids(ids, shapes_chat.FIM_PAD, shapes_chat.GENERATION_TAIL, shapes_chat.IMAGE_BLOCK)
         prompt, valid = left_padded_prompt(ids, self.max_len)
-        return {**element, "prompt": prompt, "prompt_valid": valid, "target_image": target}
+        out = {**element, "prompt": prompt, "prompt_valid": valid}
+        if target is not None:
+            out["target_image"] = target
+        return out
 
 
 def _load_base(bc):
@@ -117,12 +125,22 @@ class STARTask(Task):
         self.vocab = shapes_chat.ChatVocab()
         self.vq, self._vq_vars = frozen_parts.load_vq(config.tokenizer)
         lm_cfg, self._base_params, self._star_params = _load_base(config.base)
+        init_from = config.model.get("init_from") or ""
+        if init_from:  # the previous stage's run: its trained parts (loaded here, not under init's trace)
+            _, _, prev = load_run(init_from)
+            self._star_params = {k: prev["params"][k] for k in TRAINED}
         lm_cfg = dataclasses.replace(lm_cfg, **kwargs(config.model.get("lm_overrides")))
         if self._star_params is not None and self._star_params["head"]["bias"].shape[0] != self.vq.cfg.vq.codebook_size:
             raise ValueError("the STAR checkpoint's image head does not match the tokenizer's codebook size")
         self.model_cfg = star_lib.STARConfig(lm_cfg, int(config.model.num_stacked), self.vq.cfg,
                                              int(config.model.adapter_depth))
         self.model = star_lib.STAR(self.model_cfg)
+        # Found here, not lazily: ``codes`` needs it while being traced.
+        self.fill_code = -1
+        if self.simplify_tol > 0:
+            vq_vars = {"vq": nn.meta.unbox(self._vq_vars)}
+            self.fill_code = frozen_parts.fill_code(config.data, jax.jit(lambda x: self.codes(vq_vars, x, False)),
+                                                    self.vq.cfg.vq.codebook_size)
 
     @classmethod
     def model_config(cls, config) -> star_lib.STARConfig:
@@ -158,11 +176,7 @@ class STARTask(Task):
         boxed = self.model.init(rng, jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 2), jnp.int32), text_logits=True)
         trained = {k: boxed["params"][k] for k in TRAINED}
         plain = nn.meta.unbox(trained)
-        init_from = self.config.model.get("init_from") or ""
-        if init_from:  # the previous stage's run
-            _, _, prev = load_run(init_from)
-            plain = {k: prev["params"][k] for k in TRAINED}
-        elif self._star_params is not None:
+        if self._star_params is not None:
             plain = {k: self._star_params[k] for k in TRAINED}
         elif self.config.model.get("init_stacked", "base_top") == "base_top":
             plain = {**plain, "stacked": star_lib.init_stacked_from_base(
@@ -178,10 +192,19 @@ class STARTask(Task):
         return {"star": jax.tree.map(lambda _: "star", params["star"])}
 
     # ---- the step ----
-    def codes(self, frozen, images) -> jax.Array:
-        variables = frozen["vq"]
-        _, codes, _ = self.vq.apply(variables, as_float_images(images), method=vqgan_lib.VQGAN.encode)
-        return jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1).astype(jnp.int32))
+    def codes(self, frozen, images, simplified: bool = True) -> jax.Array:
+        """[B, h·w] raster codes of ``images``; simplified (``quant.simplify``) when
+        ``tokenizer.simplify_tol`` > 0 — the generation targets, not an edit's source."""
+        _, codes, _ = self.vq.apply(frozen["vq"], as_float_images(images), method=vqgan_lib.VQGAN.encode)
+        codes = codes.astype(jnp.int32)  # [B, h, w]
+        if simplified and self.simplify_tol > 0:
+            codes = simplify.simplify_codes(lambda c: self.decode_images(frozen, c), codes, self.fill_code,
+                                            self.simplify_tol)
+        return jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1))
+
+    @property
+    def simplify_tol(self) -> float:
+        return float(self.config.tokenizer.get("simplify_tol", 0.0))
 
     @property
     def edit_fraction(self) -> float:
@@ -191,10 +214,13 @@ class STARTask(Task):
         """Teacher-forced image logits [B, h·w, K] and the codes they predict (the target image's;
         with editing on, the source image's codes fill the prompt's ``IMAGE_PAD`` slots)."""
         frozen = collections["frozen"]
-        codes = self.codes(frozen, batch.get("target_image", batch["image"]))
+        if "codes" in batch:  # cached
+            codes = batch["codes"].reshape(batch["codes"].shape[0], -1).astype(jnp.int32)
+        else:
+            codes = self.codes(frozen, batch.get("target_image", batch["image"]))
         source = {}
         if self.edit_fraction > 0:
-            source = {"source_codes": self.codes(frozen, batch["image"]),
+            source = {"source_codes": self.codes(frozen, batch["image"], simplified=False),
                       "source_mask": batch["prompt"] == shapes_chat.IMAGE_PAD}
         valid = batch["prompt_valid"].astype(bool)
         b, n = codes.shape
@@ -225,7 +251,22 @@ class STARTask(Task):
         train = split == "train"
         drop = float(self.config.model.prompt_dropout) if train else 0.0
         prompts = GenerationPrompts(self.prompt_len, drop, self.edit_fraction if train else 0.0, self.grid ** 2)
-        return pipeline.build_dataset(self.config.data, split, self.mesh, extra_transforms=(prompts,))
+        if self.edit_fraction > 0:  # edit targets are drawn per step: nothing to cache
+            return pipeline.build_dataset(self.config.data, split, self.mesh, extra_transforms=(prompts,))
+        return self.cached_train_dataset(split, "star", self.cache_key, lambda path, _: self.precompute_cache(split, path),
+                                         pixel_fields=("codes",), token_field="", extra_transforms=(prompts,))
+
+    def cache_key(self) -> str:
+        simplified = ("simplify_tol", self.simplify_tol) if self.simplify_tol > 0 else ()
+        return cache.dataset_key(self.config.data, [nn.meta.unbox(self._vq_vars)], (self.vq.cfg, *simplified))
+
+    def precompute_cache(self, split: str, path, batch_size: int = 256):
+        """Writes the split's (simplified) codes [N, h, w] to ``path``: training then reads no pixels."""
+        frozen = {"vq": nn.meta.unbox(self._vq_vars)}
+        g = self.grid
+        step = jax.jit(lambda b: {"codes": self.codes(frozen, b["image"]).reshape(-1, g, g)})
+        cache.write_cache(step, self.config.data, split, path, inputs=("image",), batch_size=batch_size)
+        return path
 
     # ---- evaluation ----
     def decode_images(self, frozen, codes) -> jax.Array:

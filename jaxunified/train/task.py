@@ -86,7 +86,7 @@ class Task:
         when ``data.build_cache``, else an error. ``fields`` go to ``cache.cached_dataset``."""
         cache_dir = self.config.data.get("cache_dir") or ""
         if split != "train" or not cache_dir:
-            return Task.build_dataset(self, split)
+            return build_dataset(self.config.data, split, self.mesh, fields.get("extra_transforms", ()))
         key = key_fn()
         path = cache.cache_path(cache_dir, split, key, prefix=prefix)
         if not path.exists():
