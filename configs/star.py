@@ -87,7 +87,7 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.xla_cpu_options = mlc.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
         if arg == "shapes_edit":
             c.model.init_from = "runs/star_shapes"
-            c.data.edit_fraction = 0.5
+            c.data.edit_fraction = 0.75
             c.data.max_prompt_len = 80  # + the source image's 64 codes and its delimiters
             c.total_steps = 650
             c.optim.lr = 1e-3

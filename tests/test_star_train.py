@@ -82,6 +82,7 @@ def test_teacher_forcing_equals_the_samplers_cached_decode(task, edit):
     logits, codes = jax.jit(lambda p, bb: t.logits(p, colls, bb))(star, batch)
     variables = t.variables(star, colls)
     ids, valid = star_sample.left_pad(prompts, shapes_chat.PAD, bucket=t.prompt_len)
+    valid &= ids != shapes_chat.PAD  # edit_ids' unused instruction slots
     source = (t.codes(colls["frozen"], batch["image"]), shapes_chat.IMAGE_PAD) if edit else (None, None)
     n = codes.shape[1]
     first, cache, step = star_sample.prefill_and_step(t.model, variables, jnp.asarray(ids), jnp.asarray(valid), n,

@@ -154,11 +154,24 @@ def generation_ids(vocab: ChatVocab, caption: str) -> list[int]:
                                                                     VISION_START]
 
 
-def edit_ids(vocab: ChatVocab, instruction: str, num_image_tokens: int) -> list[int]:
+EDIT_INSTRUCTION_SLOTS = 6  # the longest instruction is 5 words
+
+
+def edit_ids(vocab: ChatVocab, instruction: str, num_image_tokens: int,
+             instruction_slots: int = EDIT_INSTRUCTION_SLOTS) -> list[int]:
     """STAR's edit prompt: the source image's VQ block, the instruction, then the assistant's
-    ``<|vision_start|>`` (the source's codes go in the ``IMAGE_PAD`` slots)."""
+    ``<|vision_start|>`` (the source's codes go in the ``IMAGE_PAD`` slots).
+
+    The instruction is followed by ``PAD`` up to ``instruction_slots`` words: those slots are
+    masked out of attention but keep their positions, so every edit prompt has one length and a
+    target code sits at a fixed RoPE distance from the source code it copies (in the reference,
+    that distance varies with the instruction and is learned at scale)."""
+    words = vocab.encode(instruction)
+    if len(words) > instruction_slots:
+        raise ValueError(f"instruction {instruction!r} is longer than {instruction_slots} words")
     return ([IM_START, vocab.ids["user"], VISION_START] + [IMAGE_PAD] * num_image_tokens + [VISION_END]
-            + vocab.encode(instruction) + [IM_END, IM_START, vocab.ids["assistant"], VISION_START])
+            + words + [PAD] * (instruction_slots - len(words)) + [IM_END, IM_START, vocab.ids["assistant"],
+                                                                  VISION_START])
 
 
 IMAGE_BLOCK = (VISION_START, IMAGE_PAD, VISION_END)  # kept in STAR's unconditional edit rows
@@ -186,5 +199,5 @@ def understanding_example(vocab: ChatVocab, labels: Mapping, kind: str, num_imag
 
 
 __all__ = ["ChatVocab", "SPECIALS", "TASKS", "QA_TYPES", "TEXT_ONLY", "IMAGE_START", "IMAGE_BLOCK", "GENERATION_TAIL",
-           "indirect_caption", "question_answer", "understanding_ids", "generation_ids", "edit_ids",
+           "indirect_caption", "question_answer", "understanding_ids", "generation_ids", "edit_ids", "EDIT_INSTRUCTION_SLOTS",
            "understanding_example"]

@@ -36,14 +36,21 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, bucket: int = 8)
     return ids, valid
 
 
+def leading_pads(valid: jax.Array) -> jax.Array:
+    """[B, 1] int32: the left padding of each row of ``valid`` [B, T] (masked slots inside a prompt
+    keep their positions, so only the leading ones shift a row's RoPE positions)."""
+    first = jnp.argmax(valid, axis=1)
+    return jnp.where(valid.any(axis=1), first, valid.shape[1])[:, None].astype(jnp.int32)
+
+
 def cache_layout(valid: jax.Array, max_new_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """For left-padded prompts ``valid`` [B, T]: (slot_valid [B, T + max_new_tokens], the pads per
-    row [B, 1], the prompt's RoPE positions [B, T]). Token n after the prompt sits at position
+    """For left-padded prompts ``valid`` [B, T]: (slot_valid [B, T + max_new_tokens], the left pads
+    per row [B, 1], the prompt's RoPE positions [B, T]). Token n after the prompt sits at position
     ``T + n - pads``."""
     batch, length = valid.shape
     # Slots after the prompt are always valid; a row's pads never are.
     slot_valid = jnp.concatenate([valid, jnp.ones((batch, max_new_tokens), bool)], axis=1)
-    offset = jnp.sum(jnp.logical_not(valid), axis=1, keepdims=True).astype(jnp.int32)
+    offset = leading_pads(valid)
     positions = jnp.maximum(jnp.arange(length)[None] - offset, 0)
     return slot_valid, offset, positions
 
@@ -123,4 +130,4 @@ def generate_text(
     return np.asarray(tokens), np.asarray(lengths)
 
 
-__all__ = ["zero_cache", "cache_layout", "generate_text", "left_pad", "prefill_and_step"]
+__all__ = ["zero_cache", "leading_pads", "cache_layout", "generate_text", "left_pad", "prefill_and_step"]

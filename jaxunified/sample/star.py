@@ -92,6 +92,7 @@ def generate_images(
     source_codes=None,
     source_id: int | None = None,
     uncond_keep: Sequence[int] = (),
+    masked_id: int | None = None,
 ) -> jax.Array:
     """Image codes [B, num_tokens] (raster order) for chat-templated ``prompts`` (each ending in
     ``<|vision_start|>``). With ``guidance`` the unconditional rows are ``uncond_prompts`` or,
@@ -99,7 +100,9 @@ def generate_images(
 
     Editing: ``source_codes`` [B, N] are each prompt's source-image codes, entering at the
     prompt's ``source_id`` slots in both guidance rows: pass the image block's ids (``source_id`` and
-    its delimiters) as ``uncond_keep`` so the default unconditional rows keep it, as STAR's do."""
+    its delimiters) as ``uncond_keep`` so the default unconditional rows keep it, as STAR's do.
+    Tokens equal to ``masked_id`` inside a prompt hold their slot and position but are not attended
+    (``data.shapes_chat.edit_ids``' fixed-length instruction)."""
     rows = [list(p) for p in prompts]
     if guidance is not None:
         if uncond_prompts is None:
@@ -110,6 +113,8 @@ def generate_images(
             raise ValueError(f"{len(unc)} unconditional prompts for {len(rows)} prompts")
         rows += unc
     ids, valid = left_pad(rows, pad_id, bucket)
+    if masked_id is not None:
+        valid = valid & (ids != masked_id)
     keys = None if isinstance(strategy, Greedy) else row_keys(jax.random.key(0) if key is None else key,
                                                                len(prompts))
     if source_codes is not None:

@@ -50,6 +50,7 @@ from jaxunified.models import star as star_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.quant import simplify
 from jaxunified.sample import star as star_sample
+from jaxunified.sample.lm import leading_pads
 from jaxunified.sample.strategies import guidance_from, strategy_from
 from jaxunified.train import frozen as frozen_parts
 from jaxunified.train.runs import load_run
@@ -63,9 +64,8 @@ def left_padded_prompt(ids, length: int) -> tuple[np.ndarray, np.ndarray]:
     if len(ids) > length:
         raise ValueError(f"a prompt of {len(ids)} tokens exceeds data.max_prompt_len={length}")
     out = np.full((length,), shapes_chat.PAD, np.int32)
-    valid = np.zeros((length,), bool)
-    out[length - len(ids):], valid[length - len(ids):] = ids, True
-    return out, valid
+    out[length - len(ids):] = ids
+    return out, out != shapes_chat.PAD  # PAD inside a prompt (edit_ids' instruction slots): masked
 
 
 class GenerationPrompts(grain.transforms.RandomMap):
@@ -225,7 +225,7 @@ class STARTask(Task):
         valid = batch["prompt_valid"].astype(bool)
         b, n = codes.shape
         attention = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)
-        pads = jnp.sum(~valid, axis=1, keepdims=True)
+        pads = leading_pads(valid)
         positions = jnp.maximum(jnp.arange(valid.shape[1] + n)[None] - pads, 0)
         out = self.model.apply(self.variables(star_params, collections), batch["prompt"], codes,
                                attention_mask=attention, positions=positions, **source)
@@ -297,7 +297,7 @@ class STARTask(Task):
                                             strategy=strategy_from(sc), guidance=guidance_from(sc),
                                             key=jax.random.fold_in(key, i), fim_pad_id=shapes_chat.FIM_PAD,
                                             keep_tail=shapes_chat.GENERATION_TAIL, pad_id=shapes_chat.PAD,
-                                            bucket=self.prompt_len, **source)
+                                            bucket=self.prompt_len, masked_id=shapes_chat.PAD, **source)
             images.append(np.asarray(decode(frozen, c))[:n])
             codes.append(np.asarray(c)[:n])
         return np.concatenate(images), np.concatenate(codes)
