@@ -8,9 +8,17 @@ Presets (the argument after the colon):
       python train.py --config configs/siglip.py:shapes --workdir runs/siglip_shapes
       python train.py --config configs/mllm.py:shapes   --workdir runs/mllm_shapes
       python train.py --config configs/star.py:shapes   --workdir runs/star_shapes
-* ``shapes_edit`` — stage 3 from the ``shapes`` run: half the rows are edits of the scene
+  Target: ≤ 20 minutes on 2 CPU cores; shapes-GenEval overall ≥ the ``ar`` preset's (0.33).
+  Measured: 18 min for the train command on 2 cores (1450 steps at 1.46 steps/s, final eval
+  included). eval (1000 test captions, CFG 2, top-k 3): val loss 1.05, token accuracy 63%,
+  GenEval overall 0.25 — single object 0.56, two objects 0.08, counting 0.13, colours 0.66,
+  position 0.02, colour attribution 0.04 (below the target). Reasoning mode on 300 indirectly
+  named objects ("a plus sign the color of grass"): the frozen base rewrites all of them right,
+  GenEval 0.53 with the rewrite vs 0.11 from the indirect prompt.
+* ``shapes_edit`` — stage 3 from the ``shapes`` run: three rows in four are edits of the scene
   (recolour, remove, add, move, resize one object) with the source image as VQ tokens:
       python train.py --config configs/star.py:shapes_edit --workdir runs/star_shapes_edit
+  Target: ≤ 20 minutes on 2 CPU cores; edit success ≥ 60%.
 * ``tiny`` (also ``runlocal``) — a seconds-long smoke run with an untrained base and tokenizer (tests).
 
 Sampling for eval (``sample.*``): STAR's CFG scale, temperature, top-k, top-p.
@@ -81,9 +89,6 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.optim.lr = 3e-3
         c.optim.warmup_steps = 100
         c.eval.num_reasoning = 300
-        c.tokenizer.simplify_tol = 0.2
-        c.data.cache_dir = "~/.cache/jaxunified/star"
-        c.data.build_cache = True
         c.xla_cpu_options = mlc.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
         if arg == "shapes_edit":
             c.model.init_from = "runs/star_shapes"
@@ -92,7 +97,6 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
             c.total_steps = 650
             c.optim.lr = 1e-3
             c.eval.num_edits = 500
-            c.tokenizer.simplify_tol = 0.0  # edit targets are encoded every step: no simplification there
     elif arg in ("tiny", "runlocal"):
         common.smoke(c)
         c.tokenizer.kind = "random"
