@@ -6,6 +6,12 @@ Presets (the argument after the colon):
 * ``shapes`` — SigLIP patch states as the visual input (the LLaVA baseline):
       python train.py --config configs/siglip.py:shapes --workdir runs/siglip_shapes
       python train.py --config configs/mllm.py:shapes   --workdir runs/mllm_shapes
+  Target: ≤ 20 minutes on 2 CPU cores; caption attribute accuracy ≥ 90%.
+  Measured: 19 min for the train command (1800 steps at 1.78 steps/s; tests shared the cores for
+  part of it), eval 33 s. eval_test.json (500 test images, greedy): caption attribute accuracy 0.88
+  (exact caption 0.55; the target is not met: colour/shape binding of two-object scenes is what
+  fails); QA count 0.99, colour 0.82, shape 0.76, relation 0.47, yes/no 0.80; rewrites of
+  indirect names 1.00.
 * ``shapes_vq`` — the shapes VQ's codebook rows of the image's codes (discrete visual tokens):
       python train.py --config configs/vqgan.py:shapes8  --workdir runs/vqgan_shapes8
       python train.py --config configs/mllm.py:shapes_vq --workdir runs/mllm_shapes_vq
