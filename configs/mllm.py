@@ -18,6 +18,9 @@ Presets (the argument after the colon):
 * ``shapes_toklip`` / ``shapes_dualtoken`` — TokLIP's code embeddings ⊕ causal features, DualToken's
   pixel ⊕ semantic code sums (their shapes presets' runs, ``runs/toklip_shapes`` / ``runs/dualtoken_shapes``):
       python train.py --config configs/mllm.py:shapes_dualtoken --workdir runs/mllm_shapes_dualtoken
+  Measured (DualToken, after ``dualtoken:shapes``): 1800 steps at 1.74 steps/s on 2 cores (≈ 18 min
+  alone); caption attribute accuracy 0.88 (exact 0.53); QA count 0.98, colour 0.83, shape 0.76,
+  relation 0.56, yes/no 0.88; rewrites 1.00.
 * ``tiny`` (also ``runlocal``) — a seconds-long smoke run with an untrained vision model (tests).
 """
 
