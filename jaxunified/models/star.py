@@ -190,15 +190,6 @@ def init_variables(config: STARConfig, key) -> dict:
     return _init_all(STAR(config), key, 1)
 
 
-def init_cache(model: STAR, batch: int, max_len: int) -> Any:
-    """Both decoders' zeroed KV caches for ``max_len`` slots (``model`` built with ``decode=True``)."""
-    if not model.decode:
-        raise ValueError("init_cache needs the model built with decode=True")
-    ids = jnp.zeros((batch, max_len), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids))
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
-
-
 def init_stacked_from_base(config: STARConfig, params: dict) -> dict:
     """``params`` with ``stacked`` set to copies of the base's top ``num_stacked`` layers and its
     final norm (the reference's construction; each stage then trains the copies)."""
@@ -220,4 +211,4 @@ def count_params(config: STARConfig) -> dict[str, int]:
 
 
 __all__ = ["STAR", "STARConfig", "VARIANTS", "FROZEN_SUBTREES", "variant", "abstract_variables",
-           "init_variables", "init_cache", "init_stacked_from_base", "count_params"]
+           "init_variables", "init_stacked_from_base", "count_params"]

@@ -20,9 +20,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxunified.models.star import STAR, init_cache
+from jaxunified.models.star import STAR
 from jaxunified.sample.decode import generate
-from jaxunified.sample.lm import cache_layout, left_pad
+from jaxunified.sample.lm import cache_layout, left_pad, zero_cache
 from jaxunified.sample.strategies import Greedy, Guidance, Strategy, row_keys
 
 # Qwen2's ids for the tokens STAR's generation rows use.
@@ -52,7 +52,7 @@ def prefill_and_step(model: STAR, variables: Any, ids: jax.Array, valid: jax.Arr
     slot_valid, offset, positions = cache_layout(valid, num_tokens)
     # The last sampled code is never fed: the prompt plus num_tokens - 1 slots suffice.
     slot_valid = slot_valid[:, :length + num_tokens - 1]
-    cache = init_cache(dec, rows, length + num_tokens - 1)
+    cache = zero_cache(dec, rows, length + num_tokens - 1)
     fixed = {k: v for k, v in variables.items() if k != "cache"}
     source = {} if source_codes is None else {"source_codes": source_codes, "source_mask": ids == source_id}
     out, state = dec.apply({**fixed, "cache": cache}, ids, attention_mask=slot_valid, positions=positions,
