@@ -16,6 +16,12 @@ Presets (the argument after the colon):
   GenEval overall 0.33 — single object 0.64, two objects 0.15, counting 0.31, colours 0.797,
   position 0.02, colour attribution 0.05 (the single-object and overall targets are not met; the
   VQ's own reconstructions score 0.72 overall, 0.90 single object).
+* ``xl`` — LlamaGen's t2i GPT-XL (775M) over VQ-16's 16×16 codes at 256 px, conditioned on a SigLIP2
+  So400m/16 text tower's 64 caption states (where LlamaGen reads Flan-T5-XL's 120); bf16, remat, for
+  planning a pod run:
+      python -m jaxunified.bench aot --config configs/ar.py:xl --topology v5e-64
+  Training needs ``--config.data.path`` (WebDataset shards), ``--config.tokenizer.path`` (LlamaGen's
+  ``vq_ds16_t2i.pt``), ``--config.text_encoder.path`` (HF SigLIP2 folder) and ``--config.data.text.path``.
 * ``tiny`` (also ``runlocal``) — a seconds-long smoke run with an untrained tokenizer and text tower (tests).
 
 Sampling for eval (``sample.*``): CFG scale, temperature, top-k, top-p, LlamaGen's
@@ -100,6 +106,19 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.eval.num_examples = 1000
         # YNNPACK matmuls: 1.4× the train step at width 128 on 2 CPU cores (no gain at ViT-B widths)
         c.xla_cpu_options = mlc.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
+    elif arg == "xl":
+        c.total_steps = 400_000
+        c.log_every = 100
+        c.checkpoint_every = 5_000
+        c.data.name = "webdataset"
+        c.data.resolution = 256
+        c.data.batch_size = 256
+        c.data.text = common.text(negatives=False, **common.SIGLIP2_TEXT)
+        c.tokenizer.update(kind="llamagen_vq", workdir="", variant="VQ-16")
+        c.text_encoder.update(kind="hf_siglip", workdir="", variant="So400m/16", image_size=256)
+        c.model.variant = "GPT-XL"
+        c.model.overrides = mlc.ConfigDict(dict(dtype="bfloat16", scan_layers=True, remat="full"))
+        c.eval.num_examples = 1000
     elif arg in ("tiny", "runlocal"):
         common.smoke(c)
         c.tokenizer.kind = "random"
@@ -115,5 +134,5 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.eval.num_examples = 16
         c.eval.grid_per_category = 4
     else:
-        raise ValueError(f"unknown ar preset {arg!r}; use shapes or tiny")
+        raise ValueError(f"unknown ar preset {arg!r}; use shapes, xl or tiny")
     return c

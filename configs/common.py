@@ -77,15 +77,28 @@ def base(task: str) -> mlc.ConfigDict:
     return c
 
 
+# The built-in chain's runs and the presets that train them: a block names its run's preset so a plan
+# (``bench aot``/``bench step``) of a later stage knows the run's shapes before the run exists.
+SHAPES_RUNS = {
+    "runs/vqgan_shapes": "configs/vqgan.py:shapes",
+    "runs/vqgan_shapes8": "configs/vqgan.py:shapes8",
+    "runs/siglip_shapes": "configs/siglip.py:shapes",
+    "runs/toklip_shapes": "configs/toklip.py:shapes",
+    "runs/dualtoken_shapes": "configs/dualtoken.py:shapes",
+    "runs/mllm_shapes": "configs/mllm.py:shapes",
+}
+
+
 def frozen_part(workdir: str, variant: str, *, siglip: bool = False) -> mlc.ConfigDict:
     """A frozen sub-model block (train/frozen.py): ``kind`` "workdir" (the run in ``workdir``, its
     ``config`` spec optional), a checkpoint kind with ``path`` (+ ``overrides``), or "random"
-    (``variant`` + ``overrides``; smoke tests). SigLIP blocks add ``image_size`` and per-tower
-    ``vision``/``text`` overrides."""
+    (``variant`` + ``overrides``; smoke tests). ``preset``: the config that trains the run (planning
+    only, before it exists). SigLIP blocks add ``image_size`` and per-tower ``vision``/``text`` overrides."""
     b = mlc.ConfigDict()
     b.kind = "workdir"
     b.workdir = workdir
     b.config = ""
+    b.preset = SHAPES_RUNS.get(workdir, "")
     b.path = ""
     b.variant = variant
     b.overrides = mlc.ConfigDict()

@@ -57,6 +57,7 @@ def _base() -> mlc.ConfigDict:
     c.model.siglip_config = ""  # its config spec, if the workdir has no config.json
     c.model.siglip_init_from = ""  # an HF SigLIP folder (config.json + safetensors)
     c.model.siglip_variant = ""  # a random tower (tests)
+    c.model.siglip_preset = ""  # the config that trains siglip_workdir's run (planning only, before it exists)
     c.model.image_size = 0
     c.model.vision = mlc.ConfigDict()  # tower overrides, e.g. dict(remat=True, dtype="bfloat16")
     c.model.text = mlc.ConfigDict()
@@ -132,6 +133,7 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.log_every = 25
         c.checkpoint_every = 200
         c.model.siglip_workdir = "runs/siglip_shapes"
+        c.model.siglip_preset = common.SHAPES_RUNS["runs/siglip_shapes"]
         # The teacher's caption tokens; DualToken's losses take no hard negatives.
         c.data.text = common.shapes_text(hard_negatives=0)
         _small_tokenizer(c, codebook_size=256, depth=4)

@@ -21,6 +21,11 @@ Presets (the argument after the colon):
   Measured (DualToken, after ``dualtoken:shapes``): 1800 steps at 1.74 steps/s on 2 cores (≈ 18 min
   alone); caption attribute accuracy 0.88 (exact 0.53); QA count 0.98, colour 0.83, shape 0.76,
   relation 0.56, yes/no 0.88; rewrites 1.00.
+* ``7b`` — a LLaVA-style stage at released sizes (SigLIP So400m/14 at 384 px, frozen, into
+  Qwen2.5-7B; bf16, remat), for planning a pod run:
+      python -m jaxunified.bench aot --config configs/mllm.py:7b --topology v5p-128
+  The vision tower is shapes here; training needs ``--config.vision.source.path`` (HF SigLIP folder).
+  The LM starts from random weights and the conversations are the shapes chat vocabulary's.
 * ``tiny`` (also ``runlocal``) — a seconds-long smoke run with an untrained vision model (tests).
 """
 
@@ -76,6 +81,16 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
             c.vision.source = common.frozen_part(f"runs/{c.vision.kind}_shapes", "")
         if arg == "shapes_toklip":
             c.data.max_len = 288  # TokLIP's shapes tokenizer gives 16×16 = 256 image tokens
+    elif arg == "7b":
+        c.data.resolution = 384
+        c.data.batch_size = 256
+        c.data.max_len = 1024  # SigLIP So400m/14's 729 patch tokens + 295 text tokens
+        c.vision.source.update(kind="hf_siglip", workdir="", variant="So400m/14", image_size=384)
+        c.vision.source.vision = mlc.ConfigDict(dict(scan=True, remat=True, dtype="bfloat16"))
+        c.vision.source.text = mlc.ConfigDict()
+        c.model.variant = "qwen2.5-7b"
+        c.model.overrides = mlc.ConfigDict(dict(vocab_size=152064, dtype="bfloat16", remat="full"))
+        c.eval.num_examples = 500
     elif arg in ("tiny", "runlocal"):
         common.smoke(c)
         c.vision.source.kind = "random"
@@ -86,5 +101,5 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.eval.num_examples = 16
     else:
         raise ValueError(f"unknown mllm preset {arg!r}; use shapes, shapes_vq, shapes_toklip, shapes_dualtoken "
-                         "or tiny")
+                         "7b or tiny")
     return c

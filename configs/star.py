@@ -19,6 +19,11 @@ Presets (the argument after the colon):
   (recolour, remove, add, move, resize one object) with the source image as VQ tokens:
       python train.py --config configs/star.py:shapes_edit --workdir runs/star_shapes_edit
   Target: ≤ 20 minutes on 2 CPU cores; edit success ≥ 60%.
+* ``7b`` — STAR-7B stage 2 at its released sizes (14 stacked layers on the frozen Qwen2.5-VL-7B text
+  base, STAR-VQ at 384 px: 576 codes, adapter depth 4; bf16, remat), for planning a pod run:
+      python -m jaxunified.bench aot --config configs/star.py:7b --topology v5p-128
+  The base and VQ are shapes here; training needs ``--config.base.path`` (HF Qwen2.5-VL folder) and
+  ``--config.tokenizer.path`` (STAR's VQ ``.pt``). Prompts are the shapes chat vocabulary's.
 * ``tiny`` (also ``runlocal``) — a seconds-long smoke run with an untrained base and tokenizer (tests).
 
 Sampling for eval (``sample.*``): STAR's CFG scale, temperature, top-k, top-p.
@@ -97,6 +102,16 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
             c.total_steps = 650
             c.optim.lr = 1e-3
             c.eval.num_edits = 500
+    elif arg == "7b":
+        c.data.resolution = 384
+        c.data.batch_size = 128  # 2 images per v5p-128 chip
+        c.data.max_prompt_len = 128
+        c.tokenizer.update(kind="star_vq", workdir="", variant="STAR-VQ")
+        c.base.update(kind="hf_qwen2", workdir="", variant="qwen2.5-vl-7b")
+        c.model.num_stacked = 14
+        c.model.adapter_depth = 4
+        c.model.lm_overrides = mlc.ConfigDict(dict(dtype="bfloat16", remat="full"))
+        c.eval.num_reasoning = 0
     elif arg in ("tiny", "runlocal"):
         common.smoke(c)
         c.tokenizer.kind = "random"
@@ -112,5 +127,5 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.eval.num_reasoning = 8
         c.eval.grid_per_category = 4
     else:
-        raise ValueError(f"unknown star preset {arg!r}; use shapes or tiny")
+        raise ValueError(f"unknown star preset {arg!r}; use shapes, shapes_edit, 7b or tiny")
     return c

@@ -53,6 +53,7 @@ def _base() -> mlc.ConfigDict:
     c.tokenizer.kind = "workdir"
     c.tokenizer.workdir = "runs/vqgan_shapes"
     c.tokenizer.config = ""
+    c.tokenizer.preset = common.SHAPES_RUNS["runs/vqgan_shapes"]  # planning only, before the run exists
     c.tokenizer.path = ""
     c.tokenizer.variant = "shapes-S"
     c.tokenizer.overrides = mlc.ConfigDict()
@@ -63,6 +64,7 @@ def _base() -> mlc.ConfigDict:
     c.teacher.kind = "workdir"
     c.teacher.workdir = "runs/siglip_shapes"
     c.teacher.config = ""  # as tokenizer.config
+    c.teacher.preset = common.SHAPES_RUNS["runs/siglip_shapes"]
     c.teacher.path = ""
     c.teacher.variant = "shapes-S"
     c.teacher.image_size = 0

@@ -87,6 +87,10 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.data.batch_size = 128
         c.data.worker_count = 8
         c.model.variant = "VQ-16" if arg == "imagenet" else "STAR-VQ"
+        # Pod presets rematerialise each res/attn block keeping only its conv outputs (GroupNorm and
+        # swish are recomputed in the backward): VQ-16 at 8 images per v5e chip needs it to fit.
+        # --config.model.overrides.remat=none|dots|full picks another policy.
+        c.model.overrides = mlc.ConfigDict(dict(remat="dots"))
         c.loss.perceptual_weight = 1.0
         c.loss.disc_weight = 0.5
         c.loss.disc_start = 20_000

@@ -194,7 +194,8 @@ def _flops(compiled, num_devices: int) -> float:
 def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = None, name: str = "",
                devices=None) -> StepBench:
     """Times ``config``'s jitted train step on ``devices`` (default: all local devices), fed random
-    images of the real batch shape.
+    images of the real batch shape. Frozen sub-models (VQ, teacher, base LM) are random weights of their
+    real shapes (``train.frozen.shapes_only``): throughput needs no checkpoint or earlier run.
 
     ``warmup`` steps (after compilation) are excluded; the timed steps are dispatched back to back and
     timed to ``block_until_ready`` of the final state, like the training loop runs them.
@@ -202,16 +203,18 @@ def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = Non
     """
     import jax
 
+    from jaxunified.train import frozen
     from jaxunified.train.loop import Trainer
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     with tempfile.TemporaryDirectory(prefix="jaxunified_bench_") as tmp:
-        trainer = Trainer(config, workdir=tmp, devices=devices)
+        with frozen.shapes_only(fill="random"):
+            trainer = Trainer(config, workdir=tmp, devices=devices)
+            state = trainer.init_state()
         n = trainer.mesh.devices.size
         host = _random_batch(trainer.task.dummy_batch(), int(config.get("seed", 0)))
         batch = jax.device_put(host, trainer.batch_shardings(host))
-        state = trainer.init_state()
         step = trainer.make_step(batch)
         t0 = time.perf_counter()
         with jax.set_mesh(trainer.mesh):

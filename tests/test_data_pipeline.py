@@ -177,10 +177,14 @@ def test_build_dataset_shapes_train_and_eval(shapes_dir, mesh):
     cfg.num_epochs = ml_collections.FieldReference(None, field_type=int)
     train = pipeline.build_dataset(cfg, "train", mesh)
     host = next(train)
-    assert host["image"].shape == (16, RES, RES, 3) and host["image"].dtype == np.float32
+    # training images reach the device as uint8 and are normalised there
+    assert host["image"].shape == (16, RES, RES, 3) and host["image"].dtype == np.uint8
     assert host["mask"].all() and host["caption"].dtype == object
     batch = pipeline.to_global(host, mesh)
     assert batch["image"].sharding.spec[0] == BATCH_AXES and "caption" not in batch
+    assert batch["image"].dtype == np.uint8 and batch["image"].nbytes == host["image"].nbytes
+    np.testing.assert_array_equal(np.asarray(pipeline.as_float_images(batch["image"])),
+                                  pipeline.normalize_images(host)["image"])
     state = train.get_state()
     expected = _take(train, 1)
     again = pipeline.build_dataset(cfg, "train", mesh)
@@ -190,7 +194,7 @@ def test_build_dataset_shapes_train_and_eval(shapes_dir, mesh):
     evals = list(pipeline.build_dataset(cfg, "test", mesh))
     assert len(evals) == 2  # 20 examples: one full batch, one padded
     assert sum(int(b["mask"].sum()) for b in evals) == NUM_TEST
-    assert all(b["image"].shape == (16, RES, RES, 3) for b in evals)
+    assert all(b["image"].shape == (16, RES, RES, 3) and b["image"].dtype == np.float32 for b in evals)
     assert list(evals[1]["caption"][NUM_TEST - 16 :]) == [""] * (32 - NUM_TEST)
     with pytest.raises(ValueError, match="multiple of the mesh's 8"):
         pipeline.build_dataset({**cfg.to_dict(), "batch_size": 12}, "train", mesh)

@@ -133,6 +133,6 @@ def cached_dataset(data_cfg, split: str, mesh, path, pixel_fields: tuple[str, ..
     bs = int(data_cfg.batch_size)
     loader = pipeline.make_loader(source, bs, seed=int(data_cfg.get("seed", 0)), shuffle=bool(data_cfg.get("shuffle", True)),
                                   num_epochs=data_cfg.get("num_epochs"), drop_remainder=True, transforms=transforms,
-                                  worker_count=int(data_cfg.get("worker_count", 0)), normalize=pixels_needed,
+                                  worker_count=int(data_cfg.get("worker_count", 0)), normalize=False,
                                   read_threads=pipeline.read_threads(data_cfg))
     return pipeline.DataIterator(loader, bs // jax.process_count(), source=source)

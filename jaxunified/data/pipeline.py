@@ -2,7 +2,8 @@
 
 Host side (``make_loader``): a ``grain.DataLoader`` with an ``IndexSampler`` (global shuffle,
 epochs, seed) sharded over JAX processes, so each process reads ``global_batch_size /
-process_count`` examples per step. Batches are dicts of numpy arrays; images stay uint8 until
+process_count`` examples per step: its block of the step's global batch, which is the same, row
+for row, whatever the number of processes. Batches are dicts of numpy arrays; images stay uint8 until
 the final ``normalize_images`` batch transform; string fields (captions) are object arrays.
 
 Device side (``to_global``): each numeric field becomes one global ``jax.Array`` whose leading
@@ -115,13 +116,19 @@ def make_loader(
     shard_options = (
         grain.sharding.ShardByJaxProcess(drop_remainder=True) if shard_by_process else grain.sharding.NoSharding()
     )
+    # Several processes read one global record order (the sampler is not sharded), each its own block
+    # of every global batch (_BatchBlocks), so a run sees the same global batches, row for row, on any
+    # number of processes. One process keeps grain's own sharded sampler (the same order), whose repr
+    # its checkpoints hold.
     sampler = grain.samplers.IndexSampler(
         num_records=n,
-        shard_options=shard_options,
+        shard_options=shard_options if processes == 1 else grain.sharding.NoSharding(),
         shuffle=shuffle,
         num_epochs=num_epochs,
         seed=int(seed),
     )
+    if processes > 1:
+        sampler = _BatchBlocks(sampler, global_batch_size, processes)
     operations = [
         _DropSkipped(),
         *transforms,
@@ -146,6 +153,39 @@ def make_loader(
         shard_options=shard_options,
         **read,
     )
+
+
+class _BatchBlocks:
+    """A sampler that hands process ``p`` of ``P`` the ``p``-th block of each global batch.
+
+    grain's loader for shard ``p`` of ``P`` reads sampler positions ``p, p + P, p + 2P, ...``; this
+    maps the ``k``-th of them (row ``j`` of local batch ``s``) to position ``s·B + p·B/P + j`` of the
+    wrapped, unsharded sampler. Concatenated in process order — what ``to_global`` does — the local
+    batches of step ``s`` are then rows ``s·B ... s·B + B - 1`` of the one global order, as a single
+    process reads them. A finite sampler's last, partial global batch is dealt out in turn (its
+    last ``< P`` records are dropped, as any sharding does). This holds for ``worker_count=0``; with
+    grain worker processes each worker batches its own stride of a process's stream, so the rows
+    (and possibly the records) of a step can differ from a single process's.
+    """
+
+    def __init__(self, sampler, global_batch_size: int, processes: int):
+        self.sampler, self.batch, self.processes = sampler, int(global_batch_size), int(processes)
+        self.local = self.batch // self.processes
+        self.full_batches = len(sampler) // self.batch
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getitem__(self, index: int):
+        k, p = divmod(index, self.processes)
+        step, j = divmod(k, self.local)
+        if step < self.full_batches:
+            return self.sampler[step * self.batch + p * self.local + j]
+        tail = k - self.full_batches * self.local
+        return self.sampler[self.full_batches * self.batch + tail * self.processes + p]
+
+    def __repr__(self) -> str:
+        return f"_BatchBlocks({self.sampler!r}, global_batch_size={self.batch}, processes={self.processes})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,8 +401,9 @@ def build_dataset(cfg: Any, split: str, mesh: Mesh, extra_transforms: tuple = ()
     fields may be None or "" (ConfigDict placeholders); paths may start with ``~``.
 
     The "train" split follows ``shuffle`` (True) and ``num_epochs`` (None = forever) and drops
-    the last partial batch; every other split is read once, in order, with the last batch padded
-    (see ``DataIterator``'s ``mask`` field). ``extra_transforms`` (grain transforms a task adds,
+    the last partial batch and keeps its images uint8 (tasks normalise on device); every other split
+    is read once, in order, with the last batch padded (see ``DataIterator``'s ``mask`` field) and its
+    images float32 in [-1, 1]. ``extra_transforms`` (grain transforms a task adds,
     e.g. chat examples from the labels) run after the caption transforms.
     """
     transforms = text_transforms(cfg, split) + tuple(extra_transforms)  # first: a bad text config fails before any data is read
@@ -388,5 +429,8 @@ def build_dataset(cfg: Any, split: str, mesh: Mesh, extra_transforms: tuple = ()
         drop_remainder=train,
         worker_count=int(_get(cfg, "worker_count", 0)),
         read_threads=read_threads(cfg),
+        # training images go to the device as uint8 (a quarter of float32's host-to-device bytes) and
+        # the step normalises them (``as_float_images``); evaluation reads them normalised
+        normalize=not train,
     )
     return DataIterator(loader, batch_size // jax.process_count(), source=source)

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxunified.nn.conv import feature_map
+
 # torchvision VGG16 "D" configuration: output channels of each conv, per block (a max-pool between blocks).
 VGG16_BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 TAP_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
@@ -87,7 +89,7 @@ class VGG16Features(nn.Module):
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
                     name=next(names),
                 )(h)
-                h = nn.relu(h)
+                h = feature_map(nn.relu(h))  # batch-split on a mesh: FSDP gathers the kernels, not the maps
             taps.append(h)
         return tuple(taps)
 
@@ -129,13 +131,16 @@ class LPIPS(nn.Module):
         shift = jnp.asarray(SHIFT, jnp.float32)
         scale = jnp.asarray(SCALE, jnp.float32)
         b = x.shape[0]
-        # One VGG pass over both images: half the kernel launches of two passes, same result.
-        both = (jnp.concatenate([x, y], axis=0).astype(jnp.float32) - shift) / scale
+        # One VGG pass over both images: half the kernel launches of two passes, same result. Each
+        # x row sits beside its y row ([x0, y0, x1, y1, ...]), so a batch split over devices keeps
+        # every pair on one device (a [x; y] concatenation would put all x rows on the first half).
+        both = jnp.stack([x, y], axis=1).reshape(2 * b, *x.shape[1:])
+        both = feature_map((both.astype(jnp.float32) - shift) / scale)
         taps = self.vgg(both)
         total = jnp.zeros((b,), jnp.float32)
         for lin, f in zip(self.lins, taps):
-            f = f.astype(jnp.float32)
-            fx, fy = _unit_normalize(f[:b], self.cfg.eps), _unit_normalize(f[b:], self.cfg.eps)
+            f = f.astype(jnp.float32).reshape(b, 2, *f.shape[1:])
+            fx, fy = _unit_normalize(f[:, 0], self.cfg.eps), _unit_normalize(f[:, 1], self.cfg.eps)
             d = lin(jnp.square(fx - fy)).astype(jnp.float32)
             total = total + jnp.mean(d, axis=(1, 2, 3))
         return total

@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunified.nn.attention import causal_mask, padding_mask
+from jaxunified.nn.conv import feature_map
 from jaxunified.nn.norm import l2_normalize, layer_norm
+from jaxunified.nn.sharding import TOKEN_AXES, constrain
 from jaxunified.nn.transformer import Encoder, MAPHead, resize_posemb, unstack_layers
 
 Dtype = Any
@@ -195,12 +197,12 @@ class VisionTower(nn.Module):
 
     def patchify(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
         self._check_image(images)
-        x = images.astype(self.cfg.dtype)
+        x = feature_map(images.astype(self.cfg.dtype))
         for conv in self.stem:
-            x = nn.gelu(conv(x), approximate=False)
-        x = self.patch_embed(x)
+            x = feature_map(nn.gelu(conv(x), approximate=False))
+        x = feature_map(self.patch_embed(x))
         b, gh, gw, d = x.shape
-        return x.reshape(b, gh * gw, d), (gh, gw)
+        return constrain(x.reshape(b, gh * gw, d), TOKEN_AXES), (gh, gw)
 
     def posemb(self, grid: tuple[int, int] | None = None) -> jax.Array:
         g = self.cfg.grid
@@ -209,7 +211,7 @@ class VisionTower(nn.Module):
     def embed(self, images: jax.Array) -> jax.Array:
         """Pixels → patch embeddings + position embeddings, [B, N, D]."""
         x, grid = self.patchify(images)
-        return x + self.posemb(grid).astype(x.dtype)[None]
+        return constrain(x + self.posemb(grid).astype(x.dtype)[None], TOKEN_AXES)
 
     def attention_mask(self, length: int, causal: bool | None = None) -> jax.Array | None:
         causal = self.cfg.causal if causal is None else causal
@@ -259,6 +261,7 @@ class VisionTower(nn.Module):
                 if g * g != n:
                     raise ValueError(f"{n} token embeddings do not form a square grid for the position embedding")
                 x = x + self.posemb((g, g)).astype(x.dtype)[None]
+            x = constrain(x, TOKEN_AXES)
         x0 = x
         x, hidden = self.encode(x, causal=causal)
         out = self.finish(x)
@@ -300,7 +303,7 @@ class TextTower(nn.Module):
         if tokens.shape[1] > c.max_len:
             raise ValueError(f"text length {tokens.shape[1]} exceeds the tower's max_len {c.max_len}")
         x = jnp.take(self.token_embedding, tokens, axis=0).astype(c.dtype)
-        x = x + self.pos_embedding[: tokens.shape[1]].astype(c.dtype)[None]
+        x = constrain(x + self.pos_embedding[: tokens.shape[1]].astype(c.dtype)[None], TOKEN_AXES)
         x0 = x
         if valid is None and c.mask_padding:
             valid = tokens != c.pad_id

@@ -89,7 +89,8 @@ class STAR(nn.Module):
 
     def image_logits(self, stacked_hidden: jax.Array) -> jax.Array:
         logits = self.head(stacked_hidden.astype(jnp.dtype(self.config.base.dtype)))
-        return nn.with_logical_constraint(logits.astype(jnp.float32), lm_lib.LOGIT_AXES)
+        # constrained where the head writes them: [B, T, K] is the step's largest activation
+        return nn.with_logical_constraint(logits, lm_lib.LOGIT_AXES).astype(jnp.float32)
 
     def __call__(
         self,
@@ -104,6 +105,7 @@ class STAR(nn.Module):
         positions: jax.Array | None = None,
         return_hidden: bool = False,
         text_logits: bool = False,
+        pixel_logits: bool = True,
     ) -> dict[str, Any]:
         """Teacher-forced (or, with ``decode``, one prefill/step) pass over prompt ids followed by
         ``image_codes`` [B, T] (or any mix given as ``inputs_embeds`` + ``embeds_mask``).
@@ -116,6 +118,7 @@ class STAR(nn.Module):
         predicts ``image_codes[:, j]``; only with ``image_codes``), the base's and stacked
         decoder's final-normed states ("base_last_hidden", "stacked_last_hidden"), their
         ``hidden_states`` with ``return_hidden``, and the base's text "logits" with ``text_logits``.
+        ``pixel_logits=False`` runs the head only where "image_logits" need it (training).
         """
         if source_codes is not None:
             if input_ids is None or inputs_embeds is not None or source_mask is None:
@@ -138,10 +141,12 @@ class STAR(nn.Module):
                          compute_logits=text_logits)
         stacked = self.stacked(inputs_embeds=base["last_hidden"], attention_mask=attention_mask,
                                positions=positions, return_hidden=return_hidden, compute_logits=False)
-        out = {"base_last_hidden": base["last_hidden"], "stacked_last_hidden": stacked["last_hidden"],
-               "pixel_logits": self.image_logits(stacked["last_hidden"])}
+        out = {"base_last_hidden": base["last_hidden"], "stacked_last_hidden": stacked["last_hidden"]}
+        if pixel_logits:
+            out["pixel_logits"] = self.image_logits(stacked["last_hidden"])
         if num_image:
-            out["image_logits"] = out["pixel_logits"][:, -num_image - 1:-1]
+            out["image_logits"] = (out["pixel_logits"][:, -num_image - 1:-1] if pixel_logits
+                                   else self.image_logits(stacked["last_hidden"][:, -num_image - 1:-1]))
         if return_hidden:
             out["base_hidden_states"] = base["hidden_states"]
             out["stacked_hidden_states"] = stacked["hidden_states"]

@@ -24,8 +24,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxunified.nn.conv import AttnBlock, Downsample, GroupNorm, ResnetBlock, Upsample, conv
+from jaxunified.nn.conv import AttnBlock, Downsample, GroupNorm, ResnetBlock, Upsample, conv, feature_map
 from jaxunified.quant.vq import VQConfig, VectorQuantizer
+
+
+# Rematerialisation policies for the res/attn blocks (the names models.lm uses). "dots" keeps every
+# conv output (checkpoint_dots saves conv_general_dilated and dot_general results).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +50,19 @@ class VQGANConfig:
     norm_groups: int = 32
     vq: VQConfig = VQConfig()
     dtype: Any = jnp.float32
-    remat: bool = False
+    # What each res/attn block's backward keeps (REMAT_POLICIES): "none" (everything), "dots" (conv
+    # and matmul outputs; norms and swish are recomputed), "full" (only block inputs). True = "full".
+    remat: bool | str = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: normalise once)
         set_("ch_mult", tuple(int(m) for m in self.ch_mult))
         set_("dtype", jnp.dtype(self.dtype))
+        if isinstance(self.remat, bool):
+            set_("remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"VQGANConfig.remat={self.remat!r}; choose one of {', '.join(REMAT_POLICIES)} "
+                             "(or True = 'full', False = 'none')")
         if self.decoder_num_res_blocks is None:
             set_("decoder_num_res_blocks", self.num_res_blocks + 1)
         if not self.ch_mult or min(self.ch_mult) < 1 or self.ch < 1:
@@ -130,8 +146,9 @@ def get_config(name: str, **overrides) -> VQGANConfig:
 
 def _blocks(cfg: VQGANConfig):
     """The (optionally rematerialised) block classes; remat keeps module names, so params don't move."""
-    if cfg.remat:
-        return nn.remat(ResnetBlock), nn.remat(AttnBlock)
+    if cfg.remat != "none":
+        policy = REMAT_POLICIES[cfg.remat]
+        return nn.remat(ResnetBlock, policy=policy), nn.remat(AttnBlock, policy=policy)
     return ResnetBlock, AttnBlock
 
 
@@ -175,14 +192,14 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
         last = len(cfg.ch_mult) - 1
-        h = conv(cfg.ch, dtype=cfg.dtype, name="conv_in")(x.astype(cfg.dtype))
+        h = conv(cfg.ch, dtype=cfg.dtype, name="conv_in")(feature_map(x.astype(cfg.dtype)))
         for i, mult in enumerate(cfg.ch_mult):
             h = Level(
                 cfg, cfg.ch * mult, cfg.num_res_blocks, with_attn=i == last,
                 resample=None if i == last else "down", name=f"conv_blocks_{i}",
             )(h)
         h = _middle(cfg, h)
-        h = nn.swish(GroupNorm(cfg.norm_groups, dtype=cfg.dtype, name="norm_out")(h))
+        h = feature_map(nn.swish(GroupNorm(cfg.norm_groups, dtype=cfg.dtype, name="norm_out")(h)))
         return conv(cfg.z_channels, dtype=cfg.dtype, name="conv_out")(h)
 
 
@@ -203,7 +220,7 @@ class Decoder(nn.Module):
                 cfg, cfg.ch * cfg.ch_mult[i], cfg.decoder_num_res_blocks, with_attn=i == last,
                 resample=None if i == 0 else "up", name=f"conv_blocks_{k}",
             )(h)
-        feats = nn.swish(GroupNorm(cfg.norm_groups, dtype=cfg.dtype, name="norm_out")(h))
+        feats = feature_map(nn.swish(GroupNorm(cfg.norm_groups, dtype=cfg.dtype, name="norm_out")(h)))
         img = conv(cfg.out_channels, dtype=cfg.dtype, name="conv_out")(feats)
         return img.astype(jnp.float32), feats
 
@@ -244,8 +261,9 @@ class VQGAN(nn.Module):
     def encode(self, x: jax.Array, train: bool = False):
         """Images [B, H, W, C] → ``(quant [B, h, w, d], codes [B, h, w], aux)``; ``aux`` adds ``pre_quant``."""
         self._check_image(x)
-        pre_quant = self.quant_conv(self.encoder(x)).astype(jnp.float32)
+        pre_quant = feature_map(self.quant_conv(self.encoder(x)).astype(jnp.float32))
         quant, codes, aux = self.quantize(pre_quant, train)
+        quant = feature_map(quant)
         return quant, codes, {**aux, "pre_quant": pre_quant}
 
     def _decode(self, quant: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -301,6 +319,7 @@ def num_params(cfg: VQGANConfig, collections: tuple[str, ...] = ("params",)) -> 
 __all__ = [
     "Decoder",
     "Encoder",
+    "REMAT_POLICIES",
     "VARIANTS",
     "VQGAN",
     "VQGANConfig",

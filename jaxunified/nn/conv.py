@@ -5,6 +5,10 @@ Numerics follow the PyTorch reference: GroupNorm(32, eps 1e-6) with two-pass flo
 swish, attention softmax in float32, Downsample = pad (0, 1, 0, 1) then a VALID stride-2 3×3 conv,
 Upsample = nearest ×2 then a 3×3 conv. Weight init matches PyTorch's default conv init
 (kaiming-uniform with a=√5, i.e. U(±1/√fan_in)) so from-scratch training sees the same scale.
+
+Every 2-D conv output and block output is an ``activation_batch/height/width/channels`` feature map
+(``jaxunified.nn.sharding``): on a mesh it stays split over the batch, so the partitioner all-gathers
+the FSDP-sharded kernels rather than whole feature maps; without a mesh the constraint is nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxunified.nn.dense import DENSE_KERNEL_AXES, dense
+from jaxunified.nn.sharding import FEATURE_MAP_AXES, HEAD_AXES, constrain
 from jaxunified.nn.strided_conv import conv3x3_s2_valid
 from jaxunified.nn.sums import add_bias, sample_sums, target_platform
 
@@ -57,7 +62,12 @@ class Conv(nn.Module):
         else:
             y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return add_bias(y, bias.astype(self.dtype))
+        return feature_map(add_bias(y, bias.astype(self.dtype)))
+
+
+def feature_map(x: jax.Array) -> jax.Array:
+    """An NHWC activation constrained to its feature-map sharding (batch-split on a mesh; else ``x``)."""
+    return constrain(x, FEATURE_MAP_AXES) if x.ndim == 4 else x
 
 
 def conv(
@@ -185,7 +195,7 @@ class ResnetBlock(nn.Module):
         h = conv(self.out_channels, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, dtype=self.dtype, name="nin_shortcut")(x)
-        return x + h
+        return feature_map(x + h)
 
 
 class AttnBlock(nn.Module):
@@ -207,12 +217,12 @@ class AttnBlock(nn.Module):
         # 1×1 convs written as Dense over the channel axis, with PyTorch's default init.
         proj = lambda name: dense(c, DENSE_KERNEL_AXES, kernel_init=torch_default_init, dtype=self.dtype,  # noqa: E731
                                   name=name)
-        q, k, v = split(proj("q")(h)), split(proj("k")(h)), split(proj("v")(h))
+        q, k, v = (constrain(split(proj(n)(h)), HEAD_AXES) for n in ("q", "k", "v"))
         scores = jnp.einsum("blhc,bmhc->bhlm", q, k, preferred_element_type=jnp.float32) * hd**-0.5
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhlm,bmhc->blhc", probs, v).reshape(b, hgt * wid, c)
         out = proj("proj_out")(out)
-        return x + out.reshape(x.shape).astype(x.dtype)
+        return feature_map(x + out.reshape(x.shape).astype(x.dtype))
 
 
 class Downsample(nn.Module):
@@ -233,7 +243,7 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        x = feature_map(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
         return conv(x.shape[-1], 3, dtype=self.dtype, name="conv")(x)
 
 
@@ -275,6 +285,7 @@ __all__ = [
     "ResnetBlock",
     "Upsample",
     "conv",
+    "feature_map",
     "group_count",
     "group_norm",
     "raster_causal_conv",

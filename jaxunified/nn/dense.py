@@ -44,6 +44,24 @@ def low_precision_dot(dtype):
     return accumulate_f32
 
 
+class _FlatInitPartitioned(nn.spmd.LogicallyPartitioned):
+    """A logical box that skips its constraint while its value does not have one dimension per name:
+    ``DenseGeneral`` initialises the flattened kernel (and bias) and only then reshapes them, and flax's
+    parameter shape check re-runs that init at apply time, under the train step's axis rules."""
+
+    def unbox(self, apply_constraint=True):
+        if apply_constraint and getattr(self.value, "ndim", len(self.names)) != len(self.names):
+            return self.value
+        return super().unbox(apply_constraint)
+
+
+def _partitioned(init, names: tuple):
+    def wrapped(*args, **kw):
+        return _FlatInitPartitioned(init(*args, **kw), names)
+
+    return wrapped
+
+
 def dense(
     features: int | Sequence[int],
     axes: Sequence[str | None],
@@ -76,8 +94,8 @@ def dense(
         param_dtype=param_dtype,
         precision=precision,
         dot_general=low_precision_dot(dtype),
-        kernel_init=nn.with_logical_partitioning(kernel_init, tuple(axes)),
-        bias_init=nn.with_logical_partitioning(bias_init, bias_axes),
+        kernel_init=_partitioned(kernel_init, tuple(axes)),
+        bias_init=_partitioned(bias_init, bias_axes),
         name=name,
     )
     if isinstance(features, int) and axis == -1:

@@ -20,6 +20,7 @@ from jaxunified.nn.activations import activation
 from jaxunified.nn.attention import MultiHeadAttention
 from jaxunified.nn.dense import dense, xavier_uniform
 from jaxunified.nn.norm import layer_norm
+from jaxunified.nn.sharding import MLP_AXES, TOKEN_AXES, constrain
 
 Dtype = Any
 
@@ -35,6 +36,8 @@ class Mlp(nn.Module):
         bias_init = nn.initializers.normal(1e-6)
         x = dense(self.mlp_dim, ("embed", "mlp"), bias_init=bias_init, dtype=self.dtype, name="fc1")(x)
         x = activation(self.act)(x)
+        if x.ndim == 3:
+            x = constrain(x, MLP_AXES)
         return dense(width, ("mlp", "embed"), bias_init=bias_init, dtype=self.dtype, name="fc2")(x)
 
 
@@ -62,7 +65,7 @@ class EncoderBlock(nn.Module):
         x = x + self._drop(attn(y, mask=mask), deterministic)
         y = layer_norm(self.ln_eps, "ln2")(x).astype(self.dtype)
         x = x + self._drop(Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y), deterministic)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = constrain(x, TOKEN_AXES)  # activation names: the weights' "embed" is FSDP-split, the tokens' is not
         return x, x
 
     def _drop(self, h: jax.Array, deterministic: bool) -> jax.Array:
@@ -162,8 +165,14 @@ def stack_layers(tree: dict, depth: int, prefix: str = "layers_", name: str = "l
     """Unrolled ``layers_{i}`` subtrees → one scanned ``layers`` subtree (leading axis = layer)."""
     out = {k: v for k, v in tree.items() if not k.startswith(prefix)}
     per_layer = [tree[f"{prefix}{i}"] for i in range(depth)]
-    out[name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_layer)
+    out[name] = jax.tree.map(_stack, *per_layer)
     return out
+
+
+def _stack(*xs):
+    if any(isinstance(x, jax.core.Tracer) for x in xs):  # traced (an init under jax.eval_shape)
+        return jnp.stack(xs)
+    return np.stack([np.asarray(x) for x in xs])  # host arrays stay on the host (converters)
 
 
 def unstack_layers(tree: dict, depth: int, prefix: str = "layers_", name: str = "layers") -> dict:

@@ -233,8 +233,10 @@ class CompileReport:
     compile_seconds: float = 0.0
     message: str | None = None  # the compiler's error when the step does not fit
     required_bytes: int | None = None  # from an out-of-memory message, when it names a figure
+    available_bytes: int | None = None  # the usable HBM the compiler's message names (v5e: 15.75 GiB)
     notes: list[str] = dataclasses.field(default_factory=list)
-    largest_arrays: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)  # per device
+    # per device when compiled; the unpartitioned program's (global shapes) when it did not fit
+    largest_arrays: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -264,8 +266,7 @@ class CompileReport:
         d.update(total_bytes=self.total_bytes, flops_per_step=self.flops_per_step, compiled=self.compiled)
         if not self.compiled:  # JSON readers should not mistake "not measured" for zero
             for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "generated_code_bytes",
-                      "total_bytes", "flops_per_device", "flops_per_step", "bytes_accessed_per_device", "collectives",
-                      "largest_arrays"):
+                      "total_bytes", "flops_per_device", "flops_per_step", "bytes_accessed_per_device", "collectives"):
                 d[k] = None
         return d
 
@@ -298,11 +299,16 @@ class CompileReport:
                 lines.append("largest arrays  " + "; ".join(f"{sh} {_nbytes(b)} ({op})"
                                                             for b, sh, op in self.largest_arrays[:3]))
             if self.message:
-                lines.append(f"does not fit    {self.message}")
+                lines.append(f"does not fit: {self.message}")
         else:
-            req = f" (the compiler asks for {self.required_bytes / GiB:.2f} GiB)" if self.required_bytes else ""
-            lines.append(f"memory/device   does not fit in {g(self.hbm_capacity_bytes)} HBM{req}")
+            have = self.available_bytes or self.hbm_capacity_bytes
+            over = (f": needs {self.required_bytes / GiB:.2f} GiB, {(self.required_bytes - have) / GiB:.2f} GiB "
+                    f"more than the {have / GiB:.2f} GiB available" if self.required_bytes else "")
+            lines.append(f"memory/device   does not fit{over}")
             lines.append(f"compiler        {self.message}")
+            if self.largest_arrays:
+                lines.append("largest arrays  " + "; ".join(f"{sh} {_nbytes(b)} ({op})"
+                                                            for b, sh, op in self.largest_arrays[:3]))
             if self.model_flops_per_step:
                 ideal = self.model_flops_per_step / (self.num_devices * self.peak_flops_per_device)
                 lines.append(f"FLOPs           {_si(self.model_flops_per_step, 'FLOP')} per step "
@@ -410,6 +416,34 @@ def largest_arrays(hlo_text: str, k: int = 5) -> list[tuple[int, str, str]]:
             found[shape] = [math.prod(dims) * _DTYPE_BYTES[m.group(2)], m.group(4), 1]
     top = sorted(((b, sh, f"{op} x{n}") for sh, (b, op, n) in found.items()), reverse=True)
     return top[:k]
+
+
+_MLIR_DTYPES = {"i1": "pred", "i8": "s8", "ui8": "u8", "i16": "s16", "ui16": "u16", "i32": "s32", "ui32": "u32",
+                "i64": "s64", "ui64": "u64", "bf16": "bf16", "f16": "f16", "f32": "f32", "f64": "f64"}
+_TENSOR_RE = re.compile(r"tensor<((?:\d+x)+)(" + "|".join(sorted(_MLIR_DTYPES, key=len, reverse=True)) + r")>")
+
+
+def largest_global_arrays(stablehlo_text: str, k: int = 5) -> list[tuple[int, str, str]]:
+    """The ``k`` biggest array types of a lowered (not yet partitioned) program: ``(bytes, shape,
+    "global xN")``, N the number of mentions. What a step that does not compile can still show: the
+    global shapes; one whose batch axis is not split over the mesh is the usual culprit."""
+    found: dict[str, list] = {}
+    for m in _TENSOR_RE.finditer(stablehlo_text):
+        dims = [int(d) for d in m.group(1).split("x") if d]
+        dtype = _MLIR_DTYPES[m.group(2)]
+        shape = f"{dtype}[{','.join(map(str, dims))}]"
+        if shape in found:
+            found[shape][1] += 1
+        else:
+            found[shape] = [math.prod(dims) * _DTYPE_BYTES.get(dtype, 4), 1]
+    top = sorted(((b, sh, f"global x{n}") for sh, (b, n) in found.items()), reverse=True)
+    return top[:k]
+
+
+def oom_available_bytes(text: str) -> int | None:
+    """The HBM the compiler had ("exceeds available HBM (15.75G)"), when its message says."""
+    m = re.search(r"available HBM \(([\d.]+)([KMGT])\)", text)
+    return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024) if m else None
 
 
 def first_cost(compiled) -> dict[str, float]:

@@ -3,6 +3,9 @@
 Parameters carry logical axis names (``nn.with_logical_partitioning``); these rules turn them
 into ``NamedSharding``s. A dimension whose size the mesh axes do not divide stays replicated,
 so tiny test models and odd channel counts (RGB, 8-d codes) shard without special cases.
+Activations carry their own ``activation_*`` names (``jaxunified.nn.sharding.constrain``), mapped
+by the same table. Three named tables (:data:`RULE_TABLES`): ``"fsdp"``, ``"fsdp_tp"`` (the default)
+and ``"data"``; a config picks one with ``config.logical_rules = "<name>"`` or gives its own pairs.
 """
 
 from __future__ import annotations
@@ -15,38 +18,84 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from jaxunified.nn.sharding import ACTIVATION_RULES, BATCH_AXES, logical_spec
 
-# Default: pure FSDP. Weights shard their model/embedding dimension over 'fsdp'; the batch is split
-# over both data-parallel axes; 'tensor' is available to configs that set it above 1.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Weight rules shared by the tables below: what every weight dimension name maps to when it is
+# not split (norm scales, kernel spatial taps, code vectors, position tables, stacked layers).
+_WHOLE = (
     ("conv_in", None),
-    ("conv_out", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
     ("kv", None),
-    ("vocab", "tensor"),
-    ("codebook", "fsdp"),
     ("code_dim", None),
     ("norm", None),
     ("length", None),
     ("height", None),
     ("width", None),
     ("channels", None),
-    # Activations (``nn.with_logical_constraint``), named apart from the weights above so a
-    # config can reshard one without the other; the batch splits over both data axes, the
-    # head/MLP/vocab dims follow their weights onto 'tensor'.
-    ("activation_batch", BATCH_AXES),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_kv", None),
-    ("activation_mlp", "tensor"),
-    ("activation_vocab", "tensor"),
+    ("layers", None),
 )
+
+# Named rules tables (``config.logical_rules = "fsdp_tp"``). Weight names (``embed``, ``mlp``,
+# ``heads``, ``conv_out``, ...) and activation names (``activation_*``, jaxunified.nn.sharding) are
+# kept apart, so a table splits an FSDP weight's ``embed`` over 'fsdp' while the activations'
+# ``activation_embed`` stays whole and their ``activation_batch`` splits over ('data', 'fsdp').
+RULE_TABLES: dict[str, tuple[tuple[str, Any], ...]] = {
+    # Pure FSDP: weights shard their model/embedding (conv: output-channel) dimension over 'fsdp' and are
+    # all-gathered where they are used; the batch splits over both data axes; 'tensor' is not used.
+    "fsdp": (
+        ("batch", BATCH_AXES),
+        ("embed", "fsdp"),
+        ("conv_out", "fsdp"),
+        ("codebook", "fsdp"),
+        ("mlp", None),
+        ("heads", None),
+        ("vocab", None),
+        *_WHOLE,
+        ("activation_batch", BATCH_AXES),
+        ("activation_length", None),
+        ("activation_embed", None),
+        ("activation_heads", None),
+        ("activation_kv", None),
+        ("activation_mlp", None),
+        ("activation_vocab", None),
+        ("activation_height", None),
+        ("activation_width", None),
+        ("activation_channels", None),
+    ),
+    # FSDP + tensor parallel (Megatron): as "fsdp", and the head / MLP / vocab dimensions of weights and
+    # activations over 'tensor'. On a mesh whose 'tensor' axis is 1 it is exactly "fsdp".
+    "fsdp_tp": (
+        ("batch", BATCH_AXES),
+        ("embed", "fsdp"),
+        ("conv_out", "fsdp"),
+        ("codebook", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("vocab", "tensor"),
+        *_WHOLE,
+        *ACTIVATION_RULES,
+    ),
+    # Data parallel only: every weight replicated on every device, the batch split over both data axes
+    # (a mesh's 'fsdp' devices then act as more data parallelism).
+    "data": (
+        ("batch", BATCH_AXES),
+        ("embed", None),
+        ("conv_out", None),
+        ("codebook", None),
+        ("mlp", None),
+        ("heads", None),
+        ("vocab", None),
+        *_WHOLE,
+        ("activation_batch", BATCH_AXES),
+        *((name, None) for name, _ in ACTIVATION_RULES if name != "activation_batch"),
+    ),
+}
+
+# The default (``config.logical_rules`` unset): "fsdp_tp", which on the default mesh (1, -1, 1) is pure
+# FSDP; 'tensor' only takes the head/MLP/vocab dimensions when a config sets it above 1.
+DEFAULT_TABLE = "fsdp_tp"
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = RULE_TABLES[DEFAULT_TABLE]
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -76,14 +125,34 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def rules_from_config(rules: Iterable[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
-    """Normalises a rules table from a config (lists from ConfigDict) into tuples."""
+def rules_from_config(rules: str | Iterable[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
+    """The rules table a config names: None (the default, ``"fsdp_tp"``), a table name of
+    :data:`RULE_TABLES` (``"fsdp"``, ``"fsdp_tp"``, ``"data"``), or a list of ``(logical name, mesh
+    axes)`` pairs (lists from a ConfigDict become tuples; a name not listed stays unsplit)."""
     if rules is None:
         return DEFAULT_RULES
+    if isinstance(rules, str):
+        if rules not in RULE_TABLES:
+            raise ValueError(
+                f"config.logical_rules={rules!r} is not a rules table; use one of {', '.join(map(repr, RULE_TABLES))} "
+                "or a list of (logical name, mesh axes) pairs"
+            )
+        return RULE_TABLES[rules]
     out = []
-    for name, axes in rules:
+    for entry in rules:
+        if isinstance(entry, str) or len(entry) != 2:
+            raise ValueError(
+                f"config.logical_rules entry {entry!r} is not a (logical name, mesh axes) pair, e.g. "
+                "('embed', 'fsdp') or ('activation_batch', ('data', 'fsdp'))"
+            )
+        name, axes = entry
         if isinstance(axes, list):
             axes = tuple(axes)
+        bad = [a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if a not in MESH_AXES]
+        if bad:
+            raise ValueError(
+                f"config.logical_rules maps {name!r} to unknown mesh axis {bad[0]!r}; the mesh axes are {MESH_AXES}"
+            )
         out.append((str(name), axes))
     return tuple(out)
 
@@ -100,22 +169,7 @@ def logical_to_spec(
     names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules
 ) -> P:
     """Maps logical axis names to a PartitionSpec, replicating dims the mesh axes do not divide."""
-    if names is None:
-        return P()
-    table = dict(rules)
-    used: set[str] = set()
-    spec = []
-    for name, dim in zip(names, shape):
-        axes = table.get(name) if name is not None else None
-        if axes is not None:
-            flat = (axes,) if isinstance(axes, str) else tuple(axes)
-            flat = tuple(a for a in flat if a not in used and mesh.shape.get(a, 1) > 1)
-            if flat and dim % _axis_size(mesh, flat) == 0:
-                used.update(flat)
-                spec.append(flat[0] if len(flat) == 1 else flat)
-                continue
-        spec.append(None)
-    return P(*spec)
+    return logical_spec(names, shape, dict(mesh.shape), rules)
 
 
 def _is_partitioned(x) -> bool:

@@ -31,7 +31,6 @@ import optax
 
 from jaxunified.data import cache
 from jaxunified.data.pipeline import as_float_images, to_global
-from jaxunified.data.text import make_tokenizer
 from jaxunified.eval import shapes_geneval
 from jaxunified.eval import t2i_report
 from jaxunified.models import llamagen_gpt as gpt_lib
@@ -56,13 +55,15 @@ class ARTask(Task):
         self.text_cfg = siglip.cfg.text
         self.text_tower = siglip_lib.TextTower(self.text_cfg)
         self._text_params = sv["params"]["text"]
-        self.text_tokenizer = make_tokenizer(config.data.text)
+        self.text_tokenizer = frozen_parts.text_tokenizer(config.data.text)
         if self.text_tokenizer.max_len > self.text_cfg.max_len:
             raise ValueError(f"data.text.max_len={self.text_tokenizer.max_len} exceeds the text tower's "
                              f"{self.text_cfg.max_len}")
         self.model_cfg = self.gpt_config(config, self.vq.cfg, self.text_cfg, self.text_tokenizer.max_len)
         # Found here, not lazily: ``codes`` needs it while being traced.
-        self.fill_code = self._find_fill_code() if self.simplify_tol > 0 else -1
+        self.fill_code = -1
+        if self.simplify_tol > 0:  # planning (shapes only) reads no data: any code gives the same program
+            self.fill_code = 0 if frozen_parts.is_shapes_only() else self._find_fill_code()
         self.model = gpt_lib.LlamaGenGPT(self.model_cfg)
 
     @staticmethod
@@ -87,7 +88,7 @@ class ARTask(Task):
 
     def dummy_batch(self):
         r, b = int(self.config.data.resolution), int(self.config.data.batch_size)
-        return {"image": np.zeros((b, r, r, 3), np.float32),
+        return {"image": np.zeros((b, r, r, 3), np.uint8),
                 "tokens": np.zeros((b, self.text_tokenizer.max_len), np.int32)}
 
     def init_variables(self, rng, batch):

@@ -33,7 +33,10 @@ from jaxunified.parallel.aot import (
     count_collectives,
     is_oom,
     largest_arrays,
+    largest_global_arrays,
+    oom_available_bytes,
 )
+from jaxunified.train import frozen
 from jaxunified.train.loop import Trainer
 
 
@@ -91,7 +94,8 @@ def lower_train_step(
     and batch are valid for a topology without paying for the TPU compiler."""
     devices, gen, name = resolve_devices(topology, num_slices)
     cfg = with_batch_size(config, batch_size)
-    with tempfile.TemporaryDirectory(prefix="jaxunified_aot_") as tmp:
+    # frozen sub-models (VQ, teacher, base LM) as shapes: planning needs no checkpoint
+    with tempfile.TemporaryDirectory(prefix="jaxunified_aot_") as tmp, frozen.shapes_only():
         trainer = Trainer(cfg, workdir=tmp, devices=devices)
     state = abstract_state(trainer)
     batch = abstract_batch(trainer)
@@ -128,7 +132,7 @@ def model_flops(config, batch_size: int | None = None) -> float:
     ``flops_per_step`` is usually lower; much higher means the partitioner duplicates work."""
     cfg = with_batch_size(config, batch_size)
     cfg.mesh_shape = (1, 1, 1)
-    with tempfile.TemporaryDirectory(prefix="jaxunified_aot_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="jaxunified_aot_") as tmp, frozen.shapes_only():
         trainer = Trainer(cfg, workdir=tmp, devices=jax.devices("cpu")[:1])
     state, batch = abstract_state(trainer), abstract_batch(trainer)
     with jax.set_mesh(trainer.mesh), sums.targeting("tpu"):
@@ -175,6 +179,9 @@ def compile_train_step(
         text = str(e).strip()
         report.message = text.splitlines()[0][:600] if text else type(e).__name__
         report.required_bytes = oom_required_bytes(text)
+        report.available_bytes = oom_available_bytes(text)
+        # no partitioned program to read: the unpartitioned one names the arrays that dominate
+        report.largest_arrays = largest_global_arrays(low.lowered.as_text())
         return report
     report.compile_seconds = time.perf_counter() - t0
 
@@ -194,7 +201,7 @@ def compile_train_step(
     hbm = report.hbm_capacity_bytes
     report.fits = report.total_bytes <= hbm
     if not report.fits:
-        report.message = (f"needs {report.total_bytes / GiB:.2f} GiB per device, more than the "
-                          f"{hbm / GiB:.0f} GiB of HBM of a {report.generation} chip")
+        report.message = (f"needs {report.total_bytes / GiB:.2f} GiB per device, {(report.total_bytes - hbm) / GiB:.2f} "
+                          f"GiB more than the {hbm / GiB:.0f} GiB of HBM of a {report.generation} chip")
         report.required_bytes = report.total_bytes
     return report

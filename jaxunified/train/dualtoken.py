@@ -34,7 +34,6 @@ from jaxunified import convert
 from jaxunified.convert.common import read_state_dict
 from jaxunified.convert.siglip import config_from_hf, convert_state_dict
 from jaxunified.data.pipeline import as_float_images
-from jaxunified.data.text import make_tokenizer
 from jaxunified.eval import image_metrics
 from jaxunified.eval.image_text import encoder_pair, evaluate_image_text
 from jaxunified.eval.recon import depth_usage, evaluate_reconstruction, grid_path
@@ -44,6 +43,7 @@ from jaxunified.models import dualtoken as dt
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.models.vqgan import VQGANConfig
 from jaxunified.quant.rq import RQConfig
+from jaxunified.train import frozen as frozen_parts
 from jaxunified.train import gan, runs
 from jaxunified.train.optim import FROZEN
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
@@ -73,7 +73,9 @@ def siglip_source_config(cfg) -> siglip_lib.SigLIPConfig:
     m = cfg.model
     source = siglip_source(m)
     if source == "workdir":
-        sc = runs.model_config(m.siglip_workdir, m.get("siglip_config") or None)
+        block = {"workdir": m.siglip_workdir, "config": m.get("siglip_config") or "",
+                 "preset": m.get("siglip_preset") or ""}
+        sc = frozen_parts.run_model_config(block, lambda: runs.model_config(m.siglip_workdir))
     elif source == "hf":
         sc = config_from_hf(json.loads((pathlib.Path(m.siglip_init_from).expanduser() / "config.json").read_text()))
     elif m.get("siglip_variant"):
@@ -120,13 +122,15 @@ class DualTokenTask(Task):
         self.model_cfg = model_config(config)
         self.model = dt.DualToken(self.model_cfg)
         self.teacher = siglip_lib.VisionTower(self.model_cfg.siglip.vision)
-        if siglip_source(config.model) == "workdir":  # zero-shot is noise unless the captions are the tower's
+        planning = frozen_parts.is_shapes_only()  # AOT: no weights are read, only shapes matter
+        if siglip_source(config.model) == "workdir" and not planning:  # zero-shot is noise unless the captions are the tower's
             runs.check_same_text(config.data.get("text"), config.model.siglip_workdir,
                                  config.model.get("siglip_config") or None)
         # Read checkpoints now: init_variables also runs under jax.eval_shape, where a restore cannot.
-        self._siglip_params, self._init_vars = self._initial_weights()
+        self._siglip_params, self._init_vars = (None, None) if planning else self._initial_weights()
         text_cfg = config.data.get("text")
-        self.text_tokenizer = make_tokenizer(text_cfg) if text_cfg is not None and text_cfg.get("tokenizer") else None
+        has_text = text_cfg is not None and text_cfg.get("tokenizer")
+        self.text_tokenizer = frozen_parts.text_tokenizer(text_cfg) if has_text else None
         self.use_contrastive = float(self.lc.get("contrastive_weight", 0.0)) > 0
         if self.use_contrastive:
             if self.text_tokenizer is None or self.model_cfg.siglip.text is None:
@@ -147,7 +151,7 @@ class DualTokenTask(Task):
     # ---- building ----
     def dummy_batch(self):
         r, b = int(self.config.data.resolution), int(self.config.data.batch_size)
-        batch = {"image": np.zeros((b, r, r, 3), np.float32)}
+        batch = {"image": np.zeros((b, r, r, 3), np.uint8)}
         if self.use_contrastive:
             batch["tokens"] = np.zeros((b, self.text_tokenizer.max_len), np.int32)
         return batch

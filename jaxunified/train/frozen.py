@@ -5,28 +5,126 @@
 A block has ``kind``: ``"workdir"`` (``workdir`` + optional ``config`` spec: the run's own
 exported module through ``runs.load_run``), a ``convert`` kind (``path`` + ``overrides``), or
 ``"random"`` (``variant`` + ``overrides``, ``seed``).
+
+Inside :func:`shapes_only` (ahead-of-time planning: ``train.compile``) no file is read: each part
+is built from its block's shape alone — a ``workdir`` run's saved ``config.json`` when the run
+exists, otherwise the block's ``variant`` + ``overrides`` (for a checkpoint kind: the converter's
+default variant, e.g. ``VQ-16`` for ``llamagen_vq``, or ``overrides.variant``) — and its variables
+are ``jax.ShapeDtypeStruct``s. Tasks turn them into arrays only under ``jax.eval_shape`` (``fill_boxes``,
+:func:`materialize`), so a 7B frozen base costs no memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import pathlib
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxunified import convert
+from jaxunified.data.text import make_tokenizer
 from jaxunified.models import dualtoken as dualtoken_lib
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import toklip as toklip_lib
 from jaxunified.models import vqgan as vqgan_lib
+from jaxunified.train import runs
 from jaxunified.train.runs import load_run
 from jaxunified.train.task import host_variables, kwargs
 
 VQ_KINDS = ("workdir", "llamagen_vq", "star_vq", "ibq", "random")
 SIGLIP_KINDS = ("workdir", "hf_siglip", "open_clip", "random")
 
+_SHAPES_ONLY = contextvars.ContextVar("jaxunified_frozen_shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only(fill: str = "zeros"):
+    """Within it, every frozen part comes as shapes (see the module docstring): no checkpoint is read.
+    ``fill``: what the shapes become where a task makes arrays of them — "zeros" (plans: traced only)
+    or "random" (benchmarks: small normal values, so no step runs on degenerate zeros)."""
+    if fill not in ("zeros", "random"):
+        raise ValueError(f"fill={fill!r}; use 'zeros' or 'random'")
+    token = _SHAPES_ONLY.set(fill)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
+def is_shapes_only() -> bool:
+    return bool(_SHAPES_ONLY.get())
+
+
+def placeholder(x: jax.ShapeDtypeStruct) -> jax.Array:
+    """The array a shapes-only leaf stands for (see ``shapes_only``'s ``fill``)."""
+    if _SHAPES_ONLY.get() == "random" and jnp.issubdtype(x.dtype, jnp.floating):
+        return 0.02 * jax.random.normal(jax.random.key(len(x.shape)), x.shape, x.dtype)
+    return jnp.zeros(x.shape, x.dtype)
+
+
+def materialize(tree):
+    """Loaded variables as arrays: ShapeDtypeStruct leaves (shapes-only parts) become ``placeholder``s.
+    Meant for code traced by ``jax.eval_shape``/``jit`` (a task's ``init_variables``)."""
+    return jax.tree.map(lambda x: placeholder(x) if isinstance(x, jax.ShapeDtypeStruct) else x, tree)
+
+
+def text_tokenizer(text_cfg):
+    """``data.text``'s tokenizer. When planning (shapes only) without the tokenizer file, a byte
+    tokenizer of the same ``max_len`` stands in: the step only sees [B, max_len] ids."""
+    if is_shapes_only() and text_cfg.get("tokenizer", "byte") not in ("byte", None, "") and not text_cfg.get("path"):
+        return make_tokenizer(max_len=int(text_cfg.get("max_len") or 64))
+    return make_tokenizer(text_cfg)
+
+
+def run_model_config(tc, fallback):
+    """The model config of block ``tc``'s ``workdir`` run (its saved config, no checkpoint read); when
+    there is no such run yet (planning a chain whose earlier stages have not run), that of the
+    block's ``preset`` (the config that trains the run), else ``fallback()``."""
+    workdir, config = tc.get("workdir") or "", tc.get("config") or None
+    if config or not is_shapes_only() or (pathlib.Path(workdir).expanduser() / "config.json").exists():
+        return runs.model_config(workdir, config)
+    if tc.get("preset"):
+        return runs.model_config(None, tc.get("preset"))
+    return fallback()
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.meta.unbox(tree))
+
+
+def _variant_overrides(tc, default: str) -> tuple[str, dict]:
+    over = kwargs(tc.get("overrides"))
+    over.pop("prefer", None)
+    return over.pop("variant", default), over
+
+
+def _vq_shapes(tc) -> tuple[vqgan_lib.VQGAN, dict]:
+    from jaxunified.convert import vq as vq_convert
+    from jaxunified.models.toklip import IBQ_262144
+
+    kind = tc.kind
+    if kind == "workdir":
+        cfg = run_model_config(tc, lambda: vqgan_lib.get_config(tc.variant, **kwargs(tc.get("overrides"))))
+    elif kind in ("llamagen_vq", "star_vq"):
+        variant, over = _variant_overrides(tc, "VQ-16" if kind == "llamagen_vq" else "STAR-VQ")
+        cfg = vq_convert.config_from_overrides(variant, **over)
+    elif kind == "ibq":
+        cfg = IBQ_262144
+    elif kind == "random":
+        cfg = vqgan_lib.get_config(tc.variant, **kwargs(tc.get("overrides")))
+    else:
+        raise ValueError(f"tokenizer.kind={kind!r}; use one of {', '.join(VQ_KINDS)}")
+    return vqgan_lib.VQGAN(cfg), _abstract(vqgan_lib.abstract_variables(cfg))
+
 
 def load_vq(tc) -> tuple[vqgan_lib.VQGAN, dict]:
     """The frozen VQ tokenizer of block ``tc``: (VQGAN module, its variables)."""
     kind = tc.kind
+    if is_shapes_only():
+        return _vq_shapes(tc)
     if kind == "workdir":
         _, module, variables = load_run(tc.workdir, tc.get("config") or None)
     elif kind in ("llamagen_vq", "star_vq"):
@@ -48,6 +146,15 @@ def load_siglip(tc) -> tuple[siglip_lib.SigLIP, dict]:
     """The frozen SigLIP of block ``tc`` (a ``siglip`` run, an HF SiglipModel folder, an open_clip
     SigLIP ``.pt`` with ``variant``/``image_size``, or random): (SigLIP module, variables)."""
     kind, towers = tc.kind, dict(vision=kwargs(tc.get("vision")), text=kwargs(tc.get("text")))
+    if is_shapes_only():
+        if kind not in SIGLIP_KINDS:
+            raise ValueError(f"teacher/text_encoder kind={kind!r}; use one of {', '.join(SIGLIP_KINDS)}")
+
+        def from_variant():
+            return siglip_lib.get_config(tc.variant, image_size=tc.get("image_size") or None, **towers)
+
+        cfg = run_model_config(tc, from_variant) if kind == "workdir" else from_variant()
+        return siglip_lib.SigLIP(cfg), _abstract(siglip_lib.abstract_variables(cfg))
     if kind == "workdir":
         _, module, variables = load_run(tc.workdir, tc.get("config") or None)
     elif kind == "hf_siglip":
@@ -67,7 +174,16 @@ def load_siglip(tc) -> tuple[siglip_lib.SigLIP, dict]:
     return module, variables
 
 
-def _run_or_checkpoint(tc, convert_kind: str, cls, what: str):
+def _run_or_checkpoint(tc, convert_kind: str, cls, what: str, shapes=None):
+    if is_shapes_only() and tc.kind in ("workdir", convert_kind):
+        get_config, abstract_variables, default = shapes
+
+        def from_variant():
+            variant, over = _variant_overrides(tc, tc.get("variant") or default)
+            return get_config(variant, **over)
+
+        cfg = run_model_config(tc, from_variant) if tc.kind == "workdir" else from_variant()
+        return cls(cfg), _abstract(abstract_variables(cfg))
     if tc.kind == "workdir":
         _, module, variables = load_run(tc.workdir, tc.get("config") or None)
     elif tc.kind == convert_kind:
@@ -81,12 +197,14 @@ def _run_or_checkpoint(tc, convert_kind: str, cls, what: str):
 
 def load_toklip(tc) -> tuple[toklip_lib.TokLIP, dict]:
     """A frozen TokLIP: a ``toklip`` run or a released checkpoint (``kind="toklip"``, ``path``)."""
-    return _run_or_checkpoint(tc, "toklip", toklip_lib.TokLIP, "toklip")
+    return _run_or_checkpoint(tc, "toklip", toklip_lib.TokLIP, "toklip",
+                              (toklip_lib.get_config, toklip_lib.abstract_variables, "S"))
 
 
 def load_dualtoken(tc) -> tuple[dualtoken_lib.DualToken, dict]:
     """A frozen DualToken tokenizer: a ``dualtoken`` run or an official checkpoint (``kind="dualtoken"``)."""
-    return _run_or_checkpoint(tc, "dualtoken", dualtoken_lib.DualToken, "dualtoken")
+    return _run_or_checkpoint(tc, "dualtoken", dualtoken_lib.DualToken, "dualtoken",
+                              (dualtoken_lib.get_config, dualtoken_lib.abstract_variables, "So400m/14-384"))
 
 
 def fill_code(data_cfg, encode, codebook_size: int, num_images: int = 256) -> int:

@@ -4,7 +4,12 @@ Behaviour a user relies on:
 * re-running the same command in the same workdir resumes from the latest checkpoint (train state
   and data-iterator position), so an interrupted run ends with the same parameters as an
   uninterrupted one;
-* SIGTERM (preemption) saves a checkpoint at the current step and exits cleanly;
+* SIGTERM (preemption) saves a checkpoint at the current step and exits cleanly; in a multi-process
+  run (``jaxunified.parallel.distributed``) a SIGTERM to any process makes every process save the
+  same step (JAX's preemption sync point) and exit;
+* every process of a multi-process run takes part in each checkpoint save and restore (each writes
+  its own shards and data-iterator position); only process 0 writes metrics and the config; such
+  a run does not evaluate (``eval.py`` does, in one process, from its checkpoint);
 * a NaN/Inf loss stops the run naming the step; checkpoints are only ever written from finite
   states, so the last good one is kept.
 """
@@ -36,6 +41,18 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def with_axis_rules(fn, rules):
+    """``fn`` traced under ``rules``: the models' activation constraints (``nn.with_logical_constraint``,
+    a no-op without rules) then shard what they name, e.g. logits over the batch axes."""
+    import flax.linen as nn
+
+    def traced(*args):
+        with nn.logical_axis_rules(rules):
+            return fn(*args)
+
+    return traced
+
+
 class Trainer:
     """Holds the pieces of a run; ``train.py`` calls ``run()``, tests drive the parts directly."""
 
@@ -47,6 +64,7 @@ class Trainer:
         self.task, self.tx, self.ema_decay = self.layout.task, self.layout.tx, self.layout.ema_decay
         self.state_shardings = self.layout.shardings
         self.abstract_state = self.layout.abstract
+        self.rules = meshlib.rules_from_config(config.get("logical_rules"))
 
     # ---- state ----
     def init_state(self):
@@ -71,7 +89,8 @@ class Trainer:
                 inner, mesh=self.mesh, in_specs=(P(), batch_specs), out_specs=(P(), P()), check_vma=False
             )
         elif self.config.get("step_form", "global") == "global":
-            fn = statelib.make_train_step(grad_fn, self.tx, self.ema_decay, axis_name=None)
+            fn = with_axis_rules(statelib.make_train_step(grad_fn, self.tx, self.ema_decay, axis_name=None),
+                                 self.rules)
         else:
             raise ValueError(f"config.step_form={self.config.step_form!r}; use 'global' or 'per_device'")
         return jax.jit(
@@ -107,13 +126,21 @@ class Trainer:
             state = self.init_state()
         start = int(jax.device_get(state.step))
         total = int(cfg.total_steps)
+        multi = jax.process_count() > 1
+        # The evaluators read each batch's results on one host; several processes evaluate with eval.py.
+        evaluate = not multi
+        if multi and cfg.get("eval_every") is not None and (cfg.get("eval_every") or cfg.get("final_eval", True)):
+            log.warning("a multi-process run skips evaluation; afterwards run python eval.py with the same "
+                        "--config and --workdir (one process)")
 
         stop = {"signal": None}
 
         def on_term(signum, frame):  # preemption: finish the current step, save, exit cleanly
             stop["signal"] = signum
 
-        old_handler = signal.signal(signal.SIGTERM, on_term)
+        # Several processes must agree on the step to save at: JAX's preemption service (started by
+        # jax.distributed.initialize; it catches SIGTERM itself) tells every process the same one.
+        old_handler = None if multi else signal.signal(signal.SIGTERM, on_term)
         step_fn = None
         pending = None  # (step, metrics) of the previous step, checked one step late so dispatch overlaps
         window: list[dict] = []
@@ -131,6 +158,8 @@ class Trainer:
                     window.append(_check_finite(*pending))
                 pending = (step + 1, metrics)
                 done = step + 1
+                if multi and _reached_preemption_sync_point(done):
+                    stop["signal"] = "preemption notice (SIGTERM)"
                 if done % int(cfg.log_every) == 0 or done == total:
                     window.append(_check_finite(*pending))
                     pending = None
@@ -140,7 +169,7 @@ class Trainer:
                     writer.write(done, means)
                     progress.update(done, means)
                     window, t0, n0 = [], time.time(), done
-                if cfg.get("eval_every") and done % int(cfg.eval_every) == 0 and done != total:
+                if evaluate and cfg.get("eval_every") and done % int(cfg.eval_every) == 0 and done != total:
                     self._evaluate(state, done, writer)
                 if done % int(cfg.checkpoint_every) == 0 or done == total or stop["signal"]:
                     if pending is not None:
@@ -151,13 +180,14 @@ class Trainer:
                     log.warning("received signal %s: saved step %d, exiting", stop["signal"], done)
                     break
             else:
-                if cfg.get("eval_every") is not None and cfg.get("final_eval", True):
+                if evaluate and cfg.get("eval_every") is not None and cfg.get("final_eval", True):
                     self._evaluate(state, int(jax.device_get(state.step)), writer)
         except NonFiniteLossError:
             ckpt.wait()
             raise
         finally:
-            signal.signal(signal.SIGTERM, old_handler)
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
             progress.close()
             ckpt.close()
             writer.close()
@@ -168,6 +198,17 @@ class Trainer:
         writer.write(step, metrics, prefix="eval")
         log.info("eval at step %d: %s", step, {k: round(float(v), 4) for k, v in metrics.items()})
         return metrics
+
+
+def _reached_preemption_sync_point(step: int) -> bool:
+    """Whether every process has been told to save at ``step`` after some process got SIGTERM
+    (call at every step, on every process); False when JAX's preemption service is off."""
+    from jax.experimental import multihost_utils
+
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # jax_enable_preemption_service=False
+        return False
 
 
 def _check_finite(step: int, metrics) -> dict[str, float]:

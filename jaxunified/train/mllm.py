@@ -87,7 +87,7 @@ class MLLMTask(Task):
             siglip, sv = frozen_parts.load_siglip(vc.source)
             self.vision = siglip_lib.VisionTower(siglip.cfg.vision)
             self._vision_vars = {"params": sv["params"]["vision"]}
-            shape = jax.eval_shape(lambda: self.vision.apply(self._vision_vars, jnp.zeros((1, r, r, 3))))
+            shape = jax.eval_shape(lambda v: self.vision.apply(v, jnp.zeros((1, r, r, 3))), self._vision_vars)
             n, dim = shape["last_hidden"].shape[1:]
         elif vc.kind == "vq":
             self.vision, self._vision_vars = frozen_parts.load_vq(vc.source)
@@ -96,7 +96,8 @@ class MLLMTask(Task):
         elif vc.kind in ("toklip", "dualtoken"):
             load = frozen_parts.load_toklip if vc.kind == "toklip" else frozen_parts.load_dualtoken
             self.vision, self._vision_vars = load(vc.source)
-            shape = jax.eval_shape(lambda: self.vision_vectors({"vision": self._vision_vars}, jnp.zeros((1, r, r, 3))))
+            shape = jax.eval_shape(lambda v: self.vision_vectors({"vision": v}, jnp.zeros((1, r, r, 3))),
+                                   self._vision_vars)
             n, dim = shape.shape[1:]
         else:
             raise ValueError(f"vision.kind={vc.kind!r}; use one of {', '.join(VISION_KINDS)}")
@@ -105,8 +106,9 @@ class MLLMTask(Task):
 
     @staticmethod
     def mllm_config(config, num_image_tokens: int, vision_dim: int) -> mllm_lib.MLLMConfig:
-        lm = lm_lib.variant(config.model.variant, **{**kwargs(config.model.get("overrides")),
-                                                     "vocab_size": shapes_chat.ChatVocab().size})
+        # the shapes chat vocabulary unless the overrides keep a released LM's table (pod plans)
+        lm = lm_lib.variant(config.model.variant, **{"vocab_size": shapes_chat.ChatVocab().size,
+                                                     **kwargs(config.model.get("overrides"))})
         return mllm_lib.MLLMConfig(lm, vision_dim, num_image_tokens, shapes_chat.IMAGE_START,
                                    int(config.model.get("projector_depth", 2)))
 
@@ -124,7 +126,7 @@ class MLLMTask(Task):
     # ---- variables ----
     def dummy_batch(self):
         r, b = int(self.config.data.resolution), int(self.config.data.batch_size)
-        return {"image": np.zeros((b, r, r, 3), np.float32), "tokens": np.zeros((b, self.max_len), np.int32),
+        return {"image": np.zeros((b, r, r, 3), np.uint8), "tokens": np.zeros((b, self.max_len), np.int32),
                 "loss_mask": np.zeros((b, self.max_len), np.float32), "has_image": np.ones((b,), bool)}
 
     def init_variables(self, rng, batch):
@@ -137,7 +139,7 @@ class MLLMTask(Task):
             v_abs = jax.eval_shape(lambda: self.vision.init(jax.random.key(0), jnp.zeros((1, r, r, 3))))
             if self.vision_kind == "siglip":
                 v_abs = {"params": v_abs["params"]}
-        loaded = nn.meta.unbox(self._vision_vars)
+        loaded = frozen_parts.materialize(nn.meta.unbox(self._vision_vars))
         frozen = {"vision": loaded if v_abs is None else fill_boxes(v_abs, loaded, "the frozen vision model")}
         return {"mllm": boxed["params"]}, {"frozen": frozen}
 

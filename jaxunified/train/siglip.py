@@ -19,10 +19,11 @@ import numpy as np
 
 from jaxunified.convert.common import read_state_dict
 from jaxunified.convert.siglip import config_from_hf, convert_state_dict
-from jaxunified.data.text import make_tokenizer
+from jaxunified.data.pipeline import as_float_images
 from jaxunified.eval.image_text import encoder_pair, evaluate_image_text
 from jaxunified.losses import contrastive
 from jaxunified.models import siglip as siglip_lib
+from jaxunified.train import frozen as frozen_parts
 from jaxunified.train.optim import FROZEN
 from jaxunified.train.task import Task, eval_params, kwargs
 
@@ -50,7 +51,7 @@ class SigLIPTask(Task):
         super().__init__(config, mesh)
         self.model_cfg = model_config(config)
         self.model = siglip_lib.SigLIP(self.model_cfg)
-        self.text_tokenizer = tok = make_tokenizer(config.data.text)
+        self.text_tokenizer = tok = frozen_parts.text_tokenizer(config.data.text)
         if tok.max_len > self.model_cfg.text.max_len:
             raise ValueError(
                 f"data.text.max_len={tok.max_len} exceeds the text tower's max_len {self.model_cfg.text.max_len}"
@@ -71,7 +72,7 @@ class SigLIPTask(Task):
     def dummy_batch(self):
         r = int(self.config.data.resolution)
         b = int(self.config.data.batch_size)
-        batch = {"image": np.zeros((b, r, r, 3), np.float32), "tokens": np.zeros((b, self.text_tokenizer.max_len), np.int32)}
+        batch = {"image": np.zeros((b, r, r, 3), np.uint8), "tokens": np.zeros((b, self.text_tokenizer.max_len), np.int32)}
         k = int(self.config.data.text.get("hard_negatives", 0) or 0)
         if k:
             batch["neg_tokens"] = np.zeros((b, k, self.text_tokenizer.max_len), np.int32)
@@ -82,7 +83,7 @@ class SigLIPTask(Task):
         if init_from:
             params = convert_state_dict(read_state_dict(init_from), self.model_cfg)["params"]
             return {"siglip": params}, {}
-        x = jnp.asarray(batch["image"][:1])
+        x = as_float_images(jnp.asarray(batch["image"][:1]))
         t = jnp.asarray(batch["tokens"][:1])
         return {"siglip": self.model.init(rng, x, t)["params"]}, {}
 
@@ -113,7 +114,7 @@ class SigLIPTask(Task):
         def fn(m, x, t):
             return m.encode_image(x, normalize=False), m.encode_text(t, normalize=False)
 
-        return self.model.apply({"params": params}, images, tokens, method=fn)
+        return self.model.apply({"params": params}, as_float_images(images), tokens, method=fn)
 
     def forward(self, params, collections, batch):
         return self.embed(params["siglip"], batch["image"], batch["tokens"])
@@ -138,7 +139,8 @@ class SigLIPTask(Task):
     # ---- evaluation ----
     def encoders(self, params):
         def image(p, batch):
-            return self.model.apply({"params": p}, batch["image"], method=siglip_lib.SigLIP.encode_image)
+            return self.model.apply({"params": p}, as_float_images(batch["image"]),
+                                    method=siglip_lib.SigLIP.encode_image)
 
         def text(p, tokens):
             return self.model.apply({"params": p}, tokens, method=siglip_lib.SigLIP.encode_text)

@@ -97,9 +97,32 @@ class GenerationPrompts(grain.transforms.RandomMap):
         return out
 
 
+def _base_shapes(bc):
+    """``_load_base`` when planning (``train.frozen.shapes_only``): the base's config and parameter
+    shapes; a STAR checkpoint's trained parts come from init, whose shapes they have."""
+    kind, over = bc.kind, kwargs(bc.get("overrides"))
+    chat = {"vocab_size": shapes_chat.ChatVocab().size}
+    if kind == "workdir":
+        cfg = frozen_parts.run_model_config(bc, lambda: lm_lib.variant(bc.variant, **{**over, **chat}))
+        cfg = getattr(cfg, "lm", cfg)
+    elif kind == "hf_qwen2":
+        cfg = lm_lib.variant(bc.variant, **over)
+    elif kind == "star":
+        cfg = star_lib.variant(bc.variant, **over).base
+    elif kind == "random":
+        cfg = lm_lib.variant(bc.variant, **{**over, **chat})
+    else:
+        raise ValueError(f"base.kind={kind!r}; use one of {', '.join(BASE_KINDS)}")
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          nn.meta.unbox(lm_lib.abstract_params(lm_lib.DecoderLM(cfg))))
+    return cfg, params, None
+
+
 def _load_base(bc):
     """(LMConfig, base params, STAR params or None) of the ``base`` block."""
     kind = bc.kind
+    if frozen_parts.is_shapes_only():
+        return _base_shapes(bc)
     if kind == "workdir":
         _, module, variables = load_run(bc.workdir, bc.get("config") or None)
         lm_cfg = getattr(module.config, "lm", module.config)  # an MLLM run's LM, or an LM run
@@ -126,7 +149,7 @@ class STARTask(Task):
         self.vq, self._vq_vars = frozen_parts.load_vq(config.tokenizer)
         lm_cfg, self._base_params, self._star_params = _load_base(config.base)
         init_from = config.model.get("init_from") or ""
-        if init_from:  # the previous stage's run: its trained parts (loaded here, not under init's trace)
+        if init_from and not frozen_parts.is_shapes_only():  # the previous stage's run: its trained parts (loaded here, not under init's trace)
             _, _, prev = load_run(init_from)
             self._star_params = {k: prev["params"][k] for k in TRAINED}
         lm_cfg = dataclasses.replace(lm_cfg, **kwargs(config.model.get("lm_overrides")))
@@ -137,7 +160,9 @@ class STARTask(Task):
         self.model = star_lib.STAR(self.model_cfg)
         # Found here, not lazily: ``codes`` needs it while being traced.
         self.fill_code = -1
-        if self.simplify_tol > 0:
+        if self.simplify_tol > 0 and frozen_parts.is_shapes_only():
+            self.fill_code = 0  # planning reads no data: any code gives the same program
+        elif self.simplify_tol > 0:
             vq_vars = {"vq": nn.meta.unbox(self._vq_vars)}
             self.fill_code = frozen_parts.fill_code(config.data, jax.jit(lambda x: self.codes(vq_vars, x, False)),
                                                     self.vq.cfg.vq.codebook_size)
@@ -169,7 +194,7 @@ class STARTask(Task):
     # ---- variables ----
     def dummy_batch(self):
         r, b, p = int(self.config.data.resolution), int(self.config.data.batch_size), self.prompt_len
-        return {"image": np.zeros((b, r, r, 3), np.float32), "target_image": np.zeros((b, r, r, 3), np.float32),
+        return {"image": np.zeros((b, r, r, 3), np.uint8), "target_image": np.zeros((b, r, r, 3), np.uint8),
                 "prompt": np.zeros((b, p), np.int32), "prompt_valid": np.ones((b, p), bool)}
 
     def init_variables(self, rng, batch):
@@ -180,7 +205,7 @@ class STARTask(Task):
             plain = {k: self._star_params[k] for k in TRAINED}
         elif self.config.model.get("init_stacked", "base_top") == "base_top":
             plain = {**plain, "stacked": star_lib.init_stacked_from_base(
-                self.model_cfg, {"base": self._base_params})["stacked"]}
+                self.model_cfg, {"base": frozen_parts.materialize(self._base_params)})["stacked"]}
         trained = {k: fill_boxes(trained[k], plain[k], f"STAR {k}") for k in TRAINED}
         r = int(self.config.data.resolution)
         vq_abs = jax.eval_shape(lambda: self.vq.init(jax.random.key(0), jnp.zeros((1, r, r, 3))))
@@ -228,7 +253,7 @@ class STARTask(Task):
         pads = leading_pads(valid)
         positions = jnp.maximum(jnp.arange(valid.shape[1] + n)[None] - pads, 0)
         out = self.model.apply(self.variables(star_params, collections), batch["prompt"], codes,
-                               attention_mask=attention, positions=positions, **source)
+                               attention_mask=attention, positions=positions, pixel_logits=False, **source)
         return out["image_logits"], codes
 
     def loss_and_metrics(self, star_params, collections, batch):

@@ -137,6 +137,10 @@ def fill_boxes(boxed, values, what: str):
         raise ValueError(f"{what} does not have the model's parameter structure; check the model config")
 
     def put(box, v):
+        if isinstance(v, jax.ShapeDtypeStruct):  # a shapes-only frozen part (train.frozen.shapes_only)
+            from jaxunified.train import frozen
+
+            v = frozen.placeholder(v)
         v = jnp.asarray(v)
         target = box.value if _is_box(box) else box
         if v.shape != target.shape:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunified.data import cache
-from jaxunified.data.text import make_tokenizer
+from jaxunified.data.pipeline import as_float_images
 from jaxunified.eval.image_text import encoder_pair, evaluate_image_text
 from jaxunified.losses import contrastive, distill
 from jaxunified.models import siglip as siglip_lib
@@ -128,7 +128,7 @@ class TokLIPTask(Task):
                                         self.loss_cfg.kind, kwargs(config.model.get("vision")),
                                         config.model.get("causal_stem", ()))
         self.model = toklip_lib.TokLIP(self.model_cfg)
-        self.text_tokenizer = make_tokenizer(config.data.text)
+        self.text_tokenizer = frozen_parts.text_tokenizer(config.data.text)
         if self.text_tokenizer.max_len > self.model_cfg.text.max_len:
             raise ValueError(f"data.text.max_len={self.text_tokenizer.max_len} exceeds the text tower's "
                              f"{self.model_cfg.text.max_len}")
@@ -148,33 +148,33 @@ class TokLIPTask(Task):
     # ---- variables ----
     def dummy_batch(self):
         r, b = int(self.config.data.resolution), int(self.config.data.batch_size)
-        return {"image": np.zeros((b, r, r, 3), np.float32),
+        return {"image": np.zeros((b, r, r, 3), np.uint8),
                 "tokens": np.zeros((b, self.text_tokenizer.max_len), np.int32)}
 
     def init_variables(self, rng, batch):
         cfg = self.config
         # From images, so the tokenizer's encoder is part of the tree the loaded weights must fill.
-        boxed = self.model.init(rng, jnp.asarray(batch["image"][:1]), method=toklip_lib.TokLIP.encode)
+        boxed = self.model.init(rng, as_float_images(jnp.asarray(batch["image"][:1])), method=toklip_lib.TokLIP.encode)
         boxed_params = dict(boxed["params"])
         tok_box = boxed_params.pop("tokenizer")
         student = nn.meta.unbox(boxed_params)
-        teacher = self._teacher_params
+        teacher = frozen_parts.materialize(self._teacher_params)
         init = cfg.model.get("init", "teacher")
         if init == "teacher":
             student = student_from_teacher(student, teacher, self.model_cfg, self.teacher_cfg)
         elif init != "random":
             raise ValueError(f"model.init={init!r}; use 'teacher' or 'random'")
         scale = cfg.model.get("init_logit_scale")
-        scale = float(teacher["logit_scale"]) if scale is None else float(scale)
+        scale = jnp.asarray(teacher["logit_scale"] if scale is None else float(scale), jnp.float32)
         if self.loss_cfg.kind == "softmax":
-            scale = float(np.clip(scale, 0.0, contrastive.CLIP_MAX_LOGIT_SCALE))
-        student["logit_scale"] = jnp.asarray(scale, jnp.float32)
+            scale = jnp.clip(scale, 0.0, contrastive.CLIP_MAX_LOGIT_SCALE)
+        student["logit_scale"] = scale
         if self.model_cfg.init_logit_bias is not None:
             student["logit_bias"] = jnp.asarray(teacher["logit_bias"], jnp.float32)
         student = fill_boxes(boxed_params, student, "the TokLIP student")
         # The teacher and tokenizer shard like the modules they belong to (FSDP at real sizes).
         t_abs = jax.eval_shape(lambda: self.teacher.init(
-            jax.random.key(0), batch["image"][:1], batch["tokens"][:1]))["params"]
+            jax.random.key(0), as_float_images(jnp.asarray(batch["image"][:1])), batch["tokens"][:1]))["params"]
         frozen = {"tokenizer": fill_boxes(tok_box, self._vq_params, "the frozen VQ tokenizer"),
                   "teacher": fill_boxes(t_abs, teacher, "the frozen teacher")}
         return {"student": student}, {"frozen": frozen}
@@ -191,14 +191,14 @@ class TokLIPTask(Task):
     def codes(self, frozen, batch):
         if "codes" in batch:
             return batch["codes"].astype(jnp.int32)
-        _, codes, _ = vqgan_lib.VQGAN(self.vq_cfg).apply({"params": frozen["tokenizer"]}, batch["image"],
+        _, codes, _ = vqgan_lib.VQGAN(self.vq_cfg).apply({"params": frozen["tokenizer"]}, as_float_images(batch["image"]),
                                                          method=vqgan_lib.VQGAN.encode)
         return jax.lax.stop_gradient(codes)
 
     def teacher_embeds(self, frozen, batch):
         if "teacher_embeds" in batch:
             return batch["teacher_embeds"]
-        x = batch["image"]
+        x = as_float_images(batch["image"])
         r = self.teacher_cfg.vision.image_size
         if x.shape[1:3] != (r, r):  # the legacy 432→378 student/teacher pairing; bilinear as the reference
             x = jax.image.resize(x, (x.shape[0], r, r, x.shape[3]), "bilinear")
@@ -284,7 +284,7 @@ class TokLIPTask(Task):
         """The student's (or, with ``teacher``, the teacher's) image encoder beside the frozen text tower."""
         def image(w, batch):
             if teacher:
-                return self.teacher.apply({"params": w["frozen"]["teacher"]}, batch["image"],
+                return self.teacher.apply({"params": w["frozen"]["teacher"]}, as_float_images(batch["image"]),
                                           method=siglip_lib.SigLIP.encode_image)
             z = self.student_embeds(w["student"], w["frozen"], self.codes(w["frozen"], batch))
             return siglip_lib.l2_normalize(z)

@@ -44,7 +44,7 @@ class VQGANTask(Task):
     # ---- building ----
     def dummy_batch(self):
         r = int(self.config.data.resolution)
-        return {"image": np.zeros((int(self.config.data.batch_size), r, r, 3), np.float32)}
+        return {"image": np.zeros((int(self.config.data.batch_size), r, r, 3), np.uint8)}
 
     def init_variables(self, rng, batch):
         x = as_float_images(jnp.asarray(batch["image"][:1]))
