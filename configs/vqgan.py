@@ -90,7 +90,7 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         # Pod presets rematerialise each res/attn block keeping only its conv outputs (GroupNorm and
         # swish are recomputed in the backward): VQ-16 at 8 images per v5e chip needs it to fit.
         # --config.model.overrides.remat=none|dots|full picks another policy.
-        c.model.overrides = mlc.ConfigDict(dict(remat="dots"))
+        c.model.overrides = mlc.ConfigDict(dict(remat="full"))
         c.loss.perceptual_weight = 1.0
         c.loss.disc_weight = 0.5
         c.loss.disc_start = 20_000

@@ -3,9 +3,11 @@ parts (VQ, teacher, text tower, vision model, base LM) from their blocks' shapes
 state it lays out is the one the real run would have."""
 
 import jax
+import numpy as np
 import pytest
 
 from jaxunified.parallel import aot
+from jaxunified.parallel import mesh as meshlib
 from jaxunified.train import compile as aot_compile
 from jaxunified.train import frozen
 from jaxunified.train.loop import Trainer
@@ -108,3 +110,13 @@ def test_every_task_compiles_for_a_pod(family, topology, slices):
                                        with_model_flops=False)
     assert r.fits and r.compiled and r.flops_per_device > 0, r.summary()
     assert r.num_devices == chips and r.collectives, r.summary()
+
+
+@needs_libtpu
+def test_multislice_mesh_runs_data_across_slices():
+    devs = aot.topology_devices("v5e:2x2", num_slices=2)
+    m = meshlib.make_mesh((1, -1, 1), devs)  # the default shape: 'data' takes the two slices
+    assert dict(m.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    slice_of = np.vectorize(lambda d: d.slice_index)(m.devices)
+    assert (slice_of[0] == 0).all() and (slice_of[1] == 1).all()
+    assert aot.slice_notes(m) == []  # only 'data' crosses the slice boundary

@@ -99,11 +99,17 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = RULE_TABLES[DEFAULT_TABLE]
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds an Auto-typed mesh. One entry of ``shape`` may be -1 (takes the remaining devices)."""
+    """Builds an Auto-typed mesh. One entry of ``shape`` may be -1 (takes the remaining devices).
+
+    Devices of several slices (multi-slice TPU) make a hybrid mesh with 'data' across the slices; a
+    'data' size the slice count does not divide (the default 1) is multiplied by it."""
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != len(MESH_AXES):
         raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    num_slices = len({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if num_slices > 1 and shape[0] != -1 and shape[0] % num_slices:
+        shape[0] *= num_slices
     if shape.count(-1) > 1:
         raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
     known = math.prod(s for s in shape if s != -1)
@@ -116,13 +122,36 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
             f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} are available; "
             "set config.mesh_shape so its product equals the device count (use -1 for one axis)"
         )
+    if num_slices > 1:
+        arr = _hybrid_devices(shape, devices, sorted({getattr(d, "slice_index", 0) or 0 for d in devices}))
+    else:
+        try:
+            from jax.experimental import mesh_utils
+
+            arr = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+        except Exception:  # CPU/compile-only devices without topology information
+            arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _hybrid_devices(shape: list[int], devices, slices) -> np.ndarray:
+    """Several slices (multi-slice TPU, DCN between them): 'data' runs across the slices and each
+    slice holds a contiguous block of every other axis, so only data-parallel gradient reductions cross
+    the slower network (MaxText's hybrid mesh). 'data' must be a multiple of the slice count."""
+    n = len(slices)
+    if shape[0] % n:
+        raise ValueError(f"mesh shape {tuple(shape)} on {n} slices: 'data' ({shape[0]}) must be a multiple of the "
+                         f"slice count, e.g. config.mesh_shape=({n}, -1, 1)")
+    ici = [shape[0] // n, *shape[1:]]
+    per_slice = [[d for d in devices if (getattr(d, "slice_index", 0) or 0) == s] for s in slices]
+    if len({len(p) for p in per_slice}) != 1:
+        raise ValueError(f"slices of unequal size: {[len(p) for p in per_slice]} devices")
     try:
         from jax.experimental import mesh_utils
 
-        arr = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-    except Exception:  # CPU/compile-only devices without topology information
-        arr = np.asarray(devices).reshape(shape)
-    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        return mesh_utils.create_hybrid_device_mesh(ici, [n, 1, 1], devices=devices, allow_split_physical_axes=True)
+    except Exception:  # devices without topology information: slice-major blocks in device order
+        return np.concatenate([np.asarray(p).reshape(ici) for p in per_slice], axis=0)
 
 
 def rules_from_config(rules: str | Iterable[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:

@@ -16,8 +16,6 @@ are ``jax.ShapeDtypeStruct``s. Tasks turn them into arrays only under ``jax.eval
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import pathlib
 
 import flax.linen as nn
@@ -31,45 +29,12 @@ from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import toklip as toklip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.train import runs
+from jaxunified.train.planning import is_shapes_only, materialize, placeholder, shapes_only  # noqa: F401
 from jaxunified.train.runs import load_run
 from jaxunified.train.task import host_variables, kwargs
 
 VQ_KINDS = ("workdir", "llamagen_vq", "star_vq", "ibq", "random")
 SIGLIP_KINDS = ("workdir", "hf_siglip", "open_clip", "random")
-
-_SHAPES_ONLY = contextvars.ContextVar("jaxunified_frozen_shapes_only", default=False)
-
-
-@contextlib.contextmanager
-def shapes_only(fill: str = "zeros"):
-    """Within it, every frozen part comes as shapes (see the module docstring): no checkpoint is read.
-    ``fill``: what the shapes become where a task makes arrays of them — "zeros" (plans: traced only)
-    or "random" (benchmarks: small normal values, so no step runs on degenerate zeros)."""
-    if fill not in ("zeros", "random"):
-        raise ValueError(f"fill={fill!r}; use 'zeros' or 'random'")
-    token = _SHAPES_ONLY.set(fill)
-    try:
-        yield
-    finally:
-        _SHAPES_ONLY.reset(token)
-
-
-def is_shapes_only() -> bool:
-    return bool(_SHAPES_ONLY.get())
-
-
-def placeholder(x: jax.ShapeDtypeStruct) -> jax.Array:
-    """The array a shapes-only leaf stands for (see ``shapes_only``'s ``fill``)."""
-    if _SHAPES_ONLY.get() == "random" and jnp.issubdtype(x.dtype, jnp.floating):
-        return 0.02 * jax.random.normal(jax.random.key(len(x.shape)), x.shape, x.dtype)
-    return jnp.zeros(x.shape, x.dtype)
-
-
-def materialize(tree):
-    """Loaded variables as arrays: ShapeDtypeStruct leaves (shapes-only parts) become ``placeholder``s.
-    Meant for code traced by ``jax.eval_shape``/``jit`` (a task's ``init_variables``)."""
-    return jax.tree.map(lambda x: placeholder(x) if isinstance(x, jax.ShapeDtypeStruct) else x, tree)
-
 
 def text_tokenizer(text_cfg):
     """``data.text``'s tokenizer. When planning (shapes only) without the tokenizer file, a byte

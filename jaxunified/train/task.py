@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxunified.data import cache
 from jaxunified.data.pipeline import build_dataset
+from jaxunified.train.planning import placeholder
 
 # task name -> "module:Class". Looked up by name so that a task taking a sub-model from another
 # task's run (train.runs.load_run) never imports that task's module.
@@ -137,10 +138,8 @@ def fill_boxes(boxed, values, what: str):
         raise ValueError(f"{what} does not have the model's parameter structure; check the model config")
 
     def put(box, v):
-        if isinstance(v, jax.ShapeDtypeStruct):  # a shapes-only frozen part (train.frozen.shapes_only)
-            from jaxunified.train import frozen
-
-            v = frozen.placeholder(v)
+        if isinstance(v, jax.ShapeDtypeStruct):  # a shapes-only frozen part (train.planning)
+            v = placeholder(v)
         v = jnp.asarray(v)
         target = box.value if _is_box(box) else box
         if v.shape != target.shape:
