@@ -28,7 +28,7 @@ def base(task: str) -> mlc.ConfigDict:
     c.seed = 0
     # Mesh axes (data, fsdp, tensor); -1 takes the remaining devices. Default: pure FSDP.
     c.mesh_shape = (1, -1, 1)
-    c.logical_rules = optional(list)
+    c.logical_rules = mlc.FieldReference(None, field_type=object)  # None, "fsdp" / "fsdp_tp" / "data", or pairs
     # "global": one jitted step over global arrays; "per_device": the same step under shard_map
     # with explicit collectives (the pmap pattern).
     c.step_form = "global"

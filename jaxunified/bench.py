@@ -267,13 +267,15 @@ def _time_forward(trainer, state, batch, steps: int):
     None when the task defines none. Timed like the step: one warm-up, then back-to-back calls."""
     import jax
 
+    from jaxunified.train.loop import with_axis_rules
+
     def fwd(params, collections, b):
         return trainer.task.forward(params, collections, b)
 
     with jax.set_mesh(trainer.mesh):
         if jax.eval_shape(fwd, state.params, state.collections, batch) is None:
             return None
-        compiled = jax.jit(fwd).lower(state.params, state.collections, batch).compile()
+        compiled = jax.jit(with_axis_rules(fwd, trainer.rules)).lower(state.params, state.collections, batch).compile()
     flops = _flops(compiled, trainer.mesh.devices.size)
     _sync(compiled(state.params, state.collections, batch))
     t0 = time.perf_counter()

@@ -120,3 +120,27 @@ def test_multislice_mesh_runs_data_across_slices():
     slice_of = np.vectorize(lambda d: d.slice_index)(m.devices)
     assert (slice_of[0] == 0).all() and (slice_of[1] == 1).all()
     assert aot.slice_notes(m) == []  # only 'data' crosses the slice boundary
+
+
+# trained parameters of the pod presets, planned on this CPU from their shapes alone
+POD_PRESETS = {
+    "configs/star.py:7b": 3_262_812_672 + 234_946_560 + 40_384_512,  # stacked + head + adapter (STAR-7B)
+    "configs/mllm.py:7b": None,
+    "configs/ar.py:xl": None,
+    "configs/toklip.py:L": None,
+    "configs/dualtoken.py:so400m": None,
+}
+
+
+@pytest.mark.parametrize("spec", sorted(POD_PRESETS))
+def test_pod_presets_plan_without_any_file(spec, tmp_path):
+    from jaxunified.train.runs import load_config
+
+    cfg = load_config(spec)
+    with cfg.unlocked():
+        cfg.data.batch_size = 8
+    with frozen.shapes_only():
+        plan = Trainer(cfg, tmp_path, devices=jax.devices()[:8])
+    n = sum(x.size for x in jax.tree.leaves(plan.abstract_state.params))
+    assert n > 1e8 and (POD_PRESETS[spec] is None or n == POD_PRESETS[spec]), n
+    assert frozen.is_shapes_only() is False

@@ -303,7 +303,8 @@ class CompileReport:
         else:
             have = self.available_bytes or self.hbm_capacity_bytes
             over = (f": needs {self.required_bytes / GiB:.2f} GiB, {(self.required_bytes - have) / GiB:.2f} GiB "
-                    f"more than the {have / GiB:.2f} GiB available" if self.required_bytes else "")
+                    f"more than the {have / GiB:.2f} GiB available"
+                    if self.required_bytes and self.required_bytes > have else "")
             lines.append(f"memory/device   does not fit{over}")
             lines.append(f"compiler        {self.message}")
             if self.largest_arrays:
@@ -442,7 +443,7 @@ def largest_global_arrays(stablehlo_text: str, k: int = 5) -> list[tuple[int, st
 
 def oom_available_bytes(text: str) -> int | None:
     """The HBM the compiler had ("exceeds available HBM (15.75G)"), when its message says."""
-    m = re.search(r"available HBM \(([\d.]+)([KMGT])\)", text)
+    m = re.search(r"available HBM \(([\d.]+)([KMGT])\)", text) or re.search(r"of ([\d.]+)([KMGT]) hbm", text, re.I)
     return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024) if m else None
 
 

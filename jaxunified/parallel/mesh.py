@@ -10,6 +10,7 @@ and ``"data"``; a config picks one with ``config.logical_rules = "<name>"`` or g
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Iterable, Sequence
 
@@ -102,14 +103,14 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
     """Builds an Auto-typed mesh. One entry of ``shape`` may be -1 (takes the remaining devices).
 
     Devices of several slices (multi-slice TPU) make a hybrid mesh with 'data' across the slices; a
-    'data' size the slice count does not divide (the default 1) is multiplied by it."""
+    'data' of 1 with a -1 elsewhere (the default) becomes the slice count."""
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != len(MESH_AXES):
         raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
     num_slices = len({getattr(d, "slice_index", 0) or 0 for d in devices})
-    if num_slices > 1 and shape[0] != -1 and shape[0] % num_slices:
-        shape[0] *= num_slices
+    if num_slices > 1 and shape[0] == 1 and -1 in shape[1:]:
+        shape[0] = num_slices
     if shape.count(-1) > 1:
         raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
     known = math.prod(s for s in shape if s != -1)
@@ -150,14 +151,17 @@ def _hybrid_devices(shape: list[int], devices, slices) -> np.ndarray:
         from jax.experimental import mesh_utils
 
         return mesh_utils.create_hybrid_device_mesh(ici, [n, 1, 1], devices=devices, allow_split_physical_axes=True)
-    except Exception:  # devices without topology information: slice-major blocks in device order
+    except Exception as e:  # devices without topology information: slice-major blocks in device order
+        logging.getLogger(__name__).warning("hybrid mesh by device order (%s)", e)
         return np.concatenate([np.asarray(p).reshape(ici) for p in per_slice], axis=0)
 
 
 def rules_from_config(rules: str | Iterable[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
     """The rules table a config names: None (the default, ``"fsdp_tp"``), a table name of
     :data:`RULE_TABLES` (``"fsdp"``, ``"fsdp_tp"``, ``"data"``), or a list of ``(logical name, mesh
-    axes)`` pairs (lists from a ConfigDict become tuples; a name not listed stays unsplit)."""
+    axes)`` pairs (lists from a ConfigDict become tuples; a weight name not listed stays unsplit, an
+    ``activation_*`` name not listed keeps its default, as flax's constraints would otherwise
+    replicate that activation)."""
     if rules is None:
         return DEFAULT_RULES
     if isinstance(rules, str):
@@ -183,7 +187,8 @@ def rules_from_config(rules: str | Iterable[Sequence[Any]] | None) -> tuple[tupl
                 f"config.logical_rules maps {name!r} to unknown mesh axis {bad[0]!r}; the mesh axes are {MESH_AXES}"
             )
         out.append((str(name), axes))
-    return tuple(out)
+    listed = {name for name, _ in out}
+    return tuple(out) + tuple(r for r in ACTIVATION_RULES if r[0] not in listed)
 
 
 def _axis_size(mesh: Mesh, axes: Any) -> int:

@@ -75,7 +75,15 @@ def siglip_source_config(cfg) -> siglip_lib.SigLIPConfig:
     if source == "workdir":
         block = {"workdir": m.siglip_workdir, "config": m.get("siglip_config") or "",
                  "preset": m.get("siglip_preset") or ""}
-        sc = frozen_parts.run_model_config(block, lambda: runs.model_config(m.siglip_workdir))
+        def unplanned():
+            if not m.get("siglip_variant"):
+                raise FileNotFoundError(f"no run in model.siglip_workdir={m.siglip_workdir!r} to plan from; set "
+                                        "model.siglip_preset (the config that trains it) or model.siglip_variant")
+            return siglip_lib.get_config(m.siglip_variant, image_size=m.get("image_size") or None)
+
+        sc = frozen_parts.run_model_config(block, unplanned)
+    elif source == "hf" and frozen_parts.is_shapes_only() and m.get("siglip_variant"):
+        sc = siglip_lib.get_config(m.siglip_variant, image_size=m.get("image_size") or None)  # a plan, no files
     elif source == "hf":
         sc = config_from_hf(json.loads((pathlib.Path(m.siglip_init_from).expanduser() / "config.json").read_text()))
     elif m.get("siglip_variant"):

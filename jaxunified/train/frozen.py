@@ -37,9 +37,11 @@ VQ_KINDS = ("workdir", "llamagen_vq", "star_vq", "ibq", "random")
 SIGLIP_KINDS = ("workdir", "hf_siglip", "open_clip", "random")
 
 def text_tokenizer(text_cfg):
-    """``data.text``'s tokenizer. When planning (shapes only) without the tokenizer file, a byte
-    tokenizer of the same ``max_len`` stands in: the step only sees [B, max_len] ids."""
-    if is_shapes_only() and text_cfg.get("tokenizer", "byte") not in ("byte", None, "") and not text_cfg.get("path"):
+    """``data.text``'s tokenizer. When planning (shapes only) and the tokenizer file is not on this
+    machine, a byte tokenizer of the same ``max_len`` stands in: the step only sees [B, max_len] ids."""
+    path = str(text_cfg.get("path") or "")
+    here = path.startswith("builtin:") or (path and pathlib.Path(path).expanduser().exists())
+    if is_shapes_only() and text_cfg.get("tokenizer", "byte") not in ("byte", None, "") and not here:
         return make_tokenizer(max_len=int(text_cfg.get("max_len") or 64))
     return make_tokenizer(text_cfg)
 

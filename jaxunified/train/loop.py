@@ -23,6 +23,7 @@ import signal
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -44,7 +45,6 @@ class NonFiniteLossError(RuntimeError):
 def with_axis_rules(fn, rules):
     """``fn`` traced under ``rules``: the models' activation constraints (``nn.with_logical_constraint``,
     a no-op without rules) then shard what they name, e.g. logits over the batch axes."""
-    import flax.linen as nn
 
     def traced(*args):
         with nn.logical_axis_rules(rules):
@@ -194,7 +194,8 @@ class Trainer:
         return state
 
     def _evaluate(self, state, step: int, writer: MetricWriter):
-        metrics = self.task.evaluate(state, "test", self.workdir, step)
+        with nn.logical_axis_rules(self.rules):  # eval programs shard like the step's
+            metrics = self.task.evaluate(state, "test", self.workdir, step)
         writer.write(step, metrics, prefix="eval")
         log.info("eval at step %d: %s", step, {k: round(float(v), 4) for k, v in metrics.items()})
         return metrics

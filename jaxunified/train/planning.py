@@ -34,7 +34,8 @@ def is_shapes_only() -> bool:
 def placeholder(x: jax.ShapeDtypeStruct) -> jax.Array:
     """The array a shapes-only leaf stands for (see ``shapes_only``'s ``fill``)."""
     if _SHAPES_ONLY.get() == "random" and jnp.issubdtype(x.dtype, jnp.floating):
-        return 0.02 * jax.random.normal(jax.random.key(len(x.shape)), x.shape, x.dtype)
+        seed = sum((i + 1) * d for i, d in enumerate(x.shape)) % (2**31)  # leaves of one shape share values
+        return 0.02 * jax.random.normal(jax.random.key(seed), x.shape, x.dtype)
     return jnp.zeros(x.shape, x.dtype)
 
 

@@ -100,7 +100,9 @@ class GenerationPrompts(grain.transforms.RandomMap):
 def _base_shapes(bc):
     """``_load_base`` when planning (``train.frozen.shapes_only``): the base's config and parameter
     shapes; a STAR checkpoint's trained parts come from init, whose shapes they have."""
-    kind, over = bc.kind, kwargs(bc.get("overrides"))
+    lm_fields = {f.name for f in dataclasses.fields(lm_lib.LMConfig)}
+    kind = bc.kind
+    over = {k: v for k, v in kwargs(bc.get("overrides")).items() if k in lm_fields}  # not the converters' kwargs
     chat = {"vocab_size": shapes_chat.ChatVocab().size}
     if kind == "workdir":
         cfg = frozen_parts.run_model_config(bc, lambda: lm_lib.variant(bc.variant, **{**over, **chat}))
@@ -108,7 +110,7 @@ def _base_shapes(bc):
     elif kind == "hf_qwen2":
         cfg = lm_lib.variant(bc.variant, **over)
     elif kind == "star":
-        cfg = star_lib.variant(bc.variant, **over).base
+        cfg = dataclasses.replace(star_lib.variant(bc.variant).base, **over)
     elif kind == "random":
         cfg = lm_lib.variant(bc.variant, **{**over, **chat})
     else:
