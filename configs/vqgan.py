@@ -87,10 +87,19 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.data.batch_size = 128
         c.data.worker_count = 8
         c.model.variant = "VQ-16" if arg == "imagenet" else "STAR-VQ"
-        # Pod presets rematerialise each res/attn block keeping only its conv outputs (GroupNorm and
-        # swish are recomputed in the backward): VQ-16 at 8 images per v5e chip needs it to fit.
-        # --config.model.overrides.remat=none|dots|full picks another policy.
-        c.model.overrides = mlc.ConfigDict(dict(remat="full"))
+        # Sharding and remat (measured with `python -m jaxunified.bench aot ... --topology v5e:4x4`):
+        # VQ-16's 89 M parameters (with LPIPS and the PatchGAN) replicate cheaply, so its weights stay
+        # whole on every chip ("data" rules table: 1.2 GiB of train state per chip, gradients
+        # all-reduced, no weight gathers): 9.6 GiB per chip at 8 images. FSDP needs more than the
+        # 15.75 GiB usable there (its compiled step loops each conv over rotating kernel shards, each
+        # loop with its own f32 output buffer). STAR-VQ (1.06 B parameters: its 2048-channel levels)
+        # keeps FSDP.
+        # No block remat (model.overrides.remat: none | dots | full): with FSDP, "full" and "dots" made
+        # VQ-16 bigger (16.9 / 15.9 GiB) than none, which leaves XLA's own rematerialisation free.
+        c.model.overrides = mlc.ConfigDict(dict(remat="none"))
+        if arg == "imagenet":
+            with c.ignore_type():  # a rules-table name (jaxunified.parallel.mesh.RULE_TABLES) or pairs
+                c.logical_rules = "data"
         c.loss.perceptual_weight = 1.0
         c.loss.disc_weight = 0.5
         c.loss.disc_start = 20_000

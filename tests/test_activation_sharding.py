@@ -63,8 +63,11 @@ def test_tables_name_every_activation_and_default_is_fsdp_tp():
 
 def test_rules_from_config_pairs_and_clear_errors():
     pairs = [["embed", None], ["activation_batch", ["data", "fsdp"]], ["mlp", "tensor"]]
-    assert meshlib.rules_from_config(pairs) == (
-        ("embed", None), ("activation_batch", ("data", "fsdp")), ("mlp", "tensor"))
+    rules = meshlib.rules_from_config(pairs)
+    assert rules[:3] == (("embed", None), ("activation_batch", ("data", "fsdp")), ("mlp", "tensor"))
+    # activation names a list leaves out keep their defaults (flax would replicate them otherwise)
+    assert dict(rules)["activation_heads"] == "tensor" and dict(rules)["activation_embed"] is None
+    assert "heads" not in dict(rules)  # a weight name left out stays unsplit
     with pytest.raises(ValueError, match=r"'fsdp_dp' is not a rules table; use one of 'fsdp', 'fsdp_tp', 'data'"):
         meshlib.rules_from_config("fsdp_dp")
     with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
@@ -113,7 +116,8 @@ def test_constrain_on_a_mesh_splits_the_batch_and_follows_flax_rules():
         # a batch that does not split (init's one example) leaves the partitioner free: no constraint
         assert "sharding_constraint" not in f.lower(jnp.ones((3, 4, 4, 3))).as_text()
         # a configured table (flax's rules context, as the trainer sets it) replaces the default
-        with nn.logical_axis_rules(meshlib.rules_from_config([("activation_height", "fsdp")])):
+        rules = meshlib.rules_from_config([("activation_batch", None), ("activation_height", "fsdp")])
+        with nn.logical_axis_rules(rules):
             text = f.lower(jnp.ones((16, 8, 4, 3))).as_text()
         assert re.search(r'sharding_constraint .*\[\{\}, \{"fsdp"\}, \{\}, \{\}\]', text), text
 
