@@ -18,9 +18,12 @@ Presets (the argument after the colon):
 * ``imagenet`` — LlamaGen's VQ-16 recipe (256 px, L2 + LPIPS + PatchGAN from step 20k, ≈ 400k steps):
       python train.py --config configs/vqgan.py:imagenet --workdir runs/vqgan_imagenet \
           --config.data.path=<image folder or WebDataset shards> --config.loss.lpips_path=<LPIPS weights>
-  About 1 day on a TPU v5e-64 pod slice; rFID ≈ 2.2 expected.
+  About 1 day on a TPU v5e-64 pod slice; rFID ≈ 2.2 expected. Fits a v5e:4x4 slice at the global
+  batch of 128 (``python -m jaxunified.bench aot --config configs/vqgan.py:imagenet --topology v5e:4x4``:
+  9.57 GiB per chip, data-parallel weights, no weight gathers; with FSDP weights it did not fit).
 * ``star`` — STAR-VQ (65536 × 512, 384 px) with the same recipe; its weights usually come from
-  ``jaxunified.convert.load("star_vq", ...)`` instead.
+  ``jaxunified.convert.load("star_vq", ...)`` instead. FSDP with block remat: 16.6 GiB per chip on
+  v5e:8x8 (2 images per chip), just over a v5e's 15.75 GiB; plan it on more chips or on v5p.
 
 Any field can be overridden: ``--config.optim.lr=2e-4``; an unknown key is an error.
 """
@@ -94,12 +97,13 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         # 15.75 GiB usable there (its compiled step loops each conv over rotating kernel shards, each
         # loop with its own f32 output buffer). STAR-VQ (1.06 B parameters: its 2048-channel levels)
         # keeps FSDP.
-        # No block remat (model.overrides.remat: none | dots | full): with FSDP, "full" and "dots" made
-        # VQ-16 bigger (16.9 / 15.9 GiB) than none, which leaves XLA's own rematerialisation free.
-        c.model.overrides = mlc.ConfigDict(dict(remat="none"))
+        # Block remat (model.overrides.remat: none | dots | full): VQ-16 none (with FSDP, "full" and
+        # "dots" made it bigger, 16.9 / 15.9 GiB, than none, which leaves XLA's own rematerialisation
+        # free); STAR-VQ "full" (v5e:8x8, 2 images per chip: 16.6 GiB per chip against 21.0 GiB of
+        # temporaries without, so it fits neither way there: give it more chips or v5p's HBM).
+        c.model.overrides = mlc.ConfigDict(dict(remat="none" if arg == "imagenet" else "full"))
         if arg == "imagenet":
-            with c.ignore_type():  # a rules-table name (jaxunified.parallel.mesh.RULE_TABLES) or pairs
-                c.logical_rules = "data"
+            c.logical_rules = "data"  # a rules table of jaxunified.parallel.mesh.RULE_TABLES
         c.loss.perceptual_weight = 1.0
         c.loss.disc_weight = 0.5
         c.loss.disc_start = 20_000

@@ -195,7 +195,7 @@ def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = Non
                devices=None) -> StepBench:
     """Times ``config``'s jitted train step on ``devices`` (default: all local devices), fed random
     images of the real batch shape. Frozen sub-models (VQ, teacher, base LM) are random weights of their
-    real shapes (``train.frozen.shapes_only``): throughput needs no checkpoint or earlier run.
+    real shapes (``train.planning.shapes_only``): throughput needs no checkpoint or earlier run.
 
     ``warmup`` steps (after compilation) are excluded; the timed steps are dispatched back to back and
     timed to ``block_until_ready`` of the final state, like the training loop runs them.
@@ -203,13 +203,13 @@ def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = Non
     """
     import jax
 
-    from jaxunified.train import frozen
+    from jaxunified.train import planning
     from jaxunified.train.loop import Trainer
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     with tempfile.TemporaryDirectory(prefix="jaxunified_bench_") as tmp:
-        with frozen.shapes_only(fill="random"):
+        with planning.shapes_only(fill="random"):
             trainer = Trainer(config, workdir=tmp, devices=devices)
             state = trainer.init_state()
         n = trainer.mesh.devices.size

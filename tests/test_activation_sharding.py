@@ -1,6 +1,7 @@
 """Activation sharding: the rules tables (weights and activations named apart), ``nn.sharding.constrain``
 (a no-op off a mesh), and the VQGAN / SigLIP activations staying split over the batch on a mesh."""
 
+import dataclasses
 import re
 
 import flax.linen as nn
@@ -203,3 +204,17 @@ def test_vq16_imagenet_lowering_constrains_feature_maps_to_the_batch():
     # the full-resolution feature maps [128, 256, 256, 128] are split over the 16 fsdp devices
     big = re.findall(r'sharding_constraint %\S+ <@mesh, (\[[^\]]*\])> : tensor<128x256x256x128x', text)
     assert big and set(big) == {'[{"fsdp"}, {}, {}, {}]'}, set(big)
+
+
+def test_vqgan_remat_policies_by_name():
+    assert vqgan_lib.get_config("VQ-16", remat=True).remat == "full"
+    assert vqgan_lib.get_config("VQ-16").remat == "none"
+    cfg = vqgan_lib.get_config("shapes-S", ch=16, ch_mult=(1, 2), z_channels=16, codebook_size=64, remat="dots")
+    x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1, maxval=1)
+    plain = dataclasses.replace(cfg, remat="none")
+    variables = vqgan_lib.VQGAN(plain).init(jax.random.key(0), x)
+    loss = lambda cfg: lambda v: jnp.mean(vqgan_lib.VQGAN(cfg).apply(v, x)["recon"] ** 2)  # noqa: E731
+    chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # noqa: E731
+    jax.tree.map(chex_close, jax.grad(loss(cfg))(variables), jax.grad(loss(plain))(variables))
+    with pytest.raises(ValueError, match="choose one of none, full, dots"):
+        vqgan_lib.get_config("VQ-16", remat="some")

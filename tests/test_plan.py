@@ -1,4 +1,4 @@
-"""Planning a run reads no weights: inside ``train.frozen.shapes_only`` every task builds its frozen
+"""Planning a run reads no weights: inside ``train.planning.shapes_only`` every task builds its frozen
 parts (VQ, teacher, text tower, vision model, base LM) from their blocks' shapes, and the train
 state it lays out is the one the real run would have."""
 
@@ -9,7 +9,7 @@ import pytest
 from jaxunified.parallel import aot
 from jaxunified.parallel import mesh as meshlib
 from jaxunified.train import compile as aot_compile
-from jaxunified.train import frozen
+from jaxunified.train import frozen, planning
 from jaxunified.train.loop import Trainer
 from tests import helpers
 
@@ -49,9 +49,9 @@ def test_plan_needs_no_weights_and_matches_the_real_state(family, tmp_path):
     cpu = jax.devices()[:1]
     with pytest.raises((FileNotFoundError, OSError)):
         Trainer(planned, tmp_path / "run", devices=cpu)  # a real run reads the missing files
-    with frozen.shapes_only():
+    with planning.shapes_only():
         plan = Trainer(planned, tmp_path / "plan", devices=cpu)
-    assert not frozen.is_shapes_only()
+    assert not planning.is_shapes_only()
     ref = Trainer(real, tmp_path / "ref", devices=cpu)
     assert _shapes(plan.abstract_state) == _shapes(ref.abstract_state)
     # and the step traces against that state (what the AOT compile starts from)
@@ -65,7 +65,7 @@ def test_shapes_only_variables_are_shapes():
     cfg = helpers.tiny_config("star")
     with cfg.unlocked():
         _missing_run(cfg.tokenizer)
-    with frozen.shapes_only():
+    with planning.shapes_only():
         module, variables = frozen.load_vq(cfg.tokenizer)
     leaves = jax.tree.leaves(variables)
     assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
@@ -139,8 +139,8 @@ def test_pod_presets_plan_without_any_file(spec, tmp_path):
     cfg = load_config(spec)
     with cfg.unlocked():
         cfg.data.batch_size = 8
-    with frozen.shapes_only():
+    with planning.shapes_only():
         plan = Trainer(cfg, tmp_path, devices=jax.devices()[:8])
     n = sum(x.size for x in jax.tree.leaves(plan.abstract_state.params))
     assert n > 1e8 and (POD_PRESETS[spec] is None or n == POD_PRESETS[spec]), n
-    assert frozen.is_shapes_only() is False
+    assert planning.is_shapes_only() is False

@@ -54,13 +54,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunified.models.lm import LOGIT_AXES, REMAT_POLICIES
+from jaxunified.models.lm import REMAT_POLICIES
 from jaxunified.nn.activations import activation
-from jaxunified.nn.attention import EMBED_AXES
 from jaxunified.nn.decoder import DecoderBlock
 from jaxunified.nn.dense import dense
 from jaxunified.nn.norm import RMSNorm
 from jaxunified.nn.rope import COND_ROWS, rope_2d
+from jaxunified.nn.sharding import LOGIT_AXES, TOKEN_AXES
 
 # The null caption is a fixed draw, the same for every init (the reference's is one torch.randn).
 UNCOND_SEED = 0
@@ -357,7 +357,7 @@ class LlamaGenGPT(nn.Module):
             raise ValueError(f"{tokens.shape[1]} image tokens exceed block_size {c.block_size}")
         h = jnp.concatenate([self._cond_embed(cond, train), self.tok_embeddings(tokens)], axis=1)
         h = self.tok_dropout(h, deterministic=not train)
-        h = nn.with_logical_constraint(h, EMBED_AXES)
+        h = nn.with_logical_constraint(h, TOKEN_AXES)
         length = h.shape[1]
         cos, sin = self._rope_table()
         q_pos = jnp.arange(length)[None]
@@ -368,7 +368,7 @@ class LlamaGenGPT(nn.Module):
         """Runs the condition tokens into an empty cache; → logits [B, V] for image token 0."""
         self._need_decode("prefill")
         c = self.config
-        h = nn.with_logical_constraint(self._cond_embed(cond, False), EMBED_AXES)
+        h = nn.with_logical_constraint(self._cond_embed(cond, False), TOKEN_AXES)
         cos, sin = self._rope_table()
         q_pos = jnp.arange(c.cls_token_num)[None]
         mask = self._mask(cond_mask, q_pos, self._cache_len() or c.cls_token_num)
@@ -381,7 +381,7 @@ class LlamaGenGPT(nn.Module):
         self._need_decode("step")
         tokens = jnp.asarray(tokens).astype(jnp.int32).reshape(-1, 1)
         pos = jnp.asarray(position, jnp.int32).reshape(-1, 1)  # [1 or B, 1]
-        h = nn.with_logical_constraint(self.tok_embeddings(tokens), EMBED_AXES)
+        h = nn.with_logical_constraint(self.tok_embeddings(tokens), TOKEN_AXES)
         cos, sin = self._rope_table()
         mask = self._mask(cond_mask, pos, self._cache_len() or 1)
         h = self._blocks(h, mask, (cos[pos], sin[pos]), False)

@@ -31,11 +31,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxunified.nn.attention import EMBED_AXES, padding_mask
+from jaxunified.nn.attention import padding_mask
 from jaxunified.nn.decoder import DecoderBlock
 from jaxunified.nn.norm import RMSNorm
+from jaxunified.nn.sharding import LOGIT_AXES, TOKEN_AXES
 
-LOGIT_AXES = ("activation_batch", "activation_length", "activation_vocab")
 
 # name → what jax.checkpoint saves for the backward pass ("full": nothing; recompute everything).
 REMAT_POLICIES = {
@@ -149,7 +149,7 @@ class DecoderLM(nn.Module):
                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
                 name="embed")
         x = _inputs(c, embed, input_ids, inputs_embeds, embeds_mask)
-        x = nn.with_logical_constraint(x, EMBED_AXES)
+        x = nn.with_logical_constraint(x, TOKEN_AXES)
         mask = None if attention_mask is None else padding_mask(attention_mask)
         hidden = [x]
 

@@ -31,6 +31,7 @@ from jaxunified.models import lm as lm_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.nn.dense import dense
 from jaxunified.nn.projector import MlpProjector
+from jaxunified.nn.sharding import LOGIT_AXES
 
 FROZEN_SUBTREES = ("base", "vq")  # what STAR's generation stages never train
 
@@ -90,7 +91,7 @@ class STAR(nn.Module):
     def image_logits(self, stacked_hidden: jax.Array) -> jax.Array:
         logits = self.head(stacked_hidden.astype(jnp.dtype(self.config.base.dtype)))
         # constrained where the head writes them: [B, T, K] is the step's largest activation
-        return nn.with_logical_constraint(logits, lm_lib.LOGIT_AXES).astype(jnp.float32)
+        return nn.with_logical_constraint(logits, LOGIT_AXES).astype(jnp.float32)
 
     def __call__(
         self,

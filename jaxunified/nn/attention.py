@@ -34,12 +34,11 @@ import numpy as np
 
 from jaxunified.nn.dense import dense, low_precision_dot
 from jaxunified.nn.rope import apply_rope, rope_1d
+from jaxunified.nn.sharding import HEAD_AXES, TOKEN_AXES
 
 Dtype = Any
 
 # Activation sharding names (rules in parallel/mesh.py); no-ops unless a rules context is set.
-QKV_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
-EMBED_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 def causal_mask(length: int) -> jax.Array:
@@ -175,9 +174,9 @@ class MultiHeadAttention(nn.Module):
                 rotary = rope_1d(positions, head_dim, self.rope_theta)
             q = apply_rope(q, *rotary, interleaved=self.rope_interleaved)
             k = apply_rope(k, *rotary, interleaved=self.rope_interleaved)
-        q = nn.with_logical_constraint(q, QKV_AXES)
-        k = nn.with_logical_constraint(k, QKV_AXES)
-        v = nn.with_logical_constraint(v, QKV_AXES)
+        q = nn.with_logical_constraint(q, HEAD_AXES)
+        k = nn.with_logical_constraint(k, HEAD_AXES)
+        v = nn.with_logical_constraint(v, HEAD_AXES)
 
         if self.decode:
             k, v, mask = self._update_cache(cache, k, v, mask, start)
@@ -186,10 +185,10 @@ class MultiHeadAttention(nn.Module):
             out = attend_causal_blocks(q, k, v, mask, self.causal_chunks)
         else:
             out = attend(q, k, v, mask)
-        out = nn.with_logical_constraint(out, QKV_AXES)
+        out = nn.with_logical_constraint(out, HEAD_AXES)
         out = dense(width, ("heads", "kv", "embed"), axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
                     name="out")(out)
-        return nn.with_logical_constraint(out, EMBED_AXES)
+        return nn.with_logical_constraint(out, TOKEN_AXES)
 
     def _cache(self, k: jax.Array, v: jax.Array) -> dict[str, Any] | None:
         """The cache variables; None on the creating call (init), which only sizes them."""

@@ -16,13 +16,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxunified.nn.attention import EMBED_AXES, MultiHeadAttention, causal_mask
+from jaxunified.nn.attention import MultiHeadAttention, causal_mask
 from jaxunified.nn.dense import dense
 from jaxunified.nn.norm import RMSNorm
+from jaxunified.nn.sharding import MLP_AXES, TOKEN_AXES
 
 Dtype = Any
 
-MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")
 
 
 class SwiGluMlp(nn.Module):
@@ -86,10 +86,10 @@ class DecoderBlock(nn.Module):
         )
         y = RMSNorm(self.norm_eps, name="input_norm")(x).astype(self.dtype)
         x = x + self._drop(attn(y, mask=mask, positions=positions, rotary=rotary), self.resid_dropout, deterministic)
-        x = nn.with_logical_constraint(x, EMBED_AXES)
+        x = nn.with_logical_constraint(x, TOKEN_AXES)
         y = RMSNorm(self.norm_eps, name="post_attention_norm")(x).astype(self.dtype)
         x = x + self._drop(SwiGluMlp(self.mlp_dim, self.dtype, name="mlp")(y), self.mlp_dropout, deterministic)
-        return nn.with_logical_constraint(x, EMBED_AXES)
+        return nn.with_logical_constraint(x, TOKEN_AXES)
 
     def _drop(self, h: jax.Array, rate: float, deterministic: bool) -> jax.Array:
         return nn.Dropout(rate)(h, deterministic=deterministic) if rate > 0 else h

@@ -61,9 +61,7 @@ class ARTask(Task):
                              f"{self.text_cfg.max_len}")
         self.model_cfg = self.gpt_config(config, self.vq.cfg, self.text_cfg, self.text_tokenizer.max_len)
         # Found here, not lazily: ``codes`` needs it while being traced.
-        self.fill_code = -1
-        if self.simplify_tol > 0:  # planning (shapes only) reads no data: any code gives the same program
-            self.fill_code = 0 if frozen_parts.is_shapes_only() else self._find_fill_code()
+        self.fill_code = self._find_fill_code() if self.simplify_tol > 0 else -1
         self.model = gpt_lib.LlamaGenGPT(self.model_cfg)
 
     @staticmethod

@@ -36,7 +36,7 @@ from jaxunified.parallel.aot import (
     largest_global_arrays,
     oom_available_bytes,
 )
-from jaxunified.train import frozen
+from jaxunified.train import planning
 from jaxunified.train.loop import Trainer
 
 
@@ -95,7 +95,7 @@ def lower_train_step(
     devices, gen, name = resolve_devices(topology, num_slices)
     cfg = with_batch_size(config, batch_size)
     # frozen sub-models (VQ, teacher, base LM) as shapes: planning needs no checkpoint
-    with tempfile.TemporaryDirectory(prefix="jaxunified_aot_") as tmp, frozen.shapes_only():
+    with tempfile.TemporaryDirectory(prefix="jaxunified_aot_") as tmp, planning.shapes_only():
         trainer = Trainer(cfg, workdir=tmp, devices=devices)
     state = abstract_state(trainer)
     batch = abstract_batch(trainer)
@@ -132,7 +132,7 @@ def model_flops(config, batch_size: int | None = None) -> float:
     ``flops_per_step`` is usually lower; much higher means the partitioner duplicates work."""
     cfg = with_batch_size(config, batch_size)
     cfg.mesh_shape = (1, 1, 1)
-    with tempfile.TemporaryDirectory(prefix="jaxunified_aot_") as tmp, frozen.shapes_only():
+    with tempfile.TemporaryDirectory(prefix="jaxunified_aot_") as tmp, planning.shapes_only():
         trainer = Trainer(cfg, workdir=tmp, devices=jax.devices("cpu")[:1])
     state, batch = abstract_state(trainer), abstract_batch(trainer)
     with jax.set_mesh(trainer.mesh), sums.targeting("tpu"):

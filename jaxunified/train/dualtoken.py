@@ -44,6 +44,7 @@ from jaxunified.models import siglip as siglip_lib
 from jaxunified.models.vqgan import VQGANConfig
 from jaxunified.quant.rq import RQConfig
 from jaxunified.train import frozen as frozen_parts
+from jaxunified.train import planning
 from jaxunified.train import gan, runs
 from jaxunified.train.optim import FROZEN
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
@@ -72,22 +73,20 @@ def siglip_source_config(cfg) -> siglip_lib.SigLIPConfig:
     """The SigLIP tower config of the run's weight source (see ``siglip_source``), scan off."""
     m = cfg.model
     source = siglip_source(m)
+    def from_variant():  # a random tower, or the shapes of a plan (no file read)
+        if not m.get("siglip_variant"):
+            raise FileNotFoundError(f"no run in model.siglip_workdir={m.siglip_workdir!r} to plan from; set "
+                                    "model.siglip_preset (the config that trains it) or model.siglip_variant")
+        return siglip_lib.get_config(m.siglip_variant, image_size=m.get("image_size") or None)
+
     if source == "workdir":
         block = {"workdir": m.siglip_workdir, "config": m.get("siglip_config") or "",
                  "preset": m.get("siglip_preset") or ""}
-        def unplanned():
-            if not m.get("siglip_variant"):
-                raise FileNotFoundError(f"no run in model.siglip_workdir={m.siglip_workdir!r} to plan from; set "
-                                        "model.siglip_preset (the config that trains it) or model.siglip_variant")
-            return siglip_lib.get_config(m.siglip_variant, image_size=m.get("image_size") or None)
-
-        sc = frozen_parts.run_model_config(block, unplanned)
-    elif source == "hf" and frozen_parts.is_shapes_only() and m.get("siglip_variant"):
-        sc = siglip_lib.get_config(m.siglip_variant, image_size=m.get("image_size") or None)  # a plan, no files
-    elif source == "hf":
+        sc = frozen_parts.run_model_config(block, from_variant)
+    elif source == "hf" and not (planning.is_shapes_only() and m.get("siglip_variant")):
         sc = config_from_hf(json.loads((pathlib.Path(m.siglip_init_from).expanduser() / "config.json").read_text()))
-    elif m.get("siglip_variant"):
-        sc = siglip_lib.get_config(m.siglip_variant, image_size=m.get("image_size") or None)
+    elif source == "hf" or m.get("siglip_variant"):
+        sc = from_variant()
     else:
         raise ValueError(
             "config.model needs one of siglip_workdir (a trained `siglip` run), siglip_init_from (an HF SigLIP "
@@ -130,12 +129,12 @@ class DualTokenTask(Task):
         self.model_cfg = model_config(config)
         self.model = dt.DualToken(self.model_cfg)
         self.teacher = siglip_lib.VisionTower(self.model_cfg.siglip.vision)
-        planning = frozen_parts.is_shapes_only()  # AOT: no weights are read, only shapes matter
-        if siglip_source(config.model) == "workdir" and not planning:  # zero-shot is noise unless the captions are the tower's
+        planned = planning.is_shapes_only()  # AOT: no weights are read, only shapes matter
+        if siglip_source(config.model) == "workdir" and not planned:  # zero-shot is noise unless the captions are the tower's
             runs.check_same_text(config.data.get("text"), config.model.siglip_workdir,
                                  config.model.get("siglip_config") or None)
         # Read checkpoints now: init_variables also runs under jax.eval_shape, where a restore cannot.
-        self._siglip_params, self._init_vars = (None, None) if planning else self._initial_weights()
+        self._siglip_params, self._init_vars = (None, None) if planned else self._initial_weights()
         text_cfg = config.data.get("text")
         has_text = text_cfg is not None and text_cfg.get("tokenizer")
         self.text_tokenizer = frozen_parts.text_tokenizer(text_cfg) if has_text else None

@@ -6,19 +6,19 @@ A block has ``kind``: ``"workdir"`` (``workdir`` + optional ``config`` spec: the
 exported module through ``runs.load_run``), a ``convert`` kind (``path`` + ``overrides``), or
 ``"random"`` (``variant`` + ``overrides``, ``seed``).
 
-Inside :func:`shapes_only` (ahead-of-time planning: ``train.compile``) no file is read: each part
-is built from its block's shape alone — a ``workdir`` run's saved ``config.json`` when the run
-exists, otherwise the block's ``variant`` + ``overrides`` (for a checkpoint kind: the converter's
-default variant, e.g. ``VQ-16`` for ``llamagen_vq``, or ``overrides.variant``) — and its variables
-are ``jax.ShapeDtypeStruct``s. Tasks turn them into arrays only under ``jax.eval_shape`` (``fill_boxes``,
-:func:`materialize`), so a 7B frozen base costs no memory.
+Inside ``train.planning.shapes_only`` (ahead-of-time plans, ``bench step``) no file is read: each
+part is built from its block's shape alone — a ``workdir`` run's saved ``config.json`` when the run
+exists, else the block's ``preset`` (the config that trains that run), else its ``variant`` +
+``overrides`` (for a checkpoint kind: the converter's default variant, e.g. ``VQ-16`` for
+``llamagen_vq``, or ``overrides.variant``) — and its variables are ``jax.ShapeDtypeStruct``s. Tasks
+turn them into arrays only in traced code (``fill_boxes``, ``planning.materialize``), so a 7B frozen
+base costs no memory.
 """
 
 from __future__ import annotations
 
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -29,7 +29,7 @@ from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import toklip as toklip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.train import runs
-from jaxunified.train.planning import is_shapes_only, materialize, placeholder, shapes_only  # noqa: F401
+from jaxunified.train.planning import as_shapes, is_shapes_only
 from jaxunified.train.runs import load_run
 from jaxunified.train.task import host_variables, kwargs
 
@@ -58,10 +58,6 @@ def run_model_config(tc, fallback):
     return fallback()
 
 
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.meta.unbox(tree))
-
-
 def _variant_overrides(tc, default: str) -> tuple[str, dict]:
     over = kwargs(tc.get("overrides"))
     over.pop("prefer", None)
@@ -84,7 +80,7 @@ def _vq_shapes(tc) -> tuple[vqgan_lib.VQGAN, dict]:
         cfg = vqgan_lib.get_config(tc.variant, **kwargs(tc.get("overrides")))
     else:
         raise ValueError(f"tokenizer.kind={kind!r}; use one of {', '.join(VQ_KINDS)}")
-    return vqgan_lib.VQGAN(cfg), _abstract(vqgan_lib.abstract_variables(cfg))
+    return vqgan_lib.VQGAN(cfg), as_shapes(vqgan_lib.abstract_variables(cfg))
 
 
 def load_vq(tc) -> tuple[vqgan_lib.VQGAN, dict]:
@@ -121,7 +117,7 @@ def load_siglip(tc) -> tuple[siglip_lib.SigLIP, dict]:
             return siglip_lib.get_config(tc.variant, image_size=tc.get("image_size") or None, **towers)
 
         cfg = run_model_config(tc, from_variant) if kind == "workdir" else from_variant()
-        return siglip_lib.SigLIP(cfg), _abstract(siglip_lib.abstract_variables(cfg))
+        return siglip_lib.SigLIP(cfg), as_shapes(siglip_lib.abstract_variables(cfg))
     if kind == "workdir":
         _, module, variables = load_run(tc.workdir, tc.get("config") or None)
     elif kind == "hf_siglip":
@@ -150,7 +146,7 @@ def _run_or_checkpoint(tc, convert_kind: str, cls, what: str, shapes=None):
             return get_config(variant, **over)
 
         cfg = run_model_config(tc, from_variant) if tc.kind == "workdir" else from_variant()
-        return cls(cfg), _abstract(abstract_variables(cfg))
+        return cls(cfg), as_shapes(abstract_variables(cfg))
     if tc.kind == "workdir":
         _, module, variables = load_run(tc.workdir, tc.get("config") or None)
     elif tc.kind == convert_kind:
@@ -176,7 +172,10 @@ def load_dualtoken(tc) -> tuple[dualtoken_lib.DualToken, dict]:
 
 def fill_code(data_cfg, encode, codebook_size: int, num_images: int = 256) -> int:
     """The code ``quant.simplify`` fills in: the most frequent code of the first ``num_images``
-    training images (``encode``: jitted images [B, H, W, 3] in [-1, 1] → codes)."""
+    training images (``encode``: jitted images [B, H, W, 3] in [-1, 1] → codes). When planning (shapes
+    only) no data is read: any code gives the same program, so 0."""
+    if is_shapes_only():
+        return 0
     from jaxunified.data import cache
     from jaxunified.quant import simplify
 

@@ -23,7 +23,7 @@ from jaxunified.losses import recon as recon_losses
 from jaxunified.models import discriminator as disc_lib
 from jaxunified.models import lpips as lpips_lib
 from jaxunified.models.vqgan import vqgan_conv_out
-from jaxunified.train import frozen
+from jaxunified.train import planning
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def build_parts(loss_cfg, disc_cfg):
 def load_lpips(loss_cfg):
     """``(LPIPS module, variables or None)``; None means "initialise randomly in init_variables"."""
     path = loss_cfg.get("lpips_path")
-    if path and frozen.is_shapes_only():  # planning: the random init has the same shapes
+    if path and planning.is_shapes_only():  # planning: the random init has the same shapes
         return lpips_lib.LPIPS(lpips_lib.LPIPSConfig()), None
     if path:
         return convert.load("lpips", path, vgg_path=loss_cfg.get("vgg_path") or None)

@@ -50,6 +50,7 @@ from jaxunified.models import toklip as toklip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.sample.lm import generate_text, left_pad
 from jaxunified.train import frozen as frozen_parts
+from jaxunified.train import planning
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
 VISION_KINDS = ("siglip", "vq", "toklip", "dualtoken")
@@ -139,7 +140,7 @@ class MLLMTask(Task):
             v_abs = jax.eval_shape(lambda: self.vision.init(jax.random.key(0), jnp.zeros((1, r, r, 3))))
             if self.vision_kind == "siglip":
                 v_abs = {"params": v_abs["params"]}
-        loaded = frozen_parts.materialize(nn.meta.unbox(self._vision_vars))
+        loaded = planning.materialize(nn.meta.unbox(self._vision_vars))
         frozen = {"vision": loaded if v_abs is None else fill_boxes(v_abs, loaded, "the frozen vision model")}
         return {"mllm": boxed["params"]}, {"frozen": frozen}
 

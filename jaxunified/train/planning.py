@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -29,6 +30,11 @@ def shapes_only(fill: str = "zeros"):
 
 def is_shapes_only() -> bool:
     return bool(_SHAPES_ONLY.get())
+
+
+def as_shapes(tree):
+    """Variables (boxed or not, arrays or shapes) as plain ``ShapeDtypeStruct``s."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.meta.unbox(tree))
 
 
 def placeholder(x: jax.ShapeDtypeStruct) -> jax.Array:

@@ -24,6 +24,7 @@ from jaxunified.eval.image_text import encoder_pair, evaluate_image_text
 from jaxunified.losses import contrastive
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.train import frozen as frozen_parts
+from jaxunified.train import planning
 from jaxunified.train.optim import FROZEN
 from jaxunified.train.task import Task, eval_params, kwargs
 
@@ -33,7 +34,7 @@ def model_config(cfg) -> siglip_lib.SigLIPConfig:
     m = cfg.model
     vision, text = kwargs(m.get("vision")), kwargs(m.get("text"))
     init_from = m.get("init_from") or ""
-    if init_from and not frozen_parts.is_shapes_only():  # a plan takes the shapes of model.variant
+    if init_from and not planning.is_shapes_only():  # a plan takes the shapes of model.variant
         hf = json.loads((pathlib.Path(init_from).expanduser() / "config.json").read_text())
         mc = config_from_hf(hf, vision=vision, text=text)
     else:
@@ -80,7 +81,7 @@ class SigLIPTask(Task):
 
     def init_variables(self, rng, batch):
         init_from = self.config.model.get("init_from") or ""
-        if init_from and not frozen_parts.is_shapes_only():
+        if init_from and not planning.is_shapes_only():
             params = convert_state_dict(read_state_dict(init_from), self.model_cfg)["params"]
             return {"siglip": params}, {}
         x = as_float_images(jnp.asarray(batch["image"][:1]))

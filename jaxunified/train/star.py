@@ -53,6 +53,7 @@ from jaxunified.sample import star as star_sample
 from jaxunified.sample.lm import leading_pads
 from jaxunified.sample.strategies import guidance_from, strategy_from
 from jaxunified.train import frozen as frozen_parts
+from jaxunified.train import planning
 from jaxunified.train.runs import load_run
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs, host_variables
 
@@ -98,7 +99,7 @@ class GenerationPrompts(grain.transforms.RandomMap):
 
 
 def _base_shapes(bc):
-    """``_load_base`` when planning (``train.frozen.shapes_only``): the base's config and parameter
+    """``_load_base`` when planning (``train.planning.shapes_only``): the base's config and parameter
     shapes; a STAR checkpoint's trained parts come from init, whose shapes they have."""
     lm_fields = {f.name for f in dataclasses.fields(lm_lib.LMConfig)}
     kind = bc.kind
@@ -115,15 +116,13 @@ def _base_shapes(bc):
         cfg = lm_lib.variant(bc.variant, **{**over, **chat})
     else:
         raise ValueError(f"base.kind={kind!r}; use one of {', '.join(BASE_KINDS)}")
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          nn.meta.unbox(lm_lib.abstract_params(lm_lib.DecoderLM(cfg))))
-    return cfg, params, None
+    return cfg, planning.as_shapes(lm_lib.abstract_params(lm_lib.DecoderLM(cfg))), None
 
 
 def _load_base(bc):
     """(LMConfig, base params, STAR params or None) of the ``base`` block."""
     kind = bc.kind
-    if frozen_parts.is_shapes_only():
+    if planning.is_shapes_only():
         return _base_shapes(bc)
     if kind == "workdir":
         _, module, variables = load_run(bc.workdir, bc.get("config") or None)
@@ -151,7 +150,7 @@ class STARTask(Task):
         self.vq, self._vq_vars = frozen_parts.load_vq(config.tokenizer)
         lm_cfg, self._base_params, self._star_params = _load_base(config.base)
         init_from = config.model.get("init_from") or ""
-        if init_from and not frozen_parts.is_shapes_only():  # the previous stage's run: its trained parts (loaded here, not under init's trace)
+        if init_from and not planning.is_shapes_only():  # the previous stage's run: its trained parts (loaded here, not under init's trace)
             _, _, prev = load_run(init_from)
             self._star_params = {k: prev["params"][k] for k in TRAINED}
         lm_cfg = dataclasses.replace(lm_cfg, **kwargs(config.model.get("lm_overrides")))
@@ -162,9 +161,7 @@ class STARTask(Task):
         self.model = star_lib.STAR(self.model_cfg)
         # Found here, not lazily: ``codes`` needs it while being traced.
         self.fill_code = -1
-        if self.simplify_tol > 0 and frozen_parts.is_shapes_only():
-            self.fill_code = 0  # planning reads no data: any code gives the same program
-        elif self.simplify_tol > 0:
+        if self.simplify_tol > 0:
             vq_vars = {"vq": nn.meta.unbox(self._vq_vars)}
             self.fill_code = frozen_parts.fill_code(config.data, jax.jit(lambda x: self.codes(vq_vars, x, False)),
                                                     self.vq.cfg.vq.codebook_size)
@@ -207,7 +204,7 @@ class STARTask(Task):
             plain = {k: self._star_params[k] for k in TRAINED}
         elif self.config.model.get("init_stacked", "base_top") == "base_top":
             plain = {**plain, "stacked": star_lib.init_stacked_from_base(
-                self.model_cfg, {"base": frozen_parts.materialize(self._base_params)})["stacked"]}
+                self.model_cfg, {"base": planning.materialize(self._base_params)})["stacked"]}
         trained = {k: fill_boxes(trained[k], plain[k], f"STAR {k}") for k in TRAINED}
         r = int(self.config.data.resolution)
         vq_abs = jax.eval_shape(lambda: self.vq.init(jax.random.key(0), jnp.zeros((1, r, r, 3))))

@@ -46,6 +46,7 @@ from jaxunified.models import toklip as toklip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.nn.transformer import resize_posemb, stack_layers, unstack_layers
 from jaxunified.train import frozen as frozen_parts
+from jaxunified.train import planning
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
 CACHE_FIELDS = ("codes", "teacher_embeds", "text_embeds")
@@ -158,7 +159,7 @@ class TokLIPTask(Task):
         boxed_params = dict(boxed["params"])
         tok_box = boxed_params.pop("tokenizer")
         student = nn.meta.unbox(boxed_params)
-        teacher = frozen_parts.materialize(self._teacher_params)
+        teacher = planning.materialize(self._teacher_params)
         init = cfg.model.get("init", "teacher")
         if init == "teacher":
             student = student_from_teacher(student, teacher, self.model_cfg, self.teacher_cfg)
