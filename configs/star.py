@@ -64,6 +64,9 @@ def _base() -> mlc.ConfigDict:
     c.model.adapter_depth = 2
     c.model.init_stacked = "base_top"  # or "random"
     c.model.init_from = ""  # a previous stage's star run: its stacked layers, adapter and head
+    # The parts that learn; the others keep their weights. Without the adapter no gradient flows
+    # through the frozen base, so the step skips the base's backward pass.
+    c.model.train = ("stacked", "adapter", "head")
     c.model.prompt_dropout = 0.1
     c.model.lm_overrides = mlc.ConfigDict()  # LMConfig fields for both decoders, e.g. dtype
 
@@ -80,6 +83,8 @@ def _base() -> mlc.ConfigDict:
     c.eval.num_examples = 1000
     c.eval.num_samples = 0
     c.eval.num_edits = 0  # test scenes edited and scored by data/shapes_edit.check_edit
+    # Sampling for the edits (temperature 0: greedy), apart from generation's ``sample``.
+    c.eval.edit_sample = mlc.ConfigDict(dict(cfg_scale=2.0, temperature=1.0, top_k=3, top_p=1.0))
     c.eval.num_reasoning = 0  # test objects prompted indirectly, plain vs reasoning mode
     c.eval.grid_per_category = 16
     return c

@@ -16,6 +16,7 @@ from jaxunified.sample import star as star_sample
 from jaxunified.train import loop as looplib
 from jaxunified.train import star as S
 from tests import helpers
+from jaxunified.data.pipeline import to_global
 from tests.helpers import one_step
 
 
@@ -62,6 +63,37 @@ def test_only_stacked_adapter_head_train_and_the_base_stays_bit_identical(task):
     after = t.model.apply(t.variables(params["star"], new_colls), ids, method=STAR.text)["logits"]
     np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
     assert not np.array_equal(params["star"]["head"]["kernel"], star["head"]["kernel"])
+
+
+def test_a_part_left_out_of_model_train_stays_bit_identical_and_the_base_runs_no_backward(task):
+    t, star, colls = task
+    b = _batch(t, ["a red circle", "three blue squares"] * 8)
+    counts = {}
+    for parts in (("stacked", "adapter", "head"), ("stacked", "head")):
+        config = tiny_config(**{"model.train": parts})
+        trainer = looplib.Trainer(config, "/tmp/unused", devices=jax.devices())
+        state = trainer.init_state()
+        batch = to_global(b, trainer.mesh)
+        opt = sum(int(x.size) for x in jax.tree.leaves(state.opt_state))
+        adapter = sum(int(x.size) for x in jax.tree.leaves(state.params["star"]["adapter"]))
+        trained = sum(int(x.size) for x in jax.tree.leaves(state.params)) - adapter
+        before = jax.device_get(state.params["star"])
+        with jax.set_mesh(trainer.mesh):
+            jaxpr = jax.make_jaxpr(lambda p: trainer.task.grad_fn(p, state.collections, batch, None, 0))(state.params)
+            new, _ = trainer.make_step(batch)(state, batch)  # donates ``state``
+        counts[parts] = str(jaxpr).count("dot_general")
+        after = jax.device_get(new.params["star"])
+        assert not np.array_equal(after["stacked"]["final_norm"]["scale"], before["stacked"]["final_norm"]["scale"])
+        if "adapter" in parts:
+            assert not np.array_equal(after["adapter"]["dense_0"]["kernel"], before["adapter"]["dense_0"]["kernel"])
+        else:
+            for x, y in zip(jax.tree.leaves(before["adapter"]), jax.tree.leaves(after["adapter"])):
+                np.testing.assert_array_equal(x, y)
+            assert opt < 2 * trained + 16  # no Adam moments for the adapter
+    # no gradient flows through the base's layers: fewer matmuls in the backward pass
+    assert counts[("stacked", "head")] < counts[("stacked", "adapter", "head")], counts
+    with pytest.raises(ValueError, match="model.train"):
+        looplib.Trainer(tiny_config(**{"model.train": ("base",)}), "/tmp/unused", devices=jax.devices()).init_state()
 
 
 @pytest.mark.parametrize("edit", [False, True])
@@ -169,7 +201,8 @@ def test_tiny_run_trains_samples_scores_and_loads_back(tmp_path):
     train = [x for x in lines if x["split"] == "train"]
     assert train[-1]["loss"] < train[0]["loss"]
     evals = [x for x in lines if x["split"] == "eval"]
-    assert {"val_loss", "val_token_acc", "geneval_overall", "geneval_colors"} <= set(evals[-1])
+    assert {"val_loss", "val_token_acc", "geneval_overall", "geneval_colors", "edit_success", "edit_token_acc",
+            "edit_row_exact"} <= set(evals[-1])
     assert list(tmp_path.glob("samples_test_*_colors.png"))
 
     _, model, variables = load_run(tmp_path)

@@ -54,6 +54,7 @@ from jaxunified.sample.lm import leading_pads
 from jaxunified.sample.strategies import guidance_from, strategy_from
 from jaxunified.train import frozen as frozen_parts
 from jaxunified.train import planning
+from jaxunified.train.optim import FROZEN
 from jaxunified.train.runs import load_run
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs, host_variables
 
@@ -212,8 +213,18 @@ class STARTask(Task):
                   "vq": fill_boxes(vq_abs, self._vq_vars, "the frozen VQ tokenizer")}
         return {"star": trained}, {"frozen": frozen}
 
+    @property
+    def trained_parts(self) -> tuple[str, ...]:
+        """``model.train``: the parts of ``TRAINED`` that learn; the rest keep their (``init_from``)
+        weights and hold no optimizer state."""
+        parts = tuple(self.config.model.get("train", TRAINED))
+        if not parts or set(parts) - set(TRAINED):
+            raise ValueError(f"model.train={parts!r}: name some of {', '.join(TRAINED)}")
+        return parts
+
     def param_labels(self, params):
-        return {"star": jax.tree.map(lambda _: "star", params["star"])}
+        return {"star": {k: jax.tree.map(lambda _: "star" if k in self.trained_parts else FROZEN, v)
+                         for k, v in params["star"].items()}}
 
     # ---- the step ----
     def codes(self, frozen, images, simplified: bool = True) -> jax.Array:
@@ -234,16 +245,17 @@ class STARTask(Task):
     def edit_fraction(self) -> float:
         return float(self.config.data.get("edit_fraction", 0.0))
 
-    def logits(self, star_params, collections, batch):
+    def logits(self, star_params, collections, batch, edits: bool | None = None):
         """Teacher-forced image logits [B, h·w, K] and the codes they predict (the target image's;
-        with editing on, the source image's codes fill the prompt's ``IMAGE_PAD`` slots)."""
+        with editing on — ``edits``, by default when the run trains edits — ``image`` is the source
+        whose codes fill the prompt's ``IMAGE_PAD`` slots)."""
         frozen = collections["frozen"]
         if "codes" in batch:  # cached
             codes = batch["codes"].reshape(batch["codes"].shape[0], -1).astype(jnp.int32)
         else:
             codes = self.codes(frozen, batch.get("target_image", batch["image"]))
         source = {}
-        if self.edit_fraction > 0:
+        if self.edit_fraction > 0 if edits is None else edits:
             source = {"source_codes": self.codes(frozen, batch["image"], simplified=False),
                       "source_mask": batch["prompt"] == shapes_chat.IMAGE_PAD}
         valid = batch["prompt_valid"].astype(bool)
@@ -255,14 +267,17 @@ class STARTask(Task):
                                attention_mask=attention, positions=positions, pixel_logits=False, **source)
         return out["image_logits"], codes
 
-    def loss_and_metrics(self, star_params, collections, batch):
-        logits, codes = self.logits(star_params, collections, batch)
+    def loss_and_metrics(self, star_params, collections, batch, edits: bool | None = None):
+        logits, codes = self.logits(star_params, collections, batch, edits)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes).mean(axis=-1)
         acc = (jnp.argmax(logits, -1) == codes).mean(axis=-1)
         return ce, acc
 
     def grad_fn(self, params, collections, batch, rng, step, axis_name=None):
         def loss_fn(p):
+            # A part that does not train is a constant: with the adapter fixed nothing trained feeds
+            # the base, so the step runs no backward pass through it.
+            p = {k: v if k in self.trained_parts else jax.lax.stop_gradient(v) for k, v in p.items()}
             ce, acc = self.loss_and_metrics(p, collections, batch)
             loss = ce.mean()
             return loss, {"loss": loss, "token_acc": acc.mean()}
@@ -298,10 +313,12 @@ class STARTask(Task):
         return jnp.clip(self.vq.apply(frozen["vq"], codes.reshape(-1, g, g), method=vqgan_lib.VQGAN.decode_codes),
                         -1.0, 1.0)
 
-    def sample(self, star_params, collections, prompts, *, key, source_images=None, batch_size: int = 0):
+    def sample(self, star_params, collections, prompts, *, key, source_images=None, batch_size: int = 0,
+               sample_cfg=None):
         """Images [N, H, W, 3] in [-1, 1] and codes [N, h·w] for chat ``prompts`` (id lists; CFG per
-        ``config.sample``); edits pass their ``source_images`` [N, H, W, 3] (uint8 or [-1, 1])."""
-        sc = self.config.sample
+        ``sample_cfg``, by default ``config.sample``); edits pass their ``source_images`` [N, H, W, 3]
+        (uint8 or [-1, 1])."""
+        sc = sample_cfg or self.config.sample
         frozen = collections["frozen"]
         variables = self.variables(star_params, collections)
         bs = batch_size or int(self.config.data.get("eval_batch_size", 64))
@@ -394,20 +411,50 @@ class STARTask(Task):
         if not edits:
             return {}
         prompts = [shapes_chat.edit_ids(self.vocab, e.instruction, self.grid ** 2) for e in edits]
-        images, _ = self.sample(star_params, colls, prompts, key=key, source_images=np.stack(sources))
+        r = int(self.config.data.resolution)
+        targets = [shapes.render_objects(e.target, r) for e in edits]
+        out = self.edit_teacher_forced(star_params, colls, prompts, sources, targets)
+        sc = self.config.eval.get("edit_sample") or self.config.sample
+        images, _ = self.sample(star_params, colls, prompts, key=key, source_images=np.stack(sources), sample_cfg=sc)
         checks = [shapes_edit.check_edit(im, e) for im, e in zip(images, edits)]
         if workdir is not None:
             r = int(self.config.data.resolution)
             n = min(16, len(edits))
             rows = []
             for j in range(n):  # source | edited | wanted
-                rows += [as_unit(sources[j]), images[j], as_unit(shapes.render_objects(edits[j].target, r))]
+                rows += [as_unit(sources[j]), images[j], as_unit(targets[j])]
             save_png(pathlib.Path(workdir) / f"edits_{split}_{step:07d}.png", image_grid(np.stack(rows), ncol=6),
                      upscale=4)
             (pathlib.Path(workdir) / f"edits_{split}_{step:07d}.json").write_text(json.dumps(
                 [{"instruction": e.instruction, "kind": e.kind, "passed": c.passed, "reason": c.reason}
                  for e, c in zip(edits, checks)], indent=0))
-        return shapes_edit.summarize(edits, checks)
+        return {**out, **shapes_edit.summarize(edits, checks)}
+
+    def edit_teacher_forced(self, star_params, colls, prompts, sources, targets) -> dict:
+        """Teacher-forced accuracy on edit rows: per code (``edit_token_acc``) and the fraction of rows
+        whose every code is the argmax (``edit_row_exact``: what greedy decoding would copy exactly)."""
+        bs = int(self.config.data.get("eval_batch_size", 64))
+
+        @jax.jit
+        def step(p, c, batch):
+            logits, codes = self.logits(p, c, batch, edits=True)
+            hit = jnp.argmax(logits, -1) == codes
+            return hit.mean(axis=-1), hit.all(axis=-1)
+
+        acc, exact = [], []
+        with jax.set_mesh(self.mesh):
+            for i in range(0, len(prompts), bs):
+                n = len(prompts[i:i + bs])
+                take = lambda xs: np.stack(list(xs[i:i + bs]) + [xs[i + n - 1]] * (bs - n))  # noqa: E731
+                rows = [left_padded_prompt(ids, self.prompt_len) for ids in prompts[i:i + bs]]
+                rows += [rows[-1]] * (bs - n)
+                batch = to_global({"image": take(sources), "target_image": take(targets),
+                                   "prompt": np.stack([r[0] for r in rows]),
+                                   "prompt_valid": np.stack([r[1] for r in rows])}, self.mesh)
+                a, e = jax.device_get(step(star_params, colls, batch))
+                acc.append(np.asarray(a)[:n])
+                exact.append(np.asarray(e)[:n])
+        return {"edit_token_acc": float(np.concatenate(acc).mean()), "edit_row_exact": float(np.concatenate(exact).mean())}
 
     def evaluate_reasoning(self, star_params, colls, scenes, key, workdir, split, step) -> dict:
         """Reasoning mode on prompts that name an object indirectly ("a plus sign the color of
