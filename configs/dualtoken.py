@@ -22,7 +22,9 @@ Presets (the argument after the colon):
       python train.py --config configs/dualtoken.py:so400m --workdir runs/dualtoken_so400m \
           --config.model.siglip_init_from=<HF folder with config.json + model.safetensors> \
           --config.loss.lpips_path=<LPIPS weights> --config.data.path=<image–caption shards>
-  Sized for a TPU v5p-64 slice; the reference trains 20 epochs over 10M CC12M images.
+  The reference trains 20 epochs over 10M CC12M images. bf16 tower compute with block remat fits the
+  paper's global batch of 256 on a v5e-64 (``python -m jaxunified.bench aot --config
+  configs/dualtoken.py:so400m --topology v5e-64``: 15.57 GiB per chip, 4 images each).
 
 Any field can be overridden: ``--config.model.stage=2``; an unknown key is an error.
 """
@@ -178,7 +180,7 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.data.worker_count = 8
         c.data.text.update(common.SIGLIP2_TEXT)
         c.model.variant = "So400m/14-384"
-        c.model.vision = mlc.ConfigDict(dict(remat=True))
+        c.model.vision = mlc.ConfigDict(dict(remat=True, dtype="bfloat16"))
         c.eval.num_examples = 10_000
     else:
         raise ValueError(f"unknown dualtoken preset {arg!r}; use shapes, tiny or so400m")

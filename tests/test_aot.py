@@ -117,9 +117,12 @@ def test_compile_tiny_for_v5e(tiny_report):
     assert r.alias_bytes > 0  # the state is donated
     assert r.flops_per_device > 0 and r.flops_per_step == 4 * r.flops_per_device
     assert r.collectives.get("all-gather", 0) + r.collectives.get("reduce-scatter", 0) > 0, r.collectives
+    # the roofline step is no faster than the compute alone at the chip's peak
+    assert r.estimated_step_seconds >= r.min_step_seconds > 0 and 0 < r.implied_mfu <= 1
+    assert r.bytes_accessed_per_device > 0 and r.hbm_bytes_per_second == 819e9
     text = r.summary()
-    assert "GiB" in text and "FLOP per step" in text and "fits            True" in text
-    assert r.to_dict()["total_bytes"] == r.total_bytes
+    assert "GiB" in text and "FLOP per step" in text and "fits            True" in text and "implied MFU" in text
+    assert r.to_dict()["total_bytes"] == r.total_bytes and r.to_dict()["implied_mfu"] == r.implied_mfu
 
 
 @needs_libtpu

@@ -33,14 +33,15 @@ from typing import Any
 
 GiB = 1024**3
 
-# Per generation: (libtpu topology prefix, chip_config_name, dims, HBM per device, peak bf16 TFLOP/s per chip).
+# Per generation: (libtpu topology prefix, chip_config_name, dims, HBM per device, peak bf16 TFLOP/s and
+# HBM bandwidth per chip).
 # v4/v5p run "megacore": one JAX device per chip (its two TensorCores), so per device = per chip.
 # HBM and peaks are the published per-chip figures (the v5e compiler itself reports 15.75 GiB usable).
 GENERATIONS: dict[str, dict[str, Any]] = {
-    "v4": dict(prefix="v4", chip_config="megacore", ndim=3, hbm_gib=32, peak_tflops=275.0),
-    "v5p": dict(prefix="v5p", chip_config="megacore", ndim=3, hbm_gib=95, peak_tflops=459.0),
-    "v5e": dict(prefix="v5e", chip_config="default", ndim=2, hbm_gib=16, peak_tflops=197.0),
-    "v6e": dict(prefix="v6e", chip_config="default", ndim=2, hbm_gib=32, peak_tflops=918.0),
+    "v4": dict(prefix="v4", chip_config="megacore", ndim=3, hbm_gib=32, peak_tflops=275.0, hbm_gbps=1228.0),
+    "v5p": dict(prefix="v5p", chip_config="megacore", ndim=3, hbm_gib=95, peak_tflops=459.0, hbm_gbps=2765.0),
+    "v5e": dict(prefix="v5e", chip_config="default", ndim=2, hbm_gib=16, peak_tflops=197.0, hbm_gbps=819.0),
+    "v6e": dict(prefix="v6e", chip_config="default", ndim=2, hbm_gib=32, peak_tflops=918.0, hbm_gbps=1640.0),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6": "v6e", "trillium": "v6e"}
 
@@ -225,6 +226,7 @@ class CompileReport:
     flops_per_device: float = 0.0
     model_flops_per_step: float = 0.0  # XLA's cost model on the global, unpartitioned, unoptimized step
     bytes_accessed_per_device: float = 0.0
+    hbm_bytes_per_second: float = 0.0  # the chip's published HBM bandwidth
     collectives: dict[str, int] = dataclasses.field(default_factory=dict)
     num_params: int = 0
     state_bytes: int = 0  # whole train state (params, optimizer, EMA, collections), all devices together
@@ -257,16 +259,36 @@ class CompileReport:
         return self.flops_per_device / self.peak_flops_per_device if self.peak_flops_per_device else float("nan")
 
     @property
+    def hbm_seconds(self) -> float:
+        """The compiled step's HBM traffic (XLA's cost analysis, per device) at the chip's bandwidth."""
+        return self.bytes_accessed_per_device / self.hbm_bytes_per_second if self.hbm_bytes_per_second else 0.0
+
+    @property
+    def estimated_step_seconds(self) -> float:
+        """A roofline of XLA's cost analysis of the compiled step: its FLOPs at the chip's peak plus its
+        HBM bytes at the chip's bandwidth, not overlapped (collectives not counted). The TPU cost
+        model's own ``optimal_seconds`` is close to that sum on small programs but overflows (negative)
+        on pod-sized ones, so it is not used. With full overlap the step would take the longer of the two."""
+        return self.min_step_seconds + self.hbm_seconds
+
+    @property
+    def implied_mfu(self) -> float:
+        """The MFU of a step that takes :attr:`estimated_step_seconds`."""
+        return self.min_step_seconds / self.estimated_step_seconds if self.estimated_step_seconds else float("nan")
+
+    @property
     def compiled(self) -> bool:
         """False when the compiler stopped (out of memory): the memory/FLOP/collective fields are then unset."""
         return self.flops_per_device > 0 or self.argument_bytes > 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(total_bytes=self.total_bytes, flops_per_step=self.flops_per_step, compiled=self.compiled)
+        d.update(total_bytes=self.total_bytes, flops_per_step=self.flops_per_step, compiled=self.compiled,
+                 estimated_step_seconds=self.estimated_step_seconds, implied_mfu=self.implied_mfu)
         if not self.compiled:  # JSON readers should not mistake "not measured" for zero
             for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "generated_code_bytes",
-                      "total_bytes", "flops_per_device", "flops_per_step", "bytes_accessed_per_device", "collectives"):
+                      "total_bytes", "flops_per_device", "flops_per_step", "bytes_accessed_per_device", "collectives",
+                      "estimated_step_seconds", "implied_mfu"):
                 d[k] = None
         return d
 
@@ -293,6 +315,11 @@ class CompileReport:
                 f"ideal step      {_duration(self.min_step_seconds)} at 100% MFU "
                 f"({self.peak_flops_per_device / 1e12:.0f} TFLOP/s bf16 peak per chip) → "
                 f"≤ {self.global_batch / self.min_step_seconds:.0f} images/s",
+                f"roofline step   {_duration(self.estimated_step_seconds)} = compute + "
+                f"{_duration(self.hbm_seconds)} for {_nbytes(self.bytes_accessed_per_device)} of HBM traffic at "
+                f"{self.hbm_bytes_per_second / 1e9:.0f} GB/s → implied MFU {100 * self.implied_mfu:.1f}% "
+                f"({100 * self.min_step_seconds / max(self.min_step_seconds, self.hbm_seconds):.0f}% if fully overlapped), "
+                f"≈ {self.global_batch / self.estimated_step_seconds:.0f} images/s",
                 "collectives     " + (", ".join(f"{k} {v}" for k, v in self.collectives.items()) or "none"),
             ]
             if self.largest_arrays:

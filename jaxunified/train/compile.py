@@ -112,6 +112,7 @@ def lower_train_step(
         num_params=tree_size(trainer.abstract_state.params),
         state_bytes=tree_bytes(trainer.abstract_state),
         peak_flops_per_device=GENERATIONS[gen]["peak_tflops"] * 1e12,
+        hbm_bytes_per_second=GENERATIONS[gen]["hbm_gbps"] * 1e9,
     )
     report.notes += slice_notes(trainer.mesh)
     step = trainer.make_step(batch)
