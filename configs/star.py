@@ -107,6 +107,7 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
             c.total_steps = 650
             c.optim.lr = 1e-3
             c.eval.num_edits = 500
+            c.eval.edit_sample.temperature = 0.0  # greedy: an edit copies most of its source exactly
     elif arg == "7b":
         c.data.resolution = 384
         c.data.batch_size = 128  # 2 images per v5p-128 chip
