@@ -36,7 +36,6 @@ from jaxunified.nn.decoder import DecoderBlock
 from jaxunified.nn.norm import RMSNorm
 from jaxunified.nn.sharding import LOGIT_AXES, TOKEN_AXES
 
-
 # name → what jax.checkpoint saves for the backward pass ("full": nothing; recompute everything).
 REMAT_POLICIES = {
     "none": None,

@@ -38,8 +38,6 @@ from jaxunified.nn.sharding import HEAD_AXES, TOKEN_AXES
 
 Dtype = Any
 
-# Activation sharding names (rules in parallel/mesh.py); no-ops unless a rules context is set.
-
 
 def causal_mask(length: int) -> jax.Array:
     """[1, 1, L, L] boolean: position i attends to j ≤ i (raster order for image tokens)."""

@@ -24,7 +24,6 @@ from jaxunified.nn.sharding import MLP_AXES, TOKEN_AXES
 Dtype = Any
 
 
-
 class SwiGluMlp(nn.Module):
     """``down(silu(gate(x)) · up(x))``, no biases."""
 

@@ -254,8 +254,10 @@ class STARTask(Task):
             codes = batch["codes"].reshape(batch["codes"].shape[0], -1).astype(jnp.int32)
         else:
             codes = self.codes(frozen, batch.get("target_image", batch["image"]))
+        if edits is None:
+            edits = self.edit_fraction > 0
         source = {}
-        if self.edit_fraction > 0 if edits is None else edits:
+        if edits:
             source = {"source_codes": self.codes(frozen, batch["image"], simplified=False),
                       "source_mask": batch["prompt"] == shapes_chat.IMAGE_PAD}
         valid = batch["prompt_valid"].astype(bool)
@@ -411,14 +413,12 @@ class STARTask(Task):
         if not edits:
             return {}
         prompts = [shapes_chat.edit_ids(self.vocab, e.instruction, self.grid ** 2) for e in edits]
-        r = int(self.config.data.resolution)
-        targets = [shapes.render_objects(e.target, r) for e in edits]
+        targets = [shapes.render_objects(e.target, int(self.config.data.resolution)) for e in edits]
         out = self.edit_teacher_forced(star_params, colls, prompts, sources, targets)
         sc = self.config.eval.get("edit_sample") or self.config.sample
         images, _ = self.sample(star_params, colls, prompts, key=key, source_images=np.stack(sources), sample_cfg=sc)
         checks = [shapes_edit.check_edit(im, e) for im, e in zip(images, edits)]
         if workdir is not None:
-            r = int(self.config.data.resolution)
             n = min(16, len(edits))
             rows = []
             for j in range(n):  # source | edited | wanted
