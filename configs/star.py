@@ -50,6 +50,9 @@ def _base() -> mlc.ConfigDict:
     # > 0: that fraction of training rows are edits (data/shapes_edit.py): the source image's codes,
     # the instruction, and the edited scene as the target (stage 3, instruction tuning).
     c.data.edit_fraction = 0.0
+    # Edits also give the base the source as its understanding tokens (the base's mllm run's vision
+    # model and projector; STAR's ViT block after the VQ block): + that many tokens + 2 delimiters.
+    c.data.edit_understanding = False
     c.data.eval_batch_size = 250
     # Precomputed (simplified) codes of the training split, keyed by the frozen VQ (stage 2 only).
     c.data.cache_dir = ""
@@ -59,6 +62,9 @@ def _base() -> mlc.ConfigDict:
     c.tokenizer = common.frozen_part("runs/vqgan_shapes8", "shapes-S8")
     # > 0: generation targets are simplified codes (quant/simplify.py), as in configs/ar.py.
     c.tokenizer.simplify_tol = 0.0
+    # > 0: an edit's target takes the source's code wherever the edited image decodes within this
+    # (max abs, [-1, 1] pixels) of its own codes (train/star.py: copy_aligned).
+    c.tokenizer.edit_copy_tol = 0.0
 
     # The frozen understanding base: "workdir" (an mllm run's LM), "hf_qwen2" / "star" (path) or "random".
     c.base = common.frozen_part("runs/mllm_shapes", "tiny")
@@ -72,6 +78,9 @@ def _base() -> mlc.ConfigDict:
     # through the frozen base, so the step skips the base's backward pass.
     c.model.train = ("stacked", "adapter", "head")
     c.model.prompt_dropout = 0.1
+    # "sequential" (STAR's) or "shared": an edit's output image takes the source image block's RoPE
+    # positions, so each code to copy sits one position ahead of the token predicting it.
+    c.model.edit_positions = "sequential"
     c.model.lm_overrides = mlc.ConfigDict()  # LMConfig fields for both decoders, e.g. dtype
 
     c.optim.lr = 1e-3
@@ -106,6 +115,7 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.xla_cpu_options = mlc.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
         if arg == "shapes_edit":
             c.model.init_from = "runs/star_shapes"
+            c.model.edit_positions = "shared"
             c.data.edit_fraction = 0.75
             c.data.max_prompt_len = 80  # + the source image's 64 codes and its delimiters
             c.total_steps = 650

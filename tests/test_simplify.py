@@ -45,3 +45,11 @@ def test_most_frequent_and_bad_tolerance():
     assert most_frequent(jnp.array([[3, 1, 3], [2, 3, 0]]), 8) == 3
     with pytest.raises(ValueError, match="tolerance"):
         simplify_codes(decoder(0.0), jnp.zeros((1, 2, 2), jnp.int32), 0, -1.0)
+
+
+def test_per_cell_fill_copies_an_edits_source_where_the_pixels_allow():
+    # the edit changed one cell's content (3 → 4); elsewhere the encoder picked other synonyms
+    source = jnp.array([[[0, 1, 3], [2, 0, 0]]])
+    target = jnp.array([[[2, 0, 4], [0, 1, 0]]])
+    out = simplify_codes(decoder(0.0), target, fill=source, tol=0.05)
+    np.testing.assert_array_equal(np.asarray(out), [[[0, 1, 4], [2, 0, 0]]])

@@ -176,3 +176,20 @@ def test_mismatch_names_the_keys(tmp_path, golden_dir):
         convert.load("star", tmp_path / "bad.safetensors", **args)
     with pytest.raises(FileNotFoundError, match="base_config|config"):
         convert.load("star", tmp_path / "bad.safetensors", vq_overrides=args["vq_overrides"])
+
+
+def test_shared_positions_put_each_output_code_at_its_source_codes_position():
+    from jaxunified.models.star import sequence_positions
+
+    pad, img, n = 0, 7, 3
+    # row 0: 2 left pads, <vs> 3 source slots <ve>, an instruction, <vs>; row 1: a text-to-image prompt
+    ids = jnp.array([[pad, pad, 5, img, img, img, 6, 9, 9, 5],
+                     [pad, 3, 3, 3, 3, 3, 3, 3, 3, 5]])
+    valid = ids != pad
+    prompt_pos = jnp.maximum(jnp.arange(10)[None] - jnp.argmax(valid, axis=1)[:, None], 0)
+    pos = np.asarray(sequence_positions(ids, prompt_pos, n, source_id=img))
+    src = pos[0, 3:6]
+    np.testing.assert_array_equal(pos[0, 10:], src)  # output code j where source code j sits
+    assert pos[0, 9] == src[0] - 1  # the prompt's <vs> where the source block's <vs> sits
+    np.testing.assert_array_equal(pos[1, 1:], np.arange(12))  # no source: sequential
+    np.testing.assert_array_equal(np.asarray(sequence_positions(ids, prompt_pos, n))[0, 2:], np.arange(11))

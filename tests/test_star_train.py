@@ -96,15 +96,24 @@ def test_a_part_left_out_of_model_train_stays_bit_identical_and_the_base_runs_no
         looplib.Trainer(tiny_config(**{"model.train": ("base",)}), "/tmp/unused", devices=jax.devices()).init_state()
 
 
-@pytest.mark.parametrize("edit", [False, True])
-def test_teacher_forcing_equals_the_samplers_cached_decode(task, edit):
+@pytest.fixture(scope="module")
+def shared_task(task):
+    """``task`` with edits' output images at the source block's positions (same parameters)."""
     t, star, colls = task
+    config = t.config.copy_and_resolve_references()
+    config.model.edit_positions = "shared"
+    return S.STARTask(config, t.mesh), star, colls
+
+
+def _check_cached_decode(t, star, colls, edit, shared=False):
+    """Teacher-forced image logits of two prompts equal the sampler's prefill + cached steps."""
     vocab = shapes_chat.ChatVocab()
     captions = ["a red circle to the left of a blue square", "two green stars"]
     b = _batch(t, captions)
     if edit:
         n = t.grid ** 2
-        prompts = [shapes_chat.edit_ids(vocab, i, n) for i in ("remove the red circle", "make the green star blue")]
+        prompts = [shapes_chat.edit_ids(vocab, i, n, num_understanding=t.num_understanding)
+                   for i in ("remove the red circle", "make the green star blue")]
         rows = [S.left_padded_prompt(p, t.prompt_len) for p in prompts]
         b["prompt"], b["prompt_valid"] = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
         b["target_image"] = np.random.default_rng(1).uniform(-1, 1, b["image"].shape).astype(np.float32)
@@ -115,10 +124,13 @@ def test_teacher_forcing_equals_the_samplers_cached_decode(task, edit):
     variables = t.variables(star, colls)
     ids, valid = star_sample.left_pad(prompts, shapes_chat.PAD, bucket=t.prompt_len)
     valid &= ids != shapes_chat.PAD  # edit_ids' unused instruction slots
-    source = (t.codes(colls["frozen"], batch["image"]), shapes_chat.IMAGE_PAD) if edit else (None, None)
+    source = {}
+    if edit:
+        source = {"source_codes": t.codes(colls["frozen"], batch["image"]), "source_id": shapes_chat.IMAGE_PAD,
+                  "shared_positions": shared, "source_embeds": t.understanding_embeds(colls["frozen"], batch["image"])}
     n = codes.shape[1]
     first, cache, step = star_sample.prefill_and_step(t.model, variables, jnp.asarray(ids), jnp.asarray(valid), n,
-                                                      *source)
+                                                      **source)
     step = jax.jit(step)
     stepped = [first]
     for i in range(1, n):
@@ -128,6 +140,65 @@ def test_teacher_forcing_equals_the_samplers_cached_decode(task, edit):
     if edit:  # the source image matters
         no_source = t.model.apply(variables, batch["prompt"][:, -4:], codes[:, :1])["image_logits"]
         assert not np.allclose(np.asarray(no_source)[:, 0], np.asarray(logits)[:, 0], atol=1e-3)
+    return variables, batch, source, logits, codes
+
+
+@pytest.mark.parametrize("edit,layout", [(False, "sequential"), (True, "sequential"), (True, "shared")])
+def test_teacher_forcing_equals_the_samplers_cached_decode(task, shared_task, edit, layout):
+    t, star, colls = shared_task if layout == "shared" else task
+    _check_cached_decode(t, star, colls, edit, shared=layout == "shared")
+
+
+@pytest.mark.slow
+def test_edits_read_the_understanding_runs_vision_tokens(tmp_path):
+    """With ``data.edit_understanding`` the source also enters as the mllm run's vision tokens
+    through its projector: they change the logits, and teacher forcing still equals the sampler."""
+    looplib.Trainer(helpers.tiny_config("mllm", total_steps=1), tmp_path / "mllm").run()
+    probe = S.STARTask(tiny_config(**{"base.kind": "workdir", "base.workdir": str(tmp_path / "mllm"),
+                                      "data.edit_understanding": True}), None)
+    m = probe.num_understanding
+    assert m > 0
+    config = tiny_config(**{"base.kind": "workdir", "base.workdir": str(tmp_path / "mllm"), "data.edit_understanding": True,
+                            "data.max_prompt_len": 80 + m + 2, "model.edit_positions": "shared"})
+    t, params, colls = helpers.tiny_task(S.STARTask, config)
+    assert set(colls["frozen"]["understanding"]) == {"vision", "projector"}
+    variables, batch, source, logits, codes = _check_cached_decode(t, params["star"], colls, edit=True, shared=True)
+    blank = t.model.apply(variables, batch["prompt"], codes, positions=None, source_codes=source["source_codes"],
+                          source_mask=batch["prompt"] == shapes_chat.IMAGE_PAD,
+                          source_embeds=jnp.zeros_like(source["source_embeds"]),
+                          attention_mask=jnp.concatenate([batch["prompt_valid"], jnp.ones_like(codes, bool)], 1))
+    with_tokens = t.model.apply(variables, batch["prompt"], codes, positions=None, source_codes=source["source_codes"],
+                                source_mask=batch["prompt"] == shapes_chat.IMAGE_PAD,
+                                source_embeds=source["source_embeds"],
+                                attention_mask=jnp.concatenate([batch["prompt_valid"], jnp.ones_like(codes, bool)], 1))
+    assert not np.allclose(np.asarray(blank["image_logits"]), np.asarray(with_tokens["image_logits"]), atol=1e-4)
+    with pytest.raises(ValueError, match="edit_understanding"):
+        S.STARTask(tiny_config(**{"data.edit_understanding": True}), None)
+
+
+@pytest.mark.parametrize("tol", [0.0, 0.05, 1e9])
+def test_copy_aligned_edit_targets_decode_within_tolerance(task, tol):
+    t, star, colls = task
+    config = t.config.copy_and_resolve_references()
+    config.tokenizer.edit_copy_tol = tol
+    t = S.STARTask(config, t.mesh)
+    vocab = shapes_chat.ChatVocab()
+    b = _batch(t, ["two green stars", "a red circle"])
+    rows = [S.left_padded_prompt(shapes_chat.edit_ids(vocab, "remove the red circle", t.grid ** 2), t.prompt_len)] * 2
+    b["prompt"], b["prompt_valid"] = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    b["target_image"] = np.random.default_rng(1).uniform(-1, 1, b["image"].shape).astype(np.float32)
+    _, codes = t.logits(star, colls, {k: jnp.asarray(v) for k, v in b.items()})
+    frozen = colls["frozen"]
+    own, source = t.codes(frozen, jnp.asarray(b["target_image"])), t.codes(frozen, jnp.asarray(b["image"]))
+    if tol == 0:
+        np.testing.assert_array_equal(codes, own)
+    elif tol == 1e9:
+        np.testing.assert_array_equal(codes, source)
+    else:
+        g = t.grid
+        err = jnp.abs(t.decode_images(frozen, codes.reshape(-1, g, g)) - t.decode_images(frozen, own.reshape(-1, g, g)))
+        assert float(err.max()) <= tol
+        assert bool(((codes == own) | (codes == source)).all())
 
 
 def test_edit_rows_carry_the_source_block_and_the_edited_scene():

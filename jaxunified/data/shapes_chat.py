@@ -158,9 +158,11 @@ EDIT_INSTRUCTION_SLOTS = 6  # the longest instruction is 5 words
 
 
 def edit_ids(vocab: ChatVocab, instruction: str, num_image_tokens: int,
-             instruction_slots: int = EDIT_INSTRUCTION_SLOTS) -> list[int]:
-    """STAR's edit prompt: the source image's VQ block, the instruction, then the assistant's
-    ``<|vision_start|>`` (the source's codes go in the ``IMAGE_PAD`` slots).
+             instruction_slots: int = EDIT_INSTRUCTION_SLOTS, num_understanding: int = 0) -> list[int]:
+    """STAR's edit prompt: the source image's VQ block, its understanding block (``num_understanding``
+    > 0: the vision tokens the base learned to read, as the reference's ViT block), the
+    instruction, then the assistant's ``<|vision_start|>``. Both blocks' slots hold ``IMAGE_PAD``:
+    the source's codes fill the first ``num_image_tokens``, its understanding vectors the rest.
 
     The instruction is followed by ``PAD`` up to ``instruction_slots`` words: those slots are
     masked out of attention but keep their positions, so every edit prompt has one length and a
@@ -169,9 +171,10 @@ def edit_ids(vocab: ChatVocab, instruction: str, num_image_tokens: int,
     words = vocab.encode(instruction)
     if len(words) > instruction_slots:
         raise ValueError(f"instruction {instruction!r} is longer than {instruction_slots} words")
+    understanding = [VISION_START] + [IMAGE_PAD] * num_understanding + [VISION_END] if num_understanding else []
     return ([IM_START, vocab.ids["user"], VISION_START] + [IMAGE_PAD] * num_image_tokens + [VISION_END]
-            + words + [PAD] * (instruction_slots - len(words)) + [IM_END, IM_START, vocab.ids["assistant"],
-                                                                  VISION_START])
+            + understanding + words + [PAD] * (instruction_slots - len(words))
+            + [IM_END, IM_START, vocab.ids["assistant"], VISION_START])
 
 
 IMAGE_BLOCK = (VISION_START, IMAGE_PAD, VISION_END)  # kept in STAR's unconditional edit rows

@@ -102,6 +102,7 @@ class STAR(nn.Module):
         embeds_mask: jax.Array | None = None,
         source_codes: jax.Array | None = None,
         source_mask: jax.Array | None = None,
+        source_embeds: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         return_hidden: bool = False,
@@ -113,7 +114,9 @@ class STAR(nn.Module):
 
         Editing: ``source_codes`` [B, N] (the source image's VQ codes) enter the prompt, in order,
         at the N positions ``source_mask`` [B, P] marks (the reference's VQ block after the user
-        turn's opening), through the same codebook + adapter path as generated codes.
+        turn's opening), through the same codebook + adapter path as generated codes;
+        ``source_embeds`` [B, M, H] (its understanding tokens, already in the base's input space)
+        fill the M marked slots after them (the reference's ViT block after its VQ block).
 
         Returns "pixel_logits" [B, S, K] for every position, "image_logits" [B, T, K] (position j
         predicts ``image_codes[:, j]``; only with ``image_codes``), the base's and stacked
@@ -124,7 +127,8 @@ class STAR(nn.Module):
         if source_codes is not None:
             if input_ids is None or inputs_embeds is not None or source_mask is None:
                 raise ValueError("source_codes need input_ids and source_mask (their slots), not inputs_embeds")
-            inputs_embeds, embeds_mask = self._source_embeds(source_codes, source_mask), source_mask.astype(bool)
+            inputs_embeds = self._source_embeds(source_codes, source_mask, source_embeds)
+            embeds_mask = source_mask.astype(bool)
         num_image = 0
         if image_codes is not None:
             if input_ids is None or (inputs_embeds is not None and source_codes is None):
@@ -155,9 +159,11 @@ class STAR(nn.Module):
             out["logits"] = base["logits"]
         return out
 
-    def _source_embeds(self, codes: jax.Array, mask: jax.Array) -> jax.Array:
+    def _source_embeds(self, codes: jax.Array, mask: jax.Array, extra: jax.Array | None = None) -> jax.Array:
         emb = self.embed_images(codes)  # [B, N, H]
-        slot = jnp.clip(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0, codes.shape[1] - 1)
+        if extra is not None:
+            emb = jnp.concatenate([emb, extra.astype(emb.dtype)], axis=1)
+        slot = jnp.clip(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0, emb.shape[1] - 1)
         return jnp.take_along_axis(emb, slot[..., None], axis=1)
 
     def step_codes(self, codes: jax.Array, *, attention_mask=None, positions=None) -> jax.Array:
@@ -210,6 +216,32 @@ def init_stacked_from_base(config: STARConfig, params: dict) -> dict:
     return {**params, "stacked": jax.tree.map(jnp.array, stacked)}
 
 
+def image_origin(prompt_ids: jax.Array, prompt_positions: jax.Array, source_id: int | None = None) -> jax.Array:
+    """[B] the RoPE position of each row's last prompt token, the one that predicts the first code;
+    code j - 1 is then fed at ``origin + j``.
+
+    With ``source_id`` (an edit's source-image slots), rows holding such slots start the output
+    image where the source block starts instead: output code j takes source code j's position, so
+    the code to copy sits one position ahead of the token predicting it, whatever the instruction
+    between them — the 1-D counterpart of mRoPE giving two same-sized images the same spatial
+    positions. Rows without a source block (text-to-image) keep the sequential position."""
+    last = prompt_positions[:, -1]
+    if source_id is None:
+        return last
+    slots = prompt_ids == source_id
+    first = jnp.take_along_axis(prompt_positions, jnp.argmax(slots, axis=1)[:, None], axis=1)[:, 0]
+    return jnp.where(slots.any(axis=1), first - 1, last)
+
+
+def sequence_positions(prompt_ids: jax.Array, prompt_positions: jax.Array, num_tokens: int,
+                       source_id: int | None = None) -> jax.Array:
+    """[B, P + num_tokens] positions of a prompt followed by ``num_tokens`` image codes (teacher
+    forcing), laid out as ``image_origin`` says."""
+    origin = image_origin(prompt_ids, prompt_positions, source_id)
+    tail = origin[:, None] + jnp.arange(num_tokens + 1)[None]
+    return jnp.concatenate([prompt_positions[:, :-1], tail.astype(prompt_positions.dtype)], axis=1)
+
+
 def count_params(config: STARConfig) -> dict[str, int]:
     """Parameter counts per part: base, stacked, adapter, head, vq (from abstract shapes)."""
     params = nn.meta.unbox(abstract_variables(config)["params"])
@@ -217,4 +249,4 @@ def count_params(config: STARConfig) -> dict[str, int]:
 
 
 __all__ = ["STAR", "STARConfig", "VARIANTS", "FROZEN_SUBTREES", "variant", "abstract_variables",
-           "init_variables", "init_stacked_from_base", "count_params"]
+           "init_variables", "init_stacked_from_base", "count_params", "image_origin", "sequence_positions"]

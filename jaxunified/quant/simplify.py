@@ -34,10 +34,11 @@ def cell_errors(a: jax.Array, b: jax.Array, patch: int, window: int = 1) -> jax.
     return jax.lax.reduce_window(e, -jnp.inf, jax.lax.max, (1, window, window), (1, 1, 1), "SAME")
 
 
-def simplify_codes(decode: Callable[[jax.Array], jax.Array], codes: jax.Array, fill: int, tol: float,
+def simplify_codes(decode: Callable[[jax.Array], jax.Array], codes: jax.Array, fill, tol: float,
                    rounds: int = 3) -> jax.Array:
-    """``codes`` [B, h, w] → codes of the same shape, as many as possible set to ``fill``, each image
-    decoding within ``tol`` of ``decode(codes)`` (``decode``: codes → images [B, H, W, C])."""
+    """``codes`` [B, h, w] → codes of the same shape, as many as possible set to ``fill`` (one code,
+    or codes [B, h, w] per cell: an edit's source), each image decoding within ``tol`` of
+    ``decode(codes)`` (``decode``: codes → images [B, H, W, C])."""
     if tol < 0:
         raise ValueError(f"simplify tolerance must be >= 0, got {tol}")
     base = decode(codes)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxunified.models.star import STAR
+from jaxunified.models.star import STAR, image_origin
 from jaxunified.sample.decode import generate
 from jaxunified.sample.lm import cache_layout, left_pad, zero_cache
 from jaxunified.sample.strategies import Greedy, Guidance, Strategy, row_keys
@@ -44,33 +44,42 @@ def uncond_ids(ids: Sequence[int], fim_pad_id: int = FIM_PAD_ID, keep_tail: int 
 
 
 def prefill_and_step(model: STAR, variables: Any, ids: jax.Array, valid: jax.Array, num_tokens: int,
-                     source_codes: jax.Array | None = None, source_id: int | None = None):
+                     source_codes: jax.Array | None = None, source_id: int | None = None,
+                     shared_positions: bool = False, source_embeds: jax.Array | None = None):
     """(first pixel logits [R, K], caches, step) for ``decode.generate`` over left-padded prompts;
-    an edit's ``source_codes`` [R, N] fill the prompt slots holding ``source_id``."""
+    an edit's ``source_codes`` [R, N] fill the prompt slots holding ``source_id`` (then its
+    understanding tokens ``source_embeds`` [R, M, H], if any, the next M). With
+    ``shared_positions`` the output image takes the source block's positions
+    (``models.star.image_origin``)."""
     dec = model.clone(decode=True)
     rows, length = ids.shape
     slot_valid, offset, positions = cache_layout(valid, num_tokens)
+    origin = image_origin(ids, positions, source_id if shared_positions else None)
+    positions = positions.at[:, -1].set(origin)
     # The last sampled code is never fed: the prompt plus num_tokens - 1 slots suffice.
     slot_valid = slot_valid[:, :length + num_tokens - 1]
     cache = zero_cache(dec, rows, length + num_tokens - 1)
     fixed = {k: v for k, v in variables.items() if k != "cache"}
-    source = {} if source_codes is None else {"source_codes": source_codes, "source_mask": ids == source_id}
+    source = {} if source_codes is None else {"source_codes": source_codes, "source_mask": ids == source_id,
+                                              "source_embeds": source_embeds}
     out, state = dec.apply({**fixed, "cache": cache}, ids, attention_mask=slot_valid, positions=positions,
                            mutable=["cache"], **source)
 
     def step(codes, cache, n):
-        # Feeds code n - 1, at prompt position length + n - 1 - pads.
+        # Feeds code n - 1, at position origin + n.
         logits, state = dec.apply({**fixed, "cache": cache}, codes[:, None], attention_mask=slot_valid,
-                                  positions=length + n - 1 - offset, method="step_codes", mutable=["cache"])
+                                  positions=(origin + n)[:, None], method="step_codes", mutable=["cache"])
         return logits[:, 0], state["cache"]
 
     return out["pixel_logits"][:, -1], state["cache"], step
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "strategy", "guidance", "source_id"))
-def _sample(model, variables, ids, valid, keys, source_codes=None, *, num_tokens, strategy, guidance,
-            source_id=None):
-    first, cache, step = prefill_and_step(model, variables, ids, valid, num_tokens, source_codes, source_id)
+@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "strategy", "guidance", "source_id",
+                                             "shared_positions"))
+def _sample(model, variables, ids, valid, keys, source_codes=None, source_embeds=None, *, num_tokens, strategy,
+            guidance, source_id=None, shared_positions=False):
+    first, cache, step = prefill_and_step(model, variables, ids, valid, num_tokens, source_codes, source_id,
+                                          shared_positions, source_embeds)
     codes, _ = generate(step, first, cache, num_tokens, strategy, keys, guidance=guidance)
     return codes
 
@@ -93,16 +102,20 @@ def generate_images(
     source_id: int | None = None,
     uncond_keep: Sequence[int] = (),
     masked_id: int | None = None,
+    shared_positions: bool = False,
+    source_embeds=None,
 ) -> jax.Array:
     """Image codes [B, num_tokens] (raster order) for chat-templated ``prompts`` (each ending in
     ``<|vision_start|>``). With ``guidance`` the unconditional rows are ``uncond_prompts`` or,
     by default, ``uncond_ids(prompt, fim_pad_id, keep_tail)``. Decode them with ``STAR.decode_image``.
 
     Editing: ``source_codes`` [B, N] are each prompt's source-image codes, entering at the
-    prompt's ``source_id`` slots in both guidance rows: pass the image block's ids (``source_id`` and
-    its delimiters) as ``uncond_keep`` so the default unconditional rows keep it, as STAR's do.
+    prompt's ``source_id`` slots in both guidance rows, followed by its understanding tokens
+    ``source_embeds`` [B, M, H] if given: pass the image block's ids (``source_id`` and its
+    delimiters) as ``uncond_keep`` so the default unconditional rows keep it, as STAR's do.
     Tokens equal to ``masked_id`` inside a prompt hold their slot and position but are not attended
-    (``data.shapes_chat.edit_ids``' fixed-length instruction)."""
+    (``data.shapes_chat.edit_ids``' fixed-length instruction). ``shared_positions``: the output
+    image takes the source block's RoPE positions (``models.star.image_origin``)."""
     rows = [list(p) for p in prompts]
     if guidance is not None:
         if uncond_prompts is None:
@@ -121,8 +134,14 @@ def generate_images(
         source_codes = jnp.asarray(source_codes, jnp.int32)
         if guidance is not None:
             source_codes = jnp.concatenate([source_codes, source_codes])
+    if source_embeds is not None:
+        source_embeds = jnp.asarray(source_embeds)
+        if guidance is not None:
+            source_embeds = jnp.concatenate([source_embeds, source_embeds])
     return _sample(model.clone(decode=False), variables, jnp.asarray(ids), jnp.asarray(valid), keys, source_codes,
-                   num_tokens=int(num_tokens), strategy=strategy, guidance=guidance, source_id=source_id)
+                   source_embeds,
+                   num_tokens=int(num_tokens), strategy=strategy, guidance=guidance, source_id=source_id,
+                   shared_positions=bool(shared_positions) and source_codes is not None)
 
 
 __all__ = ["FIM_PAD_ID", "VISION_START_ID", "generate_images", "prefill_and_step", "uncond_ids"]

@@ -3,15 +3,8 @@ answers (``models.mllm.MLLM``; the chat data of ``data.shapes_chat``).
 
     loss = CE over the answer tokens (and the closing <|im_end|>) only
 
-Visual inputs (``vision.kind``), frozen, through the trainable projector:
-
-- ``siglip``: a SigLIP vision tower's patch states (the LLaVA baseline; ``vision.source`` is a
-  ``train.frozen.load_siglip`` block);
-- ``vq``: the codebook rows of a VQ tokenizer's codes — discrete visual tokens, the input STAR's
-  generation path uses (``vision.source`` is a ``train.frozen.load_vq`` block);
-- ``toklip``: TokLIP's code embeddings ⊕ causal features, as the TokLIP paper feeds its MLLM
-  (``vision.source``: a ``toklip`` run or ``kind="toklip"`` checkpoint);
-- ``dualtoken``: DualToken's pixel ⊕ semantic residual code sums (a ``dualtoken`` run or checkpoint).
+Visual inputs (``vision.kind``: SigLIP patch states, VQ codebook rows, TokLIP's or DualToken's
+token vectors; ``train.vision_input``), frozen, through the trainable projector.
 
 The LM trains from scratch on the shapes vocabulary (``model.variant`` + ``model.overrides``);
 every training image gets one conversation drawn uniformly from ``shapes_chat.TASKS`` (a
@@ -32,7 +25,6 @@ from __future__ import annotations
 import json
 import pathlib
 
-import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -40,23 +32,16 @@ import numpy as np
 import optax
 
 from jaxunified.data import cache, pipeline, shapes, shapes_chat
-from jaxunified.data.pipeline import as_float_images, to_global
 from jaxunified.eval import shapes_geneval
 from jaxunified.eval.chat import text_answers
 from jaxunified.models import lm as lm_lib
 from jaxunified.models import mllm as mllm_lib
-from jaxunified.models import siglip as siglip_lib
-from jaxunified.models import toklip as toklip_lib
-from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.sample.lm import generate_text, left_pad
-from jaxunified.train import frozen as frozen_parts
-from jaxunified.train import planning
-from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
+from jaxunified.train.task import Task, eval_params, kwargs
+from jaxunified.train.vision_input import VisionInput
 
-VISION_KINDS = ("siglip", "vq", "toklip", "dualtoken")
 _SCENE_KEYS = ("obj_shape", "obj_color", "obj_size", "obj_center", "count")
 ANSWER_TOKENS = {"caption": 14, "rewrite": 5, **{k: 2 for k in shapes_chat.QA_TYPES}}
-
 
 
 class ChatExamples(grain.transforms.RandomMap):
@@ -81,27 +66,9 @@ class MLLMTask(Task):
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.vocab = shapes_chat.ChatVocab()
-        vc = config.vision
-        self.vision_kind = vc.kind
-        r = int(config.data.resolution)
-        if vc.kind == "siglip":
-            siglip, sv = frozen_parts.load_siglip(vc.source)
-            self.vision = siglip_lib.VisionTower(siglip.cfg.vision)
-            self._vision_vars = {"params": sv["params"]["vision"]}
-            shape = jax.eval_shape(lambda v: self.vision.apply(v, jnp.zeros((1, r, r, 3))), self._vision_vars)
-            n, dim = shape["last_hidden"].shape[1:]
-        elif vc.kind == "vq":
-            self.vision, self._vision_vars = frozen_parts.load_vq(vc.source)
-            g = r // self.vision.cfg.downsample_factor
-            n, dim = g * g, self.vision.cfg.vq.embed_dim
-        elif vc.kind in ("toklip", "dualtoken"):
-            load = frozen_parts.load_toklip if vc.kind == "toklip" else frozen_parts.load_dualtoken
-            self.vision, self._vision_vars = load(vc.source)
-            shape = jax.eval_shape(lambda v: self.vision_vectors({"vision": v}, jnp.zeros((1, r, r, 3))),
-                                   self._vision_vars)
-            n, dim = shape.shape[1:]
-        else:
-            raise ValueError(f"vision.kind={vc.kind!r}; use one of {', '.join(VISION_KINDS)}")
+        self.vision = VisionInput(config.vision, int(config.data.resolution))
+        self.vision_kind = self.vision.kind
+        n, dim = self.vision.num_tokens, self.vision.dim
         self.model_cfg = self.mllm_config(config, n, dim)
         self.model = mllm_lib.MLLM(self.model_cfg)
 
@@ -134,14 +101,7 @@ class MLLMTask(Task):
         c = self.model_cfg
         boxed = self.model.init(rng, jnp.zeros((1, self.max_len), jnp.int32),
                                 jnp.zeros((1, c.num_image_tokens, c.vision_dim), jnp.float32))
-        r = int(self.config.data.resolution)
-        v_abs = None  # TokLIP/DualToken: their run's variables as loaded (replicated; they are small)
-        if self.vision_kind in ("siglip", "vq"):  # boxed like a fresh init, so they shard like it
-            v_abs = jax.eval_shape(lambda: self.vision.init(jax.random.key(0), jnp.zeros((1, r, r, 3))))
-            if self.vision_kind == "siglip":
-                v_abs = {"params": v_abs["params"]}
-        loaded = planning.materialize(nn.meta.unbox(self._vision_vars))
-        frozen = {"vision": loaded if v_abs is None else fill_boxes(v_abs, loaded, "the frozen vision model")}
+        frozen = {"vision": self.vision.frozen_variables()}
         return {"mllm": boxed["params"]}, {"frozen": frozen}
 
     def param_labels(self, params):
@@ -149,27 +109,8 @@ class MLLMTask(Task):
 
     # ---- the step ----
     def vision_vectors(self, frozen, images) -> jax.Array:
-        """[B, N, vision_dim] float32 for images in [-1, 1] (uint8 batches are normalised here)."""
-        images = as_float_images(images)
-        if self.vision_kind == "siglip":
-            out = self.vision.apply(frozen["vision"], images)["last_hidden"]
-        elif self.vision_kind == "toklip":
-            # TokLIP's MLLM input: code embeddings ⊕ causal features
-            def both(m, x):
-                codes, feats = m.encode_tokens(x)
-                return toklip_lib.concat_tokens(m.codebook_vectors(codes), feats)
-            out = self.vision.apply(frozen["vision"], images, method=both)
-        elif self.vision_kind == "dualtoken":
-            # DualToken's: pixel ⊕ semantic residual code sums per token
-            def both(m, x):
-                enc = m.encode_image(x)
-                emb = m.code_embeddings(enc["code_pix"], enc["code_sem"])
-                return emb.reshape(emb.shape[0], -1, emb.shape[-1])
-            out = self.vision.apply(frozen["vision"], images, method=both)
-        else:
-            _, codes, _ = self.vision.apply(frozen["vision"], images, method=vqgan_lib.VQGAN.encode)
-            out = self.vision.apply(frozen["vision"], codes.reshape(codes.shape[0], -1), method=vqgan_lib.VQGAN.lookup)
-        return jax.lax.stop_gradient(out.astype(jnp.float32))
+        """[B, N, vision_dim] float32 for images in [-1, 1] or uint8."""
+        return self.vision.vectors(frozen["vision"], images)
 
     def loss_and_metrics(self, mllm_params, collections, batch):
         vision = self.vision_vectors(collections["frozen"], batch["image"])

@@ -48,15 +48,17 @@ from jaxunified.eval.images import image_grid, save_png
 from jaxunified.models import lm as lm_lib
 from jaxunified.models import star as star_lib
 from jaxunified.models import vqgan as vqgan_lib
+from jaxunified.nn.projector import MlpProjector
 from jaxunified.quant import simplify
 from jaxunified.sample import star as star_sample
 from jaxunified.sample.lm import leading_pads
 from jaxunified.sample.strategies import guidance_from, strategy_from
 from jaxunified.train import frozen as frozen_parts
-from jaxunified.train import planning
+from jaxunified.train import planning, runs
 from jaxunified.train.optim import FROZEN
 from jaxunified.train.runs import load_run
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs, host_variables
+from jaxunified.train.vision_input import VisionInput
 
 BASE_KINDS = ("workdir", "hf_qwen2", "star", "random")
 TRAINED = ("stacked", "adapter", "head")
@@ -76,9 +78,11 @@ class GenerationPrompts(grain.transforms.RandomMap):
     scene (``data.shapes_edit``): its instruction after the source image's block, and the edited
     scene rendered. With probability ``dropout`` the prompt becomes STAR's unconditional row."""
 
-    def __init__(self, max_len: int, dropout: float, edit_fraction: float = 0.0, num_image_tokens: int = 0):
+    def __init__(self, max_len: int, dropout: float, edit_fraction: float = 0.0, num_image_tokens: int = 0,
+                 num_understanding: int = 0):
         self.vocab, self.max_len, self.dropout = shapes_chat.ChatVocab(), max_len, dropout
         self.edit_fraction, self.num_image_tokens = edit_fraction, num_image_tokens
+        self.num_understanding = num_understanding
 
     def random_map(self, element, rng: np.random.Generator):
         caption = element["caption"]
@@ -88,7 +92,8 @@ class GenerationPrompts(grain.transforms.RandomMap):
         if self.edit_fraction and rng.random() < self.edit_fraction:
             edit = shapes_edit.random_edit(shapes.scene_objects(element), rng)
         if edit is not None:
-            ids = shapes_chat.edit_ids(self.vocab, edit.instruction, self.num_image_tokens)
+            ids = shapes_chat.edit_ids(self.vocab, edit.instruction, self.num_image_tokens,
+                                       num_understanding=self.num_understanding)
             target = shapes.render_objects(edit.target, element["image"].shape[0])
         if self.dropout and rng.random() < self.dropout:
             ids = star_sample.uncond_ids(ids, shapes_chat.FIM_PAD, shapes_chat.GENERATION_TAIL, shapes_chat.IMAGE_BLOCK)
@@ -121,26 +126,28 @@ def _base_shapes(bc):
 
 
 def _load_base(bc):
-    """(LMConfig, base params, STAR params or None) of the ``base`` block."""
+    """(LMConfig, base params, STAR params or None, the understanding run's (MLLMConfig, projector
+    params) or None) of the ``base`` block."""
     kind = bc.kind
     if planning.is_shapes_only():
-        return _base_shapes(bc)
+        return _base_shapes(bc) + (None,)
     if kind == "workdir":
         _, module, variables = load_run(bc.workdir, bc.get("config") or None)
         lm_cfg = getattr(module.config, "lm", module.config)  # an MLLM run's LM, or an LM run
         params = variables["params"]
-        return lm_cfg, params.get("lm", params), None
+        projector = (module.config, params["projector"]) if "projector" in params else None
+        return lm_cfg, params.get("lm", params), None, projector
     if kind == "hf_qwen2":
         module, variables = convert.load("hf_qwen2", bc.path, **kwargs(bc.get("overrides")))
-        return module.config, variables["params"], None
+        return module.config, variables["params"], None, None
     if kind == "star":
         module, variables = convert.load("star", bc.path, **kwargs(bc.get("overrides")))
-        return module.config.base, variables["params"]["base"], variables["params"]
+        return module.config.base, variables["params"]["base"], variables["params"], None
     if kind == "random":  # smoke tests only
         cfg = lm_lib.variant(bc.variant, **{**kwargs(bc.get("overrides")), "vocab_size": shapes_chat.ChatVocab().size})
         model = lm_lib.DecoderLM(cfg)
         return cfg, host_variables(model, jax.random.key(int(bc.get("seed", 0))), jnp.zeros((1, 4), jnp.int32))[
-            "params"], None
+            "params"], None, None
     raise ValueError(f"base.kind={kind!r}; use one of {', '.join(BASE_KINDS)}")
 
 
@@ -149,7 +156,7 @@ class STARTask(Task):
         super().__init__(config, mesh)
         self.vocab = shapes_chat.ChatVocab()
         self.vq, self._vq_vars = frozen_parts.load_vq(config.tokenizer)
-        lm_cfg, self._base_params, self._star_params = _load_base(config.base)
+        lm_cfg, self._base_params, self._star_params, understanding = _load_base(config.base)
         init_from = config.model.get("init_from") or ""
         if init_from and not planning.is_shapes_only():  # the previous stage's run: its trained parts (loaded here, not under init's trace)
             _, _, prev = load_run(init_from)
@@ -160,6 +167,15 @@ class STARTask(Task):
         self.model_cfg = star_lib.STARConfig(lm_cfg, int(config.model.num_stacked), self.vq.cfg,
                                              int(config.model.adapter_depth))
         self.model = star_lib.STAR(self.model_cfg)
+        self.understanding = None
+        if config.data.get("edit_understanding") and not planning.is_shapes_only():
+            if understanding is None:
+                raise ValueError("data.edit_understanding needs base.kind='workdir' naming an mllm run: its vision "
+                                 "model and projector give the source image's understanding tokens")
+            mllm_cfg, self._projector_params = understanding
+            self.understanding = VisionInput(runs.run_config(config.base.workdir, config.base.get("config") or None).vision,
+                                             int(config.data.resolution))
+            self.projector = MlpProjector(mllm_cfg.lm.hidden_size, mllm_cfg.projector_depth, jnp.dtype(mllm_cfg.lm.dtype))
         # Found here, not lazily: ``codes`` needs it while being traced.
         self.fill_code = -1
         if self.simplify_tol > 0:
@@ -211,6 +227,9 @@ class STARTask(Task):
         vq_abs = jax.eval_shape(lambda: self.vq.init(jax.random.key(0), jnp.zeros((1, r, r, 3))))
         frozen = {"base": fill_boxes(boxed["params"]["base"], self._base_params, "the frozen base LM"),
                   "vq": fill_boxes(vq_abs, self._vq_vars, "the frozen VQ tokenizer")}
+        if self.understanding is not None:
+            frozen["understanding"] = {"vision": self.understanding.frozen_variables(),
+                                       "projector": jax.tree.map(jnp.asarray, self._projector_params)}
         return {"star": trained}, {"frozen": frozen}
 
     @property
@@ -245,6 +264,43 @@ class STARTask(Task):
     def edit_fraction(self) -> float:
         return float(self.config.data.get("edit_fraction", 0.0))
 
+    def understanding_embeds(self, frozen, images) -> jax.Array | None:
+        """The source images' understanding tokens [B, M, H] in the base's input space (the
+        understanding run's frozen vision model and projector), or None without
+        ``data.edit_understanding``."""
+        if self.understanding is None:
+            return None
+        u = frozen["understanding"]
+        vectors = self.understanding.vectors(u["vision"], images)
+        return jax.lax.stop_gradient(self.projector.apply({"params": u["projector"]}, vectors))
+
+    @property
+    def num_understanding(self) -> int:
+        return 0 if self.understanding is None else int(self.understanding.num_tokens)
+
+    @property
+    def edit_copy_tol(self) -> float:
+        return float(self.config.tokenizer.get("edit_copy_tol", 0.0))
+
+    def copy_aligned(self, frozen, codes, source_codes) -> jax.Array:
+        """Edit targets [B, h·w] that take the source's code wherever the edited image still decodes
+        within ``tokenizer.edit_copy_tol`` of its own codes (``quant.simplify`` with the source as
+        the fill). The VQ's codes depend on their surroundings: on the shapes tokenizer a one-object
+        edit changes about a third of the codes, most of them in pixels the edit left alone, and
+        predicting which synonym the encoder picks there is noise a copy cannot learn."""
+        g = self.grid
+        aligned = simplify.simplify_codes(lambda c: self.decode_images(frozen, c), codes.reshape(-1, g, g),
+                                          source_codes.reshape(-1, g, g), self.edit_copy_tol)
+        return jax.lax.stop_gradient(aligned.reshape(codes.shape))
+
+    @property
+    def edit_source_id(self) -> int | None:
+        """The source-image slot id when edits take the source block's positions (``model.edit_positions``)."""
+        layout = self.config.model.get("edit_positions", "sequential")
+        if layout not in ("sequential", "shared"):
+            raise ValueError(f"model.edit_positions={layout!r}; use 'sequential' (STAR's) or 'shared'")
+        return shapes_chat.IMAGE_PAD if layout == "shared" else None
+
     def logits(self, star_params, collections, batch, edits: bool | None = None):
         """Teacher-forced image logits [B, h·w, K] and the codes they predict (the target image's;
         with editing on — ``edits``, by default when the run trains edits — ``image`` is the source
@@ -259,12 +315,15 @@ class STARTask(Task):
         source = {}
         if edits:
             source = {"source_codes": self.codes(frozen, batch["image"], simplified=False),
-                      "source_mask": batch["prompt"] == shapes_chat.IMAGE_PAD}
+                      "source_mask": batch["prompt"] == shapes_chat.IMAGE_PAD,
+                      "source_embeds": self.understanding_embeds(frozen, batch["image"])}
+            if self.edit_copy_tol > 0:
+                codes = self.copy_aligned(frozen, codes, source["source_codes"])
         valid = batch["prompt_valid"].astype(bool)
         b, n = codes.shape
         attention = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)
-        pads = leading_pads(valid)
-        positions = jnp.maximum(jnp.arange(valid.shape[1] + n)[None] - pads, 0)
+        prompt_positions = jnp.maximum(jnp.arange(valid.shape[1])[None] - leading_pads(valid), 0)
+        positions = star_lib.sequence_positions(batch["prompt"], prompt_positions, n, self.edit_source_id)
         out = self.model.apply(self.variables(star_params, collections), batch["prompt"], codes,
                                attention_mask=attention, positions=positions, pixel_logits=False, **source)
         return out["image_logits"], codes
@@ -291,7 +350,8 @@ class STARTask(Task):
     def build_dataset(self, split: str):
         train = split == "train"
         drop = float(self.config.model.prompt_dropout) if train else 0.0
-        prompts = GenerationPrompts(self.prompt_len, drop, self.edit_fraction if train else 0.0, self.grid ** 2)
+        prompts = GenerationPrompts(self.prompt_len, drop, self.edit_fraction if train else 0.0, self.grid ** 2,
+                                    self.num_understanding)
         if self.edit_fraction > 0:  # edit targets are drawn per step: nothing to cache
             return pipeline.build_dataset(self.config.data, split, self.mesh, extra_transforms=(prompts,))
         return self.cached_train_dataset(split, "star", self.cache_key, lambda path, _: self.precompute_cache(split, path),
@@ -325,6 +385,7 @@ class STARTask(Task):
         variables = self.variables(star_params, collections)
         bs = batch_size or int(self.config.data.get("eval_batch_size", 64))
         decode, encode = jax.jit(self.decode_images), jax.jit(self.codes)
+        understand = jax.jit(self.understanding_embeds)
         images, codes = [], []
         for i in range(0, len(prompts), bs):
             chunk = [list(p) for p in prompts[i:i + bs]]
@@ -335,7 +396,8 @@ class STARTask(Task):
                 src = np.asarray(source_images[i:i + bs])
                 src = np.concatenate([src, np.repeat(src[-1:], bs - n, axis=0)])
                 source = {"source_codes": encode(frozen, jnp.asarray(src)), "source_id": shapes_chat.IMAGE_PAD,
-                          "uncond_keep": shapes_chat.IMAGE_BLOCK}
+                          "source_embeds": understand(frozen, jnp.asarray(src)),
+                          "uncond_keep": shapes_chat.IMAGE_BLOCK, "shared_positions": self.edit_source_id is not None}
             c = star_sample.generate_images(self.model, variables, chunk, num_tokens=self.grid ** 2,
                                             strategy=strategy_from(sc), guidance=guidance_from(sc),
                                             key=jax.random.fold_in(key, i), fim_pad_id=shapes_chat.FIM_PAD,
@@ -412,9 +474,11 @@ class STARTask(Task):
                 sources.append(sc["image"])
         if not edits:
             return {}
-        prompts = [shapes_chat.edit_ids(self.vocab, e.instruction, self.grid ** 2) for e in edits]
+        prompts = [shapes_chat.edit_ids(self.vocab, e.instruction, self.grid ** 2, num_understanding=self.num_understanding)
+                   for e in edits]
         targets = [shapes.render_objects(e.target, int(self.config.data.resolution)) for e in edits]
         out = self.edit_teacher_forced(star_params, colls, prompts, sources, targets)
+        out["edit_ceiling"] = self.edit_ceiling(colls, edits, targets)
         sc = self.config.eval.get("edit_sample") or self.config.sample
         images, _ = self.sample(star_params, colls, prompts, key=key, source_images=np.stack(sources), sample_cfg=sc)
         checks = [shapes_edit.check_edit(im, e) for im, e in zip(images, edits)]
@@ -429,6 +493,16 @@ class STARTask(Task):
                 [{"instruction": e.instruction, "kind": e.kind, "passed": c.passed, "reason": c.reason}
                  for e, c in zip(edits, checks)], indent=0))
         return {**out, **shapes_edit.summarize(edits, checks)}
+
+    def edit_ceiling(self, colls, edits, targets) -> float:
+        """Edit success of the edited scenes' own VQ reconstructions: what a model that predicted
+        every target code right would score (the tokenizer's blur of small shapes caps it)."""
+        frozen = colls["frozen"]
+        bs = int(self.config.data.get("eval_batch_size", 64))
+        rec = jax.jit(lambda x: self.decode_images(frozen, self.codes(frozen, x, simplified=False)))
+        images = np.concatenate([np.asarray(rec(jnp.asarray(np.stack(targets[i:i + bs]))))
+                                 for i in range(0, len(targets), bs)])
+        return float(np.mean([shapes_edit.check_edit(im, e).passed for im, e in zip(images, edits)]))
 
     def edit_teacher_forced(self, star_params, colls, prompts, sources, targets) -> dict:
         """Teacher-forced accuracy on edit rows: per code (``edit_token_acc``) and the fraction of rows
