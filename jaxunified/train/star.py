@@ -384,7 +384,8 @@ class STARTask(Task):
         frozen = collections["frozen"]
         variables = self.variables(star_params, collections)
         bs = batch_size or int(self.config.data.get("eval_batch_size", 64))
-        decode, encode = jax.jit(self.decode_images), jax.jit(self.codes)
+        # an edit's source enters as the VQ's own codes, as in training (``logits``), never simplified
+        decode, encode = jax.jit(self.decode_images), jax.jit(lambda f, x: self.codes(f, x, simplified=False))
         understand = jax.jit(self.understanding_embeds)
         images, codes = [], []
         for i in range(0, len(prompts), bs):
