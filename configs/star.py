@@ -81,6 +81,9 @@ def _base() -> mlc.ConfigDict:
     # "sequential" (STAR's) or "shared": an edit's output image takes the source image block's RoPE
     # positions, so each code to copy sits one position ahead of the token predicting it.
     c.model.edit_positions = "sequential"
+    # An edit's codes that differ from its source's weigh this many times the copied ones in the
+    # loss: the copy is learned first and the instructed change is a small part of every row.
+    c.model.edit_change_weight = 1.0
     c.model.lm_overrides = mlc.ConfigDict()  # LMConfig fields for both decoders, e.g. dtype
 
     c.optim.lr = 1e-3

@@ -201,6 +201,27 @@ def test_copy_aligned_edit_targets_decode_within_tolerance(task, tol):
         assert bool(((codes == own) | (codes == source)).all())
 
 
+def test_edit_change_weight_weighs_the_codes_that_differ_from_the_source(task):
+    import optax
+
+    t, star, colls = task
+    vocab = shapes_chat.ChatVocab()
+    b = _batch(t, ["two green stars", "a red circle"])
+    rows = [S.left_padded_prompt(shapes_chat.edit_ids(vocab, "remove the red circle", t.grid ** 2), t.prompt_len)] * 2
+    b["prompt"], b["prompt_valid"] = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    b["target_image"] = np.concatenate([b["image"][:1], b["image"][:1]])  # row 0: nothing changed
+    batch = {k: jnp.asarray(v) for k, v in b.items()}
+    logits, codes, changed = t.teacher_forced(star, colls, batch)
+    assert not bool(changed[0].any()) and bool(changed[1].any()) and not bool(changed[1].all())
+    per_token = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, codes))
+    for weight, want in ((1.0, per_token.mean(-1)),
+                         (1e6, [per_token[0].mean(), per_token[1][np.asarray(changed[1])].mean()])):
+        config = t.config.copy_and_resolve_references()
+        config.model.edit_change_weight = weight
+        ce, _ = S.STARTask(config, t.mesh).loss_and_metrics(star, colls, batch)
+        np.testing.assert_allclose(np.asarray(ce), want, rtol=1e-4)
+
+
 def test_edit_rows_carry_the_source_block_and_the_edited_scene():
     from jaxunified.data import shapes, shapes_edit
 

@@ -305,6 +305,12 @@ class STARTask(Task):
         """Teacher-forced image logits [B, h·w, K] and the codes they predict (the target image's;
         with editing on — ``edits``, by default when the run trains edits — ``image`` is the source
         whose codes fill the prompt's ``IMAGE_PAD`` slots)."""
+        logits, codes, _ = self.teacher_forced(star_params, collections, batch, edits)
+        return logits, codes
+
+    def teacher_forced(self, star_params, collections, batch, edits: bool | None = None):
+        """``logits``' (logits, codes) and ``changed`` [B, h·w]: the target codes that differ from the
+        source's code at their cell (none without edits)."""
         frozen = collections["frozen"]
         if "codes" in batch:  # cached
             codes = batch["codes"].reshape(batch["codes"].shape[0], -1).astype(jnp.int32)
@@ -326,11 +332,16 @@ class STARTask(Task):
         positions = star_lib.sequence_positions(batch["prompt"], prompt_positions, n, self.edit_source_id)
         out = self.model.apply(self.variables(star_params, collections), batch["prompt"], codes,
                                attention_mask=attention, positions=positions, pixel_logits=False, **source)
-        return out["image_logits"], codes
+        changed = codes != source["source_codes"] if edits else jnp.zeros(codes.shape, bool)
+        return out["image_logits"], codes, changed
 
     def loss_and_metrics(self, star_params, collections, batch, edits: bool | None = None):
-        logits, codes = self.logits(star_params, collections, batch, edits)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes).mean(axis=-1)
+        """Per row: the image codes' cross-entropy — an edit's changed codes weigh
+        ``model.edit_change_weight`` times the copied ones — and the token accuracy."""
+        logits, codes, changed = self.teacher_forced(star_params, collections, batch, edits)
+        w = 1.0 + (float(self.config.model.get("edit_change_weight", 1.0)) - 1.0) * changed
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes)
+        ce = (ce * w).sum(axis=-1) / w.sum(axis=-1)
         acc = (jnp.argmax(logits, -1) == codes).mean(axis=-1)
         return ce, acc
 
