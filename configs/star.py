@@ -9,13 +9,13 @@ Presets (the argument after the colon):
       python train.py --config configs/mllm.py:shapes   --workdir runs/mllm_shapes
       python train.py --config configs/star.py:shapes   --workdir runs/star_shapes
   Target: ≤ 20 minutes on 2 CPU cores; shapes-GenEval overall ≥ the ``ar`` preset's (0.33).
-  Measured: 18 min for the train command on 2 cores (1450 steps at 1.46 steps/s, final eval
-  included). eval (1000 test captions, CFG 2, top-k 3), two runs of the whole chain: val loss
-  1.05 / 1.09, token accuracy 63% / 62%, GenEval overall 0.25 / 0.12 — single object 0.56 / 0.24,
-  colours 0.66 / 0.34, two objects, counting, position and colour attribution ≤ 0.13 (below the
-  target). Reasoning mode on 300 indirectly named objects ("a plus sign the color of grass"): the
-  frozen base rewrites all of them right, GenEval 0.53 / 0.29 with the rewrite vs 0.11 / 0.14 from
-  the indirect prompt.
+  Measured: 23 min for the train command on 2 cores (1450 steps at 1.2 steps/s after a minute
+  building the cache of simplified codes; final eval 3 min; over the target). eval (1000 test
+  captions, CFG 2, top-k 3): val loss 0.92, token accuracy 71% (simplified codes, as ``ar``),
+  GenEval overall 0.17 — single object 0.34, colours 0.47, two objects, counting, position and
+  colour attribution ≤ 0.08 (below the target). Reasoning mode on 300 indirectly named objects ("a plus sign the color of grass"): the
+  frozen base rewrites all of them right, GenEval 0.39 with the rewrite vs 0.12 from the indirect
+  prompt.
 * ``shapes_edit`` — stage 3 from the ``shapes`` run: three rows in four are edits of the scene
   (recolour, remove, add, move, resize one object) with the source image as VQ tokens:
       python train.py --config configs/star.py:shapes_edit --workdir runs/star_shapes_edit
@@ -115,10 +115,12 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.optim.lr = 3e-3
         c.optim.warmup_steps = 100
         c.eval.num_reasoning = 300
+        c.tokenizer.simplify_tol = 0.2  # as configs/ar.py:shapes
+        c.data.cache_dir = "~/.cache/jaxunified/star"
+        c.data.build_cache = True
         c.xla_cpu_options = mlc.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
         if arg == "shapes_edit":
             c.model.init_from = "runs/star_shapes"
-            c.model.edit_positions = "shared"
             c.data.edit_fraction = 0.75
             c.data.max_prompt_len = 80  # + the source image's 64 codes and its delimiters
             c.total_steps = 650

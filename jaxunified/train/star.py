@@ -20,10 +20,16 @@ unconditional row — the prompt between its first and last three tokens replace
 
 Stage 2 can train on simplified codes (``tokenizer.simplify_tol``, ``quant.simplify``, as the
 ``ar`` preset does) read from a cache built once per dataset (``data.cache_dir``); stage 3 draws
-edits per step and encodes on the fly.
+edits per step and encodes on the fly. Edit options: ``data.edit_understanding`` (the source also
+as the base's own vision tokens, STAR's ViT block), ``model.edit_positions`` ("shared": the output
+image at the source block's RoPE positions), ``tokenizer.edit_copy_tol`` (targets take the
+source's code wherever that decodes the same), ``model.edit_change_weight`` (the loss weight of
+the codes an edit changes).
 
 Evaluation: teacher-forced loss and token accuracy over the split, then CFG samples for the
-split's captions scored by shapes-GenEval per category, with PNG grids (``eval.t2i_report``).
+split's captions scored by shapes-GenEval per category, with PNG grids (``eval.t2i_report``);
+edits (``eval.num_edits``) scored by ``data.shapes_edit.check_edit`` next to ``edit_ceiling``, the
+score of the edited scenes' own VQ reconstructions.
 """
 
 from __future__ import annotations
