@@ -13,9 +13,9 @@ Presets (the argument after the colon):
   building the cache of simplified codes; final eval 3 min; over the target). eval (1000 test
   captions, CFG 2, top-k 3): val loss 0.92, token accuracy 71% (simplified codes, as ``ar``),
   GenEval overall 0.17 — single object 0.34, colours 0.47, two objects, counting, position and
-  colour attribution ≤ 0.08 (below the target). Reasoning mode on 300 indirectly named objects ("a plus sign the color of grass"): the
-  frozen base rewrites all of them right, GenEval 0.39 with the rewrite vs 0.12 from the indirect
-  prompt.
+  colour attribution ≤ 0.08 (below the target). Reasoning mode on 300 indirectly named objects
+  ("a plus sign the color of grass"): the frozen base rewrites all of them right, GenEval 0.39
+  with the rewrite vs 0.12 from the indirect prompt.
 * ``shapes_edit`` — stage 3 from the ``shapes`` run: three rows in four are edits of the scene
   (recolour, remove, add, move, resize one object) with the source image as VQ tokens:
       python train.py --config configs/star.py:shapes_edit --workdir runs/star_shapes_edit

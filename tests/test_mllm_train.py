@@ -144,7 +144,7 @@ def test_tiny_mllm_reads_a_toklip_or_dualtoken_run(tmp_path, kind):
     vectors = t.vision_vectors(colls["frozen"], jnp.zeros((2, r, r, 3)))
     assert vectors.shape == (2, c.num_image_tokens, c.vision_dim)
     if kind == "toklip":  # code embeddings ⊕ causal features
-        assert c.vision_dim == t.vision.cfg.vq.vq.embed_dim + t.vision.cfg.width
+        assert c.vision_dim == t.vision.model.cfg.vq.vq.embed_dim + t.vision.model.cfg.width
     looplib.Trainer(config, tmp_path / "mllm").run()
     ev = [json.loads(x) for x in (tmp_path / "mllm" / "metrics.jsonl").read_text().splitlines()][-1]
     assert ev["split"] == "eval" and "qa_mean" in ev

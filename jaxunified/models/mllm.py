@@ -40,6 +40,10 @@ class MLLM(nn.Module):
         self.projector = MlpProjector(c.lm.hidden_size, c.projector_depth, jnp.dtype(c.lm.dtype))
         self.lm = lm_lib.DecoderLM(c.lm, decode=self.decode)
 
+    def project(self, vision: jax.Array) -> jax.Array:
+        """Vision vectors [B, N, vision_dim] → the LM's input embeddings [B, N, H]."""
+        return self.projector(vision)
+
     def __call__(self, input_ids: jax.Array, vision: jax.Array | None = None, *, image_start: jax.Array | None = None,
                  has_image: jax.Array | None = None, attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                  return_hidden: bool = False) -> dict[str, Any]:
@@ -55,7 +59,7 @@ class MLLM(nn.Module):
             raise ValueError(f"vision vectors {vision.shape} where the model takes [B, {c.num_image_tokens}, "
                              f"{c.vision_dim}]")
         start = jnp.full((batch,), c.image_start, jnp.int32) if image_start is None else image_start.astype(jnp.int32)
-        image = self.projector(vision)
+        image = self.project(vision)
         embeds = jax.vmap(lambda e, s: jax.lax.dynamic_update_slice(
             jnp.zeros((length, c.lm.hidden_size), jnp.float32), e, (s, 0)))(image, start)
         slots = jnp.arange(length)[None]

@@ -34,7 +34,7 @@ def cell_errors(a: jax.Array, b: jax.Array, patch: int, window: int = 1) -> jax.
     return jax.lax.reduce_window(e, -jnp.inf, jax.lax.max, (1, window, window), (1, 1, 1), "SAME")
 
 
-def simplify_codes(decode: Callable[[jax.Array], jax.Array], codes: jax.Array, fill, tol: float,
+def simplify_codes(decode: Callable[[jax.Array], jax.Array], codes: jax.Array, fill: int | jax.Array, tol: float,
                    rounds: int = 3) -> jax.Array:
     """``codes`` [B, h, w] → codes of the same shape, as many as possible set to ``fill`` (one code,
     or codes [B, h, w] per cell: an edit's source), each image decoding within ``tol`` of

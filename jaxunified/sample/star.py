@@ -53,7 +53,7 @@ def prefill_and_step(model: STAR, variables: Any, ids: jax.Array, valid: jax.Arr
     (``models.star.image_origin``)."""
     dec = model.clone(decode=True)
     rows, length = ids.shape
-    slot_valid, offset, positions = cache_layout(valid, num_tokens)
+    slot_valid, _, positions = cache_layout(valid, num_tokens)
     origin = image_origin(ids, positions, source_id if shared_positions else None)
     positions = positions.at[:, -1].set(origin)
     # The last sampled code is never fed: the prompt plus num_tokens - 1 slots suffice.
@@ -135,6 +135,8 @@ def generate_images(
         if guidance is not None:
             source_codes = jnp.concatenate([source_codes, source_codes])
     if source_embeds is not None:
+        if source_codes is None:
+            raise ValueError("source_embeds follow an edit's source_codes in its image slots; pass both")
         source_embeds = jnp.asarray(source_embeds)
         if guidance is not None:
             source_embeds = jnp.concatenate([source_embeds, source_embeds])

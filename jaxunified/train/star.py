@@ -54,13 +54,12 @@ from jaxunified.eval.images import image_grid, save_png
 from jaxunified.models import lm as lm_lib
 from jaxunified.models import star as star_lib
 from jaxunified.models import vqgan as vqgan_lib
-from jaxunified.nn.projector import MlpProjector
 from jaxunified.quant import simplify
 from jaxunified.sample import star as star_sample
 from jaxunified.sample.lm import leading_pads
 from jaxunified.sample.strategies import guidance_from, strategy_from
 from jaxunified.train import frozen as frozen_parts
-from jaxunified.train import planning, runs
+from jaxunified.train import planning
 from jaxunified.train.optim import FROZEN
 from jaxunified.train.runs import load_run
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs, host_variables
@@ -132,17 +131,17 @@ def _base_shapes(bc):
 
 
 def _load_base(bc):
-    """(LMConfig, base params, STAR params or None, the understanding run's (MLLMConfig, projector
-    params) or None) of the ``base`` block."""
+    """(LMConfig, base params, STAR params or None, the understanding run's (vision block, MLLM
+    module, projector params) or None) of the ``base`` block."""
     kind = bc.kind
     if planning.is_shapes_only():
         return _base_shapes(bc) + (None,)
     if kind == "workdir":
-        _, module, variables = load_run(bc.workdir, bc.get("config") or None)
+        run_cfg, module, variables = load_run(bc.workdir, bc.get("config") or None)
         lm_cfg = getattr(module.config, "lm", module.config)  # an MLLM run's LM, or an LM run
         params = variables["params"]
-        projector = (module.config, params["projector"]) if "projector" in params else None
-        return lm_cfg, params.get("lm", params), None, projector
+        understanding = (run_cfg.vision, module, params["projector"]) if "projector" in params else None
+        return lm_cfg, params.get("lm", params), None, understanding
     if kind == "hf_qwen2":
         module, variables = convert.load("hf_qwen2", bc.path, **kwargs(bc.get("overrides")))
         return module.config, variables["params"], None, None
@@ -178,10 +177,8 @@ class STARTask(Task):
             if understanding is None:
                 raise ValueError("data.edit_understanding needs base.kind='workdir' naming an mllm run: its vision "
                                  "model and projector give the source image's understanding tokens")
-            mllm_cfg, self._projector_params = understanding
-            self.understanding = VisionInput(runs.run_config(config.base.workdir, config.base.get("config") or None).vision,
-                                             int(config.data.resolution))
-            self.projector = MlpProjector(mllm_cfg.lm.hidden_size, mllm_cfg.projector_depth, jnp.dtype(mllm_cfg.lm.dtype))
+            vision_block, self.understanding_model, self._projector_params = understanding
+            self.understanding = VisionInput(vision_block, int(config.data.resolution))
         # Found here, not lazily: ``codes`` needs it while being traced.
         self.fill_code = -1
         if self.simplify_tol > 0:
@@ -278,7 +275,9 @@ class STARTask(Task):
             return None
         u = frozen["understanding"]
         vectors = self.understanding.vectors(u["vision"], images)
-        return jax.lax.stop_gradient(self.projector.apply({"params": u["projector"]}, vectors))
+        projected = self.understanding_model.apply({"params": {"projector": u["projector"]}}, vectors,
+                                                   method="project")
+        return jax.lax.stop_gradient(projected)
 
     @property
     def num_understanding(self) -> int:
@@ -291,9 +290,12 @@ class STARTask(Task):
     def copy_aligned(self, frozen, codes, source_codes) -> jax.Array:
         """Edit targets [B, h·w] that take the source's code wherever the edited image still decodes
         within ``tokenizer.edit_copy_tol`` of its own codes (``quant.simplify`` with the source as
-        the fill). The VQ's codes depend on their surroundings: on the shapes tokenizer a one-object
-        edit changes about a third of the codes, most of them in pixels the edit left alone, and
-        predicting which synonym the encoder picks there is noise a copy cannot learn."""
+        the fill); ``codes`` as they are when that is 0. The VQ's codes depend on their
+        surroundings: on the shapes tokenizer a one-object edit changes about a third of the codes,
+        most of them in pixels the edit left alone, and predicting which synonym the encoder picks
+        there is noise a copy cannot learn."""
+        if self.edit_copy_tol <= 0:
+            return codes
         g = self.grid
         aligned = simplify.simplify_codes(lambda c: self.decode_images(frozen, c), codes.reshape(-1, g, g),
                                           source_codes.reshape(-1, g, g), self.edit_copy_tol)
@@ -315,8 +317,9 @@ class STARTask(Task):
         return logits, codes
 
     def teacher_forced(self, star_params, collections, batch, edits: bool | None = None):
-        """``logits``' (logits, codes) and ``changed`` [B, h·w]: the target codes that differ from the
-        source's code at their cell (none without edits)."""
+        """``logits``' (logits, codes) and ``changed`` [B, h·w]: an edit row's target codes that
+        differ from the source's code at their cell (none in text-to-image rows; with simplified
+        targets the background differs too unless ``tokenizer.edit_copy_tol`` aligns it)."""
         frozen = collections["frozen"]
         if "codes" in batch:  # cached
             codes = batch["codes"].reshape(batch["codes"].shape[0], -1).astype(jnp.int32)
@@ -329,8 +332,8 @@ class STARTask(Task):
             source = {"source_codes": self.codes(frozen, batch["image"], simplified=False),
                       "source_mask": batch["prompt"] == shapes_chat.IMAGE_PAD,
                       "source_embeds": self.understanding_embeds(frozen, batch["image"])}
-            if self.edit_copy_tol > 0:
-                codes = self.copy_aligned(frozen, codes, source["source_codes"])
+            has_source = source["source_mask"].any(axis=1)[:, None]  # edit rows, not the t2i rows among them
+            codes = jnp.where(has_source, self.copy_aligned(frozen, codes, source["source_codes"]), codes)
         valid = batch["prompt_valid"].astype(bool)
         b, n = codes.shape
         attention = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)
@@ -338,7 +341,7 @@ class STARTask(Task):
         positions = star_lib.sequence_positions(batch["prompt"], prompt_positions, n, self.edit_source_id)
         out = self.model.apply(self.variables(star_params, collections), batch["prompt"], codes,
                                attention_mask=attention, positions=positions, pixel_logits=False, **source)
-        changed = codes != source["source_codes"] if edits else jnp.zeros(codes.shape, bool)
+        changed = (codes != source["source_codes"]) & has_source if edits else jnp.zeros(codes.shape, bool)
         return out["image_logits"], codes, changed
 
     def loss_and_metrics(self, star_params, collections, batch, edits: bool | None = None):
@@ -496,7 +499,7 @@ class STARTask(Task):
                    for e in edits]
         targets = [shapes.render_objects(e.target, int(self.config.data.resolution)) for e in edits]
         out = self.edit_teacher_forced(star_params, colls, prompts, sources, targets)
-        out["edit_ceiling"] = self.edit_ceiling(colls, edits, targets)
+        out["edit_ceiling"] = self.edit_ceiling(colls, edits, sources, targets)
         sc = self.config.eval.get("edit_sample") or self.config.sample
         images, _ = self.sample(star_params, colls, prompts, key=key, source_images=np.stack(sources), sample_cfg=sc)
         checks = [shapes_edit.check_edit(im, e) for im, e in zip(images, edits)]
@@ -512,13 +515,19 @@ class STARTask(Task):
                  for e, c in zip(edits, checks)], indent=0))
         return {**out, **shapes_edit.summarize(edits, checks)}
 
-    def edit_ceiling(self, colls, edits, targets) -> float:
-        """Edit success of the edited scenes' own VQ reconstructions: what a model that predicted
-        every target code right would score (the tokenizer's blur of small shapes caps it)."""
-        frozen = colls["frozen"]
+    def edit_ceiling(self, colls, edits, sources, targets) -> float:
+        """Edit success of the training targets' decodes (the edited scenes' codes, simplified and
+        copy-aligned as in ``teacher_forced``): what a model that predicted every target code right
+        would score (the tokenizer's blur of small shapes caps it)."""
         bs = int(self.config.data.get("eval_batch_size", 64))
-        rec = jax.jit(lambda x: self.decode_images(frozen, self.codes(frozen, x, simplified=False)))
-        images = np.concatenate([np.asarray(rec(jnp.asarray(np.stack(targets[i:i + bs]))))
+
+        @jax.jit
+        def rec(frozen, src, tgt):
+            codes = self.copy_aligned(frozen, self.codes(frozen, tgt), self.codes(frozen, src, simplified=False))
+            return self.decode_images(frozen, codes)
+
+        images = np.concatenate([np.asarray(rec(colls["frozen"], jnp.asarray(np.stack(sources[i:i + bs])),
+                                                jnp.asarray(np.stack(targets[i:i + bs]))))
                                  for i in range(0, len(targets), bs)])
         return float(np.mean([shapes_edit.check_edit(im, e).passed for im, e in zip(images, edits)]))
 
