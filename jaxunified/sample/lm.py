@@ -43,16 +43,22 @@ def leading_pads(valid: jax.Array) -> jax.Array:
     return jnp.where(valid.any(axis=1), first, valid.shape[1])[:, None].astype(jnp.int32)
 
 
+def prompt_positions(valid: jax.Array, offset: jax.Array | None = None) -> jax.Array:
+    """[B, T] RoPE positions of left-padded prompts ``valid`` [B, T] (``offset``: their
+    ``leading_pads``, when already known); pads sit at 0."""
+    offset = leading_pads(valid) if offset is None else offset
+    return jnp.maximum(jnp.arange(valid.shape[1])[None] - offset, 0)
+
+
 def cache_layout(valid: jax.Array, max_new_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """For left-padded prompts ``valid`` [B, T]: (slot_valid [B, T + max_new_tokens], the left pads
     per row [B, 1], the prompt's RoPE positions [B, T]). Token n after the prompt sits at position
     ``T + n - pads``."""
-    batch, length = valid.shape
+    batch = valid.shape[0]
     # Slots after the prompt are always valid; a row's pads never are.
     slot_valid = jnp.concatenate([valid, jnp.ones((batch, max_new_tokens), bool)], axis=1)
     offset = leading_pads(valid)
-    positions = jnp.maximum(jnp.arange(length)[None] - offset, 0)
-    return slot_valid, offset, positions
+    return slot_valid, offset, prompt_positions(valid, offset)
 
 
 def zero_cache(dec, batch: int, max_len: int) -> Any:
@@ -130,4 +136,4 @@ def generate_text(
     return np.asarray(tokens), np.asarray(lengths)
 
 
-__all__ = ["zero_cache", "leading_pads", "cache_layout", "generate_text", "left_pad", "prefill_and_step"]
+__all__ = ["zero_cache", "leading_pads", "prompt_positions", "cache_layout", "generate_text", "left_pad", "prefill_and_step"]

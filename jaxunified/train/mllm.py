@@ -67,7 +67,6 @@ class MLLMTask(Task):
         super().__init__(config, mesh)
         self.vocab = shapes_chat.ChatVocab()
         self.vision = VisionInput(config.vision, int(config.data.resolution))
-        self.vision_kind = self.vision.kind
         n, dim = self.vision.num_tokens, self.vision.dim
         self.model_cfg = self.mllm_config(config, n, dim)
         self.model = mllm_lib.MLLM(self.model_cfg)

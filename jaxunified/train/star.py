@@ -56,7 +56,7 @@ from jaxunified.models import star as star_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.quant import simplify
 from jaxunified.sample import star as star_sample
-from jaxunified.sample.lm import leading_pads
+from jaxunified.sample.lm import prompt_positions
 from jaxunified.sample.strategies import guidance_from, strategy_from
 from jaxunified.train import frozen as frozen_parts
 from jaxunified.train import planning
@@ -337,8 +337,7 @@ class STARTask(Task):
         valid = batch["prompt_valid"].astype(bool)
         b, n = codes.shape
         attention = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)
-        prompt_positions = jnp.maximum(jnp.arange(valid.shape[1])[None] - leading_pads(valid), 0)
-        positions = star_lib.sequence_positions(batch["prompt"], prompt_positions, n, self.edit_source_id)
+        positions = star_lib.sequence_positions(batch["prompt"], prompt_positions(valid), n, self.edit_source_id)
         out = self.model.apply(self.variables(star_params, collections), batch["prompt"], codes,
                                attention_mask=attention, positions=positions, pixel_logits=False, **source)
         changed = (codes != source["source_codes"]) & has_source if edits else jnp.zeros(codes.shape, bool)
