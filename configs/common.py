@@ -84,6 +84,7 @@ SHAPES_RUNS = {
     "runs/vqgan_shapes8": "configs/vqgan.py:shapes8",
     "runs/siglip_shapes": "configs/siglip.py:shapes",
     "runs/toklip_shapes": "configs/toklip.py:shapes",
+    "runs/toklip_shapes8": "configs/toklip.py:shapes8",
     "runs/dualtoken_shapes": "configs/dualtoken.py:shapes",
     "runs/mllm_shapes": "configs/mllm.py:shapes",
 }

@@ -50,6 +50,7 @@ def _base() -> mlc.ConfigDict:
     c.vision = mlc.ConfigDict()
     c.vision.kind = "siglip"
     c.vision.source = common.frozen_part("runs/siglip_shapes", "shapes-S", siglip=True)
+    c.vision.select_layer = 0  # siglip: 0 the output (post-LN); -2 the penultimate layer (LLaVA-1.5)
 
     # The LM (models/lm.py): a variant plus overrides; the vocabulary is the shapes chat vocabulary.
     c.model = mlc.ConfigDict()
@@ -77,11 +78,12 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         if arg == "shapes_vq":
             c.vision.kind = "vq"
             c.vision.source = common.frozen_part("runs/vqgan_shapes8", "shapes-S8")
-        if arg in ("shapes_toklip", "shapes_dualtoken"):
-            c.vision.kind = arg.split("_")[1]
-            c.vision.source = common.frozen_part(f"runs/{c.vision.kind}_shapes", "")
-        if arg == "shapes_toklip":
-            c.data.max_len = 288  # TokLIP's shapes tokenizer gives 16×16 = 256 image tokens
+        if arg == "shapes_toklip":  # over the 8×8 codes: 64 visual tokens, as SigLIP's and DualToken's
+            c.vision.kind = "toklip"
+            c.vision.source = common.frozen_part("runs/toklip_shapes8", "")
+        if arg == "shapes_dualtoken":
+            c.vision.kind = "dualtoken"
+            c.vision.source = common.frozen_part("runs/dualtoken_shapes", "")
     elif arg == "7b":
         c.data.resolution = 384
         c.data.batch_size = 256

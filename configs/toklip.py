@@ -106,7 +106,7 @@ _REAL = {  # preset → (resolution, tokenizer kind)
 
 def get_config(arg: str = "shapes") -> mlc.ConfigDict:
     c = _base()
-    if arg == "shapes":
+    if arg in ("shapes", "shapes8"):
         c.total_steps = 2000
         c.checkpoint_every = 1000
         c.data.batch_size = 8  # steps bind learning more than samples, and a CPU step costs the same per sample
@@ -121,6 +121,9 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         # over the training split (cached under a digest of their weights) and train on the codes.
         c.data.cache_dir = "~/.cache/jaxunified/toklip"
         c.data.build_cache = True
+        if arg == "shapes8":  # 8×8 codes: the teacher's own 64-patch grid, the mllm's visual-token budget
+            c.tokenizer.update(workdir="runs/vqgan_shapes8", preset=common.SHAPES_RUNS["runs/vqgan_shapes8"],
+                               variant="shapes-S8")
     elif arg in ("tiny", "runlocal"):
         common.smoke(c)
         c.tokenizer.kind = "random"

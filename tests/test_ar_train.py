@@ -75,7 +75,7 @@ def test_tiny_run_trains_samples_scores_and_loads_back(tmp_path):
     train = [x for x in lines if x["split"] == "train"]
     assert train[-1]["loss"] < train[0]["loss"]
     evals = [x for x in lines if x["split"] == "eval"]
-    assert {"val_loss", "val_token_acc", "geneval_overall", "geneval_colors"} <= set(evals[-1])
+    assert {"val_loss", "val_token_acc", "geneval_overall", "geneval_colors", "ceiling_overall"} <= set(evals[-1])
     again = evaluate_run(config, tmp_path)
     assert again["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
     assert again["geneval_overall"] == pytest.approx(evals[-1]["geneval_overall"])  # fixed sampling seed

@@ -148,3 +148,22 @@ def test_tiny_mllm_reads_a_toklip_or_dualtoken_run(tmp_path, kind):
     looplib.Trainer(config, tmp_path / "mllm").run()
     ev = [json.loads(x) for x in (tmp_path / "mllm" / "metrics.jsonl").read_text().splitlines()][-1]
     assert ev["split"] == "eval" and "qa_mean" in ev
+
+
+def test_select_layer_reads_llavas_hidden_state_and_rejects_what_it_cannot():
+    from jaxunified.train.vision_input import VisionInput
+
+    config = tiny_config(**{"vision.select_layer": -2})
+    r = int(config.data.resolution)
+    vi = VisionInput(config.vision, r)
+    variables = vi.frozen_variables()
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, r, r, 3)), jnp.float32)
+    hidden = vi.model.apply(variables, x, return_hidden=True)["hidden_states"]
+    np.testing.assert_array_equal(np.asarray(vi.vectors(variables, x)), np.asarray(hidden[-2]))
+    last = VisionInput(tiny_config().vision, r)
+    assert not np.allclose(np.asarray(last.vectors(variables, x)), np.asarray(hidden[-2]))
+    depth = vi.model.cfg.depth
+    with pytest.raises(ValueError, match="select_layer"):
+        VisionInput(tiny_config(**{"vision.select_layer": -(depth + 2)}).vision, r)
+    with pytest.raises(ValueError, match="select_layer"):
+        VisionInput(tiny_config(**{"vision.select_layer": -1, "vision.kind": "vq"}).vision, r)

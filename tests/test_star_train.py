@@ -293,8 +293,8 @@ def test_tiny_run_trains_samples_scores_and_loads_back(tmp_path):
     train = [x for x in lines if x["split"] == "train"]
     assert train[-1]["loss"] < train[0]["loss"]
     evals = [x for x in lines if x["split"] == "eval"]
-    assert {"val_loss", "val_token_acc", "geneval_overall", "geneval_colors", "edit_success", "edit_token_acc",
-            "edit_row_exact"} <= set(evals[-1])
+    assert {"val_loss", "val_token_acc", "geneval_overall", "ceiling_overall", "geneval_colors", "edit_success",
+            "edit_token_acc", "edit_row_exact"} <= set(evals[-1])
     assert list(tmp_path.glob("samples_test_*_colors.png"))
 
     _, model, variables = load_run(tmp_path)

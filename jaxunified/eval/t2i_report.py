@@ -12,11 +12,13 @@ from jaxunified.eval import shapes_geneval
 from jaxunified.eval.images import image_grid, save_png
 
 
-def geneval_metrics(report) -> dict:
-    out = {"geneval_overall": float(report["overall"]), "geneval_caption_pass": float(report["caption_pass_rate"])}
+def geneval_metrics(report, prefix: str = "geneval") -> dict:
+    """``{prefix}_overall``, ``{prefix}_caption_pass`` and ``{prefix}_{category}`` of an
+    ``shapes_geneval.evaluate`` report."""
+    out = {f"{prefix}_overall": float(report["overall"]), f"{prefix}_caption_pass": float(report["caption_pass_rate"])}
     for cat in shapes_geneval.CATEGORIES:
         if cat in report["per_category"]:
-            out[f"geneval_{cat}"] = float(report["per_category"][cat])
+            out[f"{prefix}_{cat}"] = float(report["per_category"][cat])
     return out
 
 

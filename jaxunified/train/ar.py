@@ -232,8 +232,13 @@ class ARTask(Task):
             ce, acc = self.loss_and_metrics(p, c, batch, train=False)
             return (ce * mask).sum(), (acc * mask).sum(), mask.sum()
 
+        @jax.jit
+        def target_decodes(frozen, images):
+            return self.decode_images(frozen, self.codes(frozen, {"image": images}))
+
         tot = np.zeros(3)
         captions: list[str] = []
+        targets: list[np.ndarray] = []
         with jax.set_mesh(self.mesh):
             for host in self._eval_batches(split):
                 mask = np.asarray(host["mask"], np.float32)
@@ -242,10 +247,14 @@ class ARTask(Task):
                 captions += [str(c) for c, m in zip(host["caption"], mask) if m]
                 b = to_global({"image": host["image"], "tokens": host["tokens"]}, self.mesh)
                 tot += np.asarray(jax.device_get(tf_step(gpt_params, colls, b, jnp.asarray(mask))), np.float64)
+                targets.append(np.asarray(jax.device_get(target_decodes(colls["frozen"], b["image"])))[mask > 0])
                 if limit and tot[2] >= limit:
                     break
         n = max(tot[2], 1.0)
         out = {"val_loss": tot[0] / n, "val_token_acc": tot[1] / n, "num_examples": tot[2]}
+        # What a GPT that predicted every training target code would score: the tokenizer's ceiling.
+        out.update(t2i_report.geneval_metrics(shapes_geneval.evaluate(np.concatenate(targets), captions),
+                                              "ceiling"))
 
         prompts_file = self.config.eval.get("prompts_file") or ""
         if prompts_file:

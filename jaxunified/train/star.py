@@ -471,6 +471,7 @@ class STARTask(Task):
         images, _ = self.sample(star_params, colls, self.t2i_prompts(captions[:k]), key=key)
         report = shapes_geneval.evaluate(images, captions[:k])
         out.update(t2i_report.geneval_metrics(report))
+        out.update(self.geneval_ceiling(colls, [sc["image"] for sc in scenes[:k]], captions[:k]))
         if write:
             t2i_report.write_samples(workdir, split, step, images, captions[:k], report, per)
 
@@ -513,6 +514,15 @@ class STARTask(Task):
                 [{"instruction": e.instruction, "kind": e.kind, "passed": c.passed, "reason": c.reason}
                  for e, c in zip(edits, checks)], indent=0))
         return {**out, **shapes_edit.summarize(edits, checks)}
+
+    def geneval_ceiling(self, colls, images, captions) -> dict:
+        """``ceiling_*``: shapes-GenEval of the training targets' decodes (the images' simplified
+        codes) — what a model that predicted every target code right would score."""
+        bs = int(self.config.data.get("eval_batch_size", 64))
+        rec = jax.jit(lambda frozen, x: self.decode_images(frozen, self.codes(frozen, x)))
+        decodes = np.concatenate([np.asarray(rec(colls["frozen"], jnp.asarray(np.stack(images[i:i + bs]))))
+                                  for i in range(0, len(images), bs)])
+        return t2i_report.geneval_metrics(shapes_geneval.evaluate(decodes, captions), "ceiling")
 
     def edit_ceiling(self, colls, edits, sources, targets) -> float:
         """Edit success of the training targets' decodes (the edited scenes' codes, simplified and

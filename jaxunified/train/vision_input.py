@@ -4,7 +4,10 @@ and the understanding tokens STAR's edits give the frozen base through that run'
 Kinds (``vision.kind``):
 
 - ``siglip``: a SigLIP vision tower's patch states (the LLaVA baseline; ``vision.source`` is a
-  ``train.frozen.load_siglip`` block);
+  ``train.frozen.load_siglip`` block). ``vision.select_layer`` picks them as LLaVA's
+  ``mm_vision_select_layer`` does: 0 (default) the tower's output after its post-LayerNorm, a
+  negative k the k-th last of (embeddings, layer 1 output, …) without it — LLaVA-1.5 reads -2,
+  the penultimate layer, whose patch states the contrastive objective has not yet pooled;
 - ``vq``: the codebook rows of a VQ tokenizer's codes — discrete visual tokens, the input STAR's
   generation path uses (``vision.source`` is a ``train.frozen.load_vq`` block);
 - ``toklip``: TokLIP's code embeddings ⊕ causal features, as the TokLIP paper feeds its MLLM
@@ -35,13 +38,20 @@ class VisionInput:
 
     def __init__(self, vc, resolution: int):
         self.kind, self.resolution = vc.kind, int(resolution)
+        self.select_layer = int(vc.get("select_layer", 0))
         r = self.resolution
+        if self.select_layer and vc.kind != "siglip":
+            raise ValueError(f"vision.select_layer applies to siglip inputs, not {vc.kind!r}")
         if vc.kind == "siglip":
             siglip, sv = frozen_parts.load_siglip(vc.source)
             self.model = siglip_lib.VisionTower(siglip.cfg.vision)
+            depth = self.model.cfg.depth
+            if not -(depth + 1) <= self.select_layer <= 0:
+                raise ValueError(f"vision.select_layer={self.select_layer}: use 0 (the output) or -1 … -{depth + 1} "
+                                 f"(the tower's {depth} layers and its embeddings)")
             self._variables = {"params": sv["params"]["vision"]}
-            shape = jax.eval_shape(lambda v: self.model.apply(v, jnp.zeros((1, r, r, 3))), self._variables)
-            self.num_tokens, self.dim = shape["last_hidden"].shape[1:]
+            shape = jax.eval_shape(lambda v: self.vectors(v, jnp.zeros((1, r, r, 3))), self._variables)
+            self.num_tokens, self.dim = shape.shape[1:]
         elif vc.kind == "vq":
             self.model, self._variables = frozen_parts.load_vq(vc.source)
             g = r // self.model.cfg.downsample_factor
@@ -69,7 +79,9 @@ class VisionInput:
     def vectors(self, variables, images) -> jax.Array:
         """[B, num_tokens, dim] float32 for images in [-1, 1] (uint8 batches are normalised here)."""
         images = as_float_images(images)
-        if self.kind == "siglip":
+        if self.kind == "siglip" and self.select_layer:
+            out = self.model.apply(variables, images, return_hidden=True)["hidden_states"][self.select_layer]
+        elif self.kind == "siglip":
             out = self.model.apply(variables, images)["last_hidden"]
         elif self.kind == "toklip":
             # TokLIP's MLLM input: code embeddings ⊕ causal features
