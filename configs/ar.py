@@ -57,6 +57,8 @@ def _base() -> mlc.ConfigDict:
 
     # The frozen text encoder: a SigLIP's text tower ("workdir": a siglip run; "hf_siglip"; "random").
     c.text_encoder = common.frozen_part("runs/siglip_shapes", "shapes-S", siglip=True)
+    # Which token states condition the GPT: 0 the tower's output (post-LN); -k the k-th last hidden state.
+    c.text_encoder.select_layer = 0
 
     # The GPT (models/llamagen_gpt.py): a variant plus field overrides; vocabulary, image-token
     # count, condition length and width come from the frozen parts.

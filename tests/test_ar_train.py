@@ -106,3 +106,16 @@ def test_simplified_codes_decode_within_tolerance(task):
     diff = jnp.abs(t2.decode_images(fr, simple) - t2.decode_images(fr, plain)).max()
     assert float(diff) <= 0.3 and bool((simple == t2.fill_code).mean() >= (plain == t2.fill_code).mean())
     assert t2.cache_key() != t.cache_key()
+
+
+def test_text_encoder_select_layer_conditions_on_that_hidden_state_and_keys_the_cache(task):
+    t, _, colls = task
+    layered, _, _ = helpers.tiny_task(A.ARTask, tiny_config(**{"text_encoder.select_layer": -2}))
+    tokens = jnp.asarray(t.text_tokenizer.encode(["a red circle", "two blue squares"]))
+    frozen = colls["frozen"]
+    hidden = t.text_tower.apply({"params": frozen["text"]}, tokens, return_hidden=True)["hidden_states"]
+    np.testing.assert_array_equal(np.asarray(layered.encode_text(frozen, tokens)), np.asarray(hidden[-2]))
+    assert not np.allclose(np.asarray(t.encode_text(frozen, tokens)), np.asarray(hidden[-2]))
+    assert layered.cache_key() != t.cache_key()
+    with pytest.raises(ValueError, match="select_layer=-9"):
+        A.ARTask(tiny_config(**{"text_encoder.select_layer": -9}), None)

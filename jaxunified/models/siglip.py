@@ -358,6 +358,22 @@ class SigLIP(nn.Module):
         }
 
 
+def check_select_layer(layer: int, depth: int) -> None:
+    if not -(depth + 1) <= layer <= 0:
+        raise ValueError(f"select_layer={layer}: use 0 (the output) or -1 … -{depth + 1} (the tower's "
+                         f"{depth} layers and its embeddings)")
+
+
+def selected_states(tower: nn.Module, variables, inputs, layer: int = 0) -> jax.Array:
+    """A tower's token states as LLaVA's ``mm_vision_select_layer`` picks them: ``layer`` 0 the
+    output after the post-LayerNorm (``last_hidden``), a negative k the k-th last of
+    ``hidden_states`` (embeddings, layer 1 output, …), without the LayerNorm."""
+    check_select_layer(layer, tower.cfg.depth)
+    if layer == 0:
+        return tower.apply(variables, inputs)["last_hidden"]
+    return tower.apply(variables, inputs, return_hidden=True)["hidden_states"][layer]
+
+
 def unscanned_params(params: dict, cfg: SigLIPConfig) -> dict:
     """A scanned tower's stacked ``layers`` as ``layers_{i}``, for code that runs sub-ranges of layers."""
     out = dict(params)

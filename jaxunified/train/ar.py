@@ -55,6 +55,7 @@ class ARTask(Task):
         self.text_cfg = siglip.cfg.text
         self.text_tower = siglip_lib.TextTower(self.text_cfg)
         self._text_params = sv["params"]["text"]
+        siglip_lib.check_select_layer(self.text_layer, self.text_cfg.depth)
         self.text_tokenizer = frozen_parts.text_tokenizer(config.data.text)
         if self.text_tokenizer.max_len > self.text_cfg.max_len:
             raise ValueError(f"data.text.max_len={self.text_tokenizer.max_len} exceeds the text tower's "
@@ -137,9 +138,13 @@ class ARTask(Task):
             return batch["caption_states"].astype(jnp.float32)
         return self.encode_text(frozen, batch["tokens"])
 
+    @property
+    def text_layer(self) -> int:
+        return int(self.config.text_encoder.get("select_layer", 0))
+
     def encode_text(self, frozen, tokens) -> jax.Array:
-        out = self.text_tower.apply({"params": frozen["text"]}, tokens)
-        return jax.lax.stop_gradient(out["last_hidden"].astype(jnp.float32))
+        states = siglip_lib.selected_states(self.text_tower, {"params": frozen["text"]}, tokens, self.text_layer)
+        return jax.lax.stop_gradient(states.astype(jnp.float32))
 
     # ---- the step ----
     def _gpt_vars(self, gpt_params, collections):
@@ -180,8 +185,9 @@ class ARTask(Task):
 
     def cache_key(self) -> str:
         simplified = ("simplify_tol", self.simplify_tol) if self.simplify_tol > 0 else ()
+        layer = ("text_layer", self.text_layer) if self.text_layer else ()
         return cache.dataset_key(self.config.data, [nn.meta.unbox(self._vq_vars), nn.meta.unbox(self._text_params)],
-                                 (self.vq.cfg, self.text_cfg, *simplified))
+                                 (self.vq.cfg, self.text_cfg, *simplified, *layer))
 
     def precompute_cache(self, split: str, path, batch_size: int = 256):
         frozen = {"tokenizer": nn.meta.unbox(self._vq_vars), "text": nn.meta.unbox(self._text_params)}

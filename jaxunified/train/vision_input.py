@@ -45,10 +45,7 @@ class VisionInput:
         if vc.kind == "siglip":
             siglip, sv = frozen_parts.load_siglip(vc.source)
             self.model = siglip_lib.VisionTower(siglip.cfg.vision)
-            depth = self.model.cfg.depth
-            if not -(depth + 1) <= self.select_layer <= 0:
-                raise ValueError(f"vision.select_layer={self.select_layer}: use 0 (the output) or -1 … -{depth + 1} "
-                                 f"(the tower's {depth} layers and its embeddings)")
+            siglip_lib.check_select_layer(self.select_layer, self.model.cfg.depth)
             self._variables = {"params": sv["params"]["vision"]}
             shape = jax.eval_shape(lambda v: self.vectors(v, jnp.zeros((1, r, r, 3))), self._variables)
             self.num_tokens, self.dim = shape.shape[1:]
@@ -79,10 +76,8 @@ class VisionInput:
     def vectors(self, variables, images) -> jax.Array:
         """[B, num_tokens, dim] float32 for images in [-1, 1] (uint8 batches are normalised here)."""
         images = as_float_images(images)
-        if self.kind == "siglip" and self.select_layer:
-            out = self.model.apply(variables, images, return_hidden=True)["hidden_states"][self.select_layer]
-        elif self.kind == "siglip":
-            out = self.model.apply(variables, images)["last_hidden"]
+        if self.kind == "siglip":
+            out = siglip_lib.selected_states(self.model, variables, images, self.select_layer)
         elif self.kind == "toklip":
             # TokLIP's MLLM input: code embeddings ⊕ causal features
             def both(m, x):
