@@ -6,8 +6,7 @@ Kinds (``vision.kind``):
 - ``siglip``: a SigLIP vision tower's patch states (the LLaVA baseline; ``vision.source`` is a
   ``train.frozen.load_siglip`` block). ``vision.select_layer`` picks them as LLaVA's
   ``mm_vision_select_layer`` does: 0 (default) the tower's output after its post-LayerNorm, a
-  negative k the k-th last of (embeddings, layer 1 output, …) without it — LLaVA-1.5 reads -2,
-  the penultimate layer, whose patch states the contrastive objective has not yet pooled;
+  negative k the k-th last of (embeddings, layer 1 output, …) without it (LLaVA-1.5 reads -2);
 - ``vq``: the codebook rows of a VQ tokenizer's codes — discrete visual tokens, the input STAR's
   generation path uses (``vision.source`` is a ``train.frozen.load_vq`` block);
 - ``toklip``: TokLIP's code embeddings ⊕ causal features, as the TokLIP paper feeds its MLLM
