@@ -16,9 +16,14 @@ Presets (the argument after the colon):
 * ``shapes_vq`` — the shapes VQ's codebook rows of the image's codes (discrete visual tokens):
       python train.py --config configs/vqgan.py:shapes8  --workdir runs/vqgan_shapes8
       python train.py --config configs/mllm.py:shapes_vq --workdir runs/mllm_shapes_vq
-* ``shapes_toklip`` / ``shapes_dualtoken`` — TokLIP's code embeddings ⊕ causal features, DualToken's
-  pixel ⊕ semantic code sums (their shapes presets' runs, ``runs/toklip_shapes`` / ``runs/dualtoken_shapes``):
+* ``shapes_toklip`` / ``shapes_dualtoken`` — TokLIP's code embeddings ⊕ causal features (over the 8×8
+  codes, ``runs/toklip_shapes8``), DualToken's pixel ⊕ semantic code sums (``runs/dualtoken_shapes``):
+      python train.py --config configs/toklip.py:shapes8        --workdir runs/toklip_shapes8
+      python train.py --config configs/mllm.py:shapes_toklip    --workdir runs/mllm_shapes_toklip
       python train.py --config configs/mllm.py:shapes_dualtoken --workdir runs/mllm_shapes_dualtoken
+  Measured (TokLIP): 19 min 36 s for the train command on 2 cores (1800 steps at ≈ 1.6 steps/s);
+  caption attribute accuracy 0.875 (exact 0.49); QA count 0.97, colour 0.81, shape 0.80, relation
+  0.50, yes/no 0.94; rewrites 1.00.
   Measured (DualToken, after ``dualtoken:shapes``): 1800 steps at 1.74 steps/s on 2 cores (≈ 18 min
   alone); caption attribute accuracy 0.88 (exact 0.53); QA count 0.98, colour 0.83, shape 0.76,
   relation 0.56, yes/no 0.88; rewrites 1.00.
