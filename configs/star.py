@@ -22,11 +22,10 @@ Presets (the argument after the colon):
       python train.py --config configs/star.py:shapes_edit --workdir runs/star_shapes_edit
   Target: ≤ 20 minutes on 2 CPU cores; edit success ≥ 60%.
   Measured: 24 min for the train command on 2 cores (650 steps at 0.54 steps/s; final eval 3 min;
-  over the target). 490 test edits, greedy: edit success 0.06 (remove 0.33, resize 0.02, the other
-  kinds 0), below the target — which this tokenizer cannot reach: the edited scenes' own VQ
-  reconstructions pass 0.60 (``edit_ceiling``; small shapes blur at 32 px). Teacher-forced, 78% of
-  the edited codes are right (copying the source's codes would give 63%: the VQ's codes depend on
-  their surroundings) and 4% of rows entirely; GenEval after the stage 0.14.
+  over the target). 490 test edits, greedy: edit success 0.07 (remove 0.38, add 0.01, the other
+  kinds 0), below the target; the edited scenes' decoded targets pass 0.81 (``edit_ceiling``).
+  Teacher-forced, 75% of the edited codes are right and 6% of rows entirely; GenEval after the
+  stage 0.17.
 * ``7b`` — STAR-7B stage 2 at its released sizes (14 stacked layers on the frozen Qwen2.5-VL-7B text
   base, STAR-VQ at 384 px: 576 codes, adapter depth 4; bf16, remat), for planning a pod run:
       python -m jaxunified.bench aot --config configs/star.py:7b --topology v5p-128
