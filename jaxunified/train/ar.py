@@ -235,12 +235,10 @@ class ARTask(Task):
 
         @jax.jit
         def tf_step(p, c, batch, mask):
-            ce, acc = self.loss_and_metrics(p, c, batch, train=False)
-            return (ce * mask).sum(), (acc * mask).sum(), mask.sum()
-
-        @jax.jit
-        def target_decodes(frozen, images):
-            return self.decode_images(frozen, self.codes(frozen, {"image": images}))
+            # The targets once: scored here, and decoded for the ceiling below.
+            codes = self.codes(c["frozen"], batch)
+            ce, acc = self.loss_and_metrics(p, c, {**batch, "codes": codes}, train=False)
+            return (ce * mask).sum(), (acc * mask).sum(), mask.sum(), self.decode_images(c["frozen"], codes)
 
         tot = np.zeros(3)
         captions: list[str] = []
@@ -252,8 +250,9 @@ class ARTask(Task):
                     mask = mask * (np.cumsum(mask) <= limit - tot[2])
                 captions += [str(c) for c, m in zip(host["caption"], mask) if m]
                 b = to_global({"image": host["image"], "tokens": host["tokens"]}, self.mesh)
-                tot += np.asarray(jax.device_get(tf_step(gpt_params, colls, b, jnp.asarray(mask))), np.float64)
-                targets.append(np.asarray(jax.device_get(target_decodes(colls["frozen"], b["image"])))[mask > 0])
+                *sums, decodes = jax.device_get(tf_step(gpt_params, colls, b, jnp.asarray(mask)))
+                tot += np.asarray(sums, np.float64)
+                targets.append(np.asarray(decodes)[mask > 0])
                 if limit and tot[2] >= limit:
                     break
         n = max(tot[2], 1.0)
