@@ -290,20 +290,23 @@ def _time_forward(trainer, state, batch, steps: int):
 
 
 def bench_sample(model_name: str, batch: int = 8, tokens: int = 256, cfg_scale: float = 4.0, prompt_len: int = 16,
-                 recompute_points: int = 6, seed: int = 0, dtype: str = "float32") -> dict[str, Any]:
+                 recompute_points: int = 6, seed: int = 0, dtype: str = "float32",
+                 windows: int | None = None) -> dict[str, Any]:
     """Generated tokens/s of the KV-cache sampler vs recomputing the sequence, random weights.
 
     ``model_name``: a LlamaGen GPT variant (``GPT-B``…, class-conditional, 2-D RoPE over a
     √tokens grid) or a decoder-LM variant (``qwen2.5-0.5b``…, a ``prompt_len``-token prompt).
     CFG (``cfg_scale`` > 1) doubles the rows as the samplers do; top-k 1000 categorical draws.
     ``dtype`` bfloat16 stores the weights and runs the matmuls in bf16 (``sample.decode.cast_weights``).
+    ``windows``: the samplers' ``cache_windows`` (None: ``sample.decode.auto_windows``).
+    ``recompute_points`` 0 skips the recompute estimate.
     """
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from jaxunified.sample import timing
-    from jaxunified.sample.decode import cast_weights
+    from jaxunified.sample.decode import auto_windows, cast_weights
     from jaxunified.sample.strategies import Categorical, Guidance
 
     guidance = Guidance(cfg_scale) if cfg_scale > 1.0 else None
@@ -324,7 +327,7 @@ def bench_sample(model_name: str, batch: int = 8, tokens: int = 256, cfg_scale: 
         variables["params"]["output"] = 0.02 * jax.random.normal(key, variables["params"]["output"].shape)
         variables = cast_weights(variables, dtype)
         decode = lambda: sample_images(model, variables, cond, num_tokens=grid * grid, strategy=strategy,  # noqa: E731
-                                       key=key, guidance=guidance)
+                                       key=key, guidance=guidance, cache_windows=windows)
         conds = jnp.concatenate([cond, jnp.full_like(cond, cfg.num_classes)]) if guidance else cond
         fwd = jax.jit(lambda v, c, t: model.apply(v, c, t))
         forward = lambda n: fwd(variables, conds, jnp.zeros((rows, n), jnp.int32))  # noqa: E731
@@ -339,17 +342,18 @@ def bench_sample(model_name: str, batch: int = 8, tokens: int = 256, cfg_scale: 
         prompts = [[1 + (i + j) % 1000 for j in range(prompt_len)] for i in range(batch)]
         uncond = [[0] * prompt_len for _ in range(batch)] if guidance else None
         decode = lambda: generate_text(model, params, prompts, max_new_tokens=tokens, strategy=strategy,  # noqa: E731
-                                       key=key, guidance=guidance, uncond_prompts=uncond)
+                                       key=key, guidance=guidance, uncond_prompts=uncond, cache_windows=windows)
         fwd = jax.jit(lambda p, ids: model.apply({"params": p}, ids)["logits"][:, -1])
         forward = lambda n: fwd(params, jnp.zeros((rows, n), jnp.int32))  # noqa: E731
         start, stop, n_params = prompt_len, prompt_len + tokens, _count(params)
     t0 = time.perf_counter()
     cached = timing.time_decode(decode)
     first_call = time.perf_counter() - t0 - cached
-    recompute = timing.time_recompute(forward, max(start, 1), stop, points=recompute_points)
+    recompute = (timing.time_recompute(forward, max(start, 1), stop, points=recompute_points)
+                 if recompute_points else float("nan"))
     n_tokens = batch * tokens
     return {"model": model_name, "params": n_params, "dtype": jnp.dtype(dtype).name, "batch": batch, "tokens": tokens,
-            "cfg": guidance is not None,
+            "cfg": guidance is not None, "cache_windows": auto_windows(tokens) if windows is None else windows,
             "kv_cache_seconds": cached, "kv_cache_tokens_per_sec": n_tokens / cached,
             "recompute_seconds_est": recompute, "recompute_tokens_per_sec_est": n_tokens / recompute,
             "speedup": recompute / cached, "compile_seconds": first_call,
@@ -396,6 +400,8 @@ def _define_flags():
         flags.DEFINE_list("models", ["GPT-B", "qwen2.5-0.5b"], "sample: GPT / LM variants to time")
         flags.DEFINE_integer("tokens", 256, "sample: generated tokens per row")
         flags.DEFINE_float("cfg_scale", 4.0, "sample: classifier-free guidance scale (1 = off)")
+        flags.DEFINE_integer("windows", None, "sample: growing KV-cache prefixes (default: sample.decode.auto_windows)")
+        flags.DEFINE_integer("recompute_points", 6, "sample: lengths timed for the recompute estimate (0: skip it)")
     return F
 
 
@@ -433,9 +439,10 @@ def _main(argv):
     if cmd == "sample":
         for m in F.models:
             r = bench_sample(m, batch=F.batch_size or 8, tokens=F.tokens, cfg_scale=F.cfg_scale,
-                             dtype=F.dtype or "float32")
+                             dtype=F.dtype or "float32", windows=F.windows, recompute_points=F.recompute_points)
             print(f"{m:14s} {r['params'] / 1e6:.0f}M params ({r['dtype']}), batch {r['batch']}, {r['tokens']} tokens, "
-                  f"cfg {'on' if r['cfg'] else 'off'}: KV cache {r['kv_cache_tokens_per_sec']:.1f} tok/s "
+                  f"cfg {'on' if r['cfg'] else 'off'}, {r['cache_windows']} cache windows: "
+                  f"KV cache {r['kv_cache_tokens_per_sec']:.1f} tok/s "
                   f"({r['kv_cache_seconds']:.2f} s), recompute ≈ {r['recompute_tokens_per_sec_est']:.1f} tok/s "
                   f"({r['recompute_seconds_est']:.1f} s) → {r['speedup']:.1f}×")
             print(_json_line({"command": "sample", **r}))

@@ -347,6 +347,19 @@ def test_t2i_sampler_with_padded_captions_and_cfg():
     _argmax_chain_ok(model, v, caption, tokens, cond_mask=mask, guidance=g, uncond=null)
 
 
+@pytest.mark.parametrize("windows", [2, 5])
+def test_cache_windows_give_the_same_tokens(windows):
+    """Attending over growing cache prefixes draws the tokens of the one full-cache loop (t2i with
+    padded captions, CFG, seeded top-k draws)."""
+    model = gpt.LlamaGenGPT(T2I_TINY)
+    v = _random_variables(model, seed=5)
+    caption, mask = _captions(T2I_TINY, [6, 2])
+    kw = dict(cond_mask=mask, num_tokens=16, guidance=Guidance(scale=3.0), strategy=Categorical(top_k=5),
+              key=jax.random.key(2))
+    np.testing.assert_array_equal(sample_images(model, v, caption, **kw),
+                                  sample_images(model, v, caption, cache_windows=windows, **kw))
+
+
 def test_categorical_sampler_is_seeded_per_row():
     model = gpt.LlamaGenGPT(C2I_CFG_TINY)
     v = _random_variables(model, seed=6)

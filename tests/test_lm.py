@@ -198,6 +198,20 @@ def test_greedy_generation_is_the_argmax_chain_and_stops_at_eos(tiny):
     assert (tokens2[0, first + 1:] == -1).all()
 
 
+def test_cache_windows_give_the_same_text_and_eos_stops(tiny):
+    model, variables = tiny
+    prompts = [[5, 17, 99], [8, 1, 2, 3, 4, 60]]
+    full, _ = generate_text(model, variables["params"], prompts, max_new_tokens=7)
+    eos = int(full[0, 2])
+    for windows in (3, 7):
+        tokens, _ = generate_text(model, variables["params"], prompts, max_new_tokens=7, cache_windows=windows)
+        np.testing.assert_array_equal(tokens, full)
+        a = generate_text(model, variables["params"], prompts, max_new_tokens=7, eos_id=eos, cache_windows=windows)
+        b = generate_text(model, variables["params"], prompts, max_new_tokens=7, eos_id=eos)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+
+
 def test_guided_generation_runs_cond_and_uncond_rows_as_one_batch(tiny):
     from jaxunified.sample.strategies import Guidance
 

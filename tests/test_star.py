@@ -61,6 +61,9 @@ def test_cfg_decode_reproduces_the_golden_codes_step_logits_and_image(golden):
     codes_k1 = star_sample.generate_images(model, variables, [prompt], num_tokens=16, guidance=Guidance(3.0),
                                            fim_pad_id=fim, strategy=Categorical(top_k=1), key=jax.random.key(3))
     np.testing.assert_array_equal(np.asarray(codes_k1)[0], ref["gen_codes"])
+    codes_w = star_sample.generate_images(model, variables, [prompt], num_tokens=16, guidance=Guidance(3.0),
+                                          fim_pad_id=fim, cache_windows=3)
+    np.testing.assert_array_equal(np.asarray(codes_w)[0], ref["gen_codes"])
     image = model.apply(variables, codes.reshape(1, 4, 4), method=STAR.decode_image)
     np.testing.assert_allclose(image, ref["gen_image_nhwc"], atol=ATOL)
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxunified.models.llamagen_gpt import LlamaGenGPT, init_cache
-from jaxunified.sample.decode import generate
+from jaxunified.sample.decode import auto_windows, generate
 from jaxunified.sample.strategies import Greedy, Guidance, Strategy, row_keys
 
 
@@ -44,8 +44,8 @@ def _uncond_rows(model: LlamaGenGPT, variables, cond: jax.Array) -> jax.Array:
     return jnp.full_like(cond, c.null_class)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "strategy", "guidance"))
-def _sample(model, variables, cond, cond_mask, keys, *, num_tokens, strategy, guidance):
+@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "strategy", "guidance", "windows"))
+def _sample(model, variables, cond, cond_mask, keys, *, num_tokens, strategy, guidance, windows):
     c = model.config
     dec = model.clone(decode=True)
     if guidance is not None:
@@ -65,7 +65,7 @@ def _sample(model, variables, cond, cond_mask, keys, *, num_tokens, strategy, gu
                                   method="step", mutable=["cache"])
         return logits, state["cache"]
 
-    tokens, _ = generate(step, first, state["cache"], num_tokens, strategy, keys, guidance=guidance)
+    tokens, _ = generate(step, first, state["cache"], num_tokens, strategy, keys, guidance=guidance, windows=windows)
     return tokens
 
 
@@ -79,11 +79,14 @@ def sample_images(
     key: jax.Array | None = None,
     guidance: Guidance | None = None,
     cond_mask: jax.Array | None = None,
+    cache_windows: int | None = None,
 ) -> jax.Array:
     """Image codes [B, num_tokens] int32 (raster order) for ``cond``: class ids [B] (c2i) or
     left-padded caption states [B, cls_token_num, caption_dim] with ``cond_mask`` [B,
     cls_token_num] (t2i). ``num_tokens`` defaults to the whole grid (``block_size``).
     ``key`` seeds the per-row draws (``strategies.row_keys``); Greedy needs none.
+    ``cache_windows``: ``sample.decode.generate``'s ``windows`` (None: ``auto_windows``): the same
+    tokens from fewer KV bytes read.
     """
     c = model.config
     num_tokens = c.block_size if num_tokens is None else int(num_tokens)
@@ -98,7 +101,8 @@ def sample_images(
     keys = None if isinstance(strategy, Greedy) else row_keys(jax.random.key(0) if key is None else key,
                                                                cond.shape[0])
     return _sample(model.clone(decode=False), variables, cond, cond_mask, keys, num_tokens=num_tokens,
-                   strategy=strategy, guidance=guidance)
+                   strategy=strategy, guidance=guidance,
+                   windows=auto_windows(num_tokens) if cache_windows is None else int(cache_windows))
 
 
 __all__ = ["sample_images"]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunified.models.lm import DecoderLM, init_cache
-from jaxunified.sample.decode import generate
+from jaxunified.sample.decode import auto_windows, cache_slots, generate
 from jaxunified.sample.strategies import Greedy, Guidance, Strategy, row_keys
 
 
@@ -85,18 +85,20 @@ def prefill_and_step(model, params, ids: jax.Array, valid: jax.Array, max_new_to
 
     def step(tok, cache, n):
         pos = length + n - 1 - offset
-        o, s = dec.apply({"params": params, "cache": cache}, tok[:, None], attention_mask=slot_valid,
-                         positions=pos, mutable=["cache"])
+        o, s = dec.apply({"params": params, "cache": cache}, tok[:, None],
+                         attention_mask=slot_valid[:, :cache_slots(cache)], positions=pos, mutable=["cache"])
         return o["logits"][:, 0], s["cache"]
 
     return out["logits"][:, -1], state["cache"], step
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "strategy", "guidance", "eos_id", "pad_id"))
-def _generate(model, params, ids, valid, keys, prefill_inputs, *, max_new_tokens, strategy, guidance, eos_id, pad_id):
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "strategy", "guidance", "eos_id", "pad_id",
+                                             "windows"))
+def _generate(model, params, ids, valid, keys, prefill_inputs, *, max_new_tokens, strategy, guidance, eos_id, pad_id,
+              windows):
     first, cache, step = prefill_and_step(model, params, ids, valid, max_new_tokens, prefill_inputs)
     return generate(step, first, cache, max_new_tokens, strategy, keys, guidance=guidance, eos_id=eos_id,
-                    pad_id=pad_id)
+                    pad_id=pad_id, windows=windows)
 
 
 def generate_text(
@@ -113,6 +115,7 @@ def generate_text(
     guidance: Guidance | None = None,
     uncond_prompts: Sequence[Sequence[int]] | None = None,
     prefill_inputs: dict | None = None,
+    cache_windows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Continuations of ``prompts``: (tokens [B, max_new_tokens], lengths [B]) — after a row's
     EOS (counted in its length) the rest is ``pad_id``.
@@ -120,7 +123,7 @@ def generate_text(
     ``guidance`` with ``uncond_prompts`` (one per prompt, e.g. STAR's ``<|fim_pad|>`` rows): the
     two sets run as one [cond; uncond] batch and each sampled token is fed to both rows.
     ``prefill_inputs``: more arrays for the prefill call (an ``MLLM``'s ``vision``/``image_start``),
-    one row per prompt row.
+    one row per prompt row. ``cache_windows``: ``sample.decode.generate``'s ``windows`` (None: ``auto_windows``).
     """
     rows = list(prompts)
     if guidance is not None:
@@ -132,7 +135,8 @@ def generate_text(
         jax.random.key(0) if key is None else key, len(prompts))
     tokens, lengths = _generate(model, params, jnp.asarray(ids), jnp.asarray(valid), keys, prefill_inputs,
                                 max_new_tokens=max_new_tokens, strategy=strategy, guidance=guidance, eos_id=eos_id,
-                                pad_id=pad_id)
+                                pad_id=pad_id,
+                                windows=auto_windows(max_new_tokens) if cache_windows is None else int(cache_windows))
     return np.asarray(tokens), np.asarray(lengths)
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxunified.models.star import STAR, image_origin
-from jaxunified.sample.decode import generate
+from jaxunified.sample.decode import auto_windows, cache_slots, generate
 from jaxunified.sample.lm import cache_layout, left_pad, zero_cache
 from jaxunified.sample.strategies import Greedy, Guidance, Strategy, row_keys
 
@@ -67,20 +67,21 @@ def prefill_and_step(model: STAR, variables: Any, ids: jax.Array, valid: jax.Arr
 
     def step(codes, cache, n):
         # Feeds code n - 1, at position origin + n.
-        logits, state = dec.apply({**fixed, "cache": cache}, codes[:, None], attention_mask=slot_valid,
-                                  positions=(origin + n)[:, None], method="step_codes", mutable=["cache"])
+        logits, state = dec.apply({**fixed, "cache": cache}, codes[:, None],
+                                  attention_mask=slot_valid[:, :cache_slots(cache)], positions=(origin + n)[:, None],
+                                  method="step_codes", mutable=["cache"])
         return logits[:, 0], state["cache"]
 
     return out["pixel_logits"][:, -1], state["cache"], step
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "strategy", "guidance", "source_id",
-                                             "shared_positions"))
+                                             "shared_positions", "windows"))
 def _sample(model, variables, ids, valid, keys, source_codes=None, source_embeds=None, *, num_tokens, strategy,
-            guidance, source_id=None, shared_positions=False):
+            guidance, source_id=None, shared_positions=False, windows=1):
     first, cache, step = prefill_and_step(model, variables, ids, valid, num_tokens, source_codes, source_id,
                                           shared_positions, source_embeds)
-    codes, _ = generate(step, first, cache, num_tokens, strategy, keys, guidance=guidance)
+    codes, _ = generate(step, first, cache, num_tokens, strategy, keys, guidance=guidance, windows=windows)
     return codes
 
 
@@ -104,6 +105,7 @@ def generate_images(
     masked_id: int | None = None,
     shared_positions: bool = False,
     source_embeds=None,
+    cache_windows: int | None = None,
 ) -> jax.Array:
     """Image codes [B, num_tokens] (raster order) for chat-templated ``prompts`` (each ending in
     ``<|vision_start|>``). With ``guidance`` the unconditional rows are ``uncond_prompts`` or,
@@ -115,7 +117,8 @@ def generate_images(
     delimiters) as ``uncond_keep`` so the default unconditional rows keep it, as STAR's do.
     Tokens equal to ``masked_id`` inside a prompt hold their slot and position but are not attended
     (``data.shapes_chat.edit_ids``' fixed-length instruction). ``shared_positions``: the output
-    image takes the source block's RoPE positions (``models.star.image_origin``)."""
+    image takes the source block's RoPE positions (``models.star.image_origin``).
+    ``cache_windows``: ``sample.decode.generate``'s ``windows`` (None: ``auto_windows``)."""
     rows = [list(p) for p in prompts]
     if guidance is not None:
         if uncond_prompts is None:
@@ -143,7 +146,8 @@ def generate_images(
     return _sample(model.clone(decode=False), variables, jnp.asarray(ids), jnp.asarray(valid), keys, source_codes,
                    source_embeds,
                    num_tokens=int(num_tokens), strategy=strategy, guidance=guidance, source_id=source_id,
-                   shared_positions=bool(shared_positions) and source_codes is not None)
+                   shared_positions=bool(shared_positions) and source_codes is not None,
+                   windows=auto_windows(num_tokens) if cache_windows is None else int(cache_windows))
 
 
 __all__ = ["FIM_PAD_ID", "VISION_START_ID", "generate_images", "prefill_and_step", "uncond_ids"]
