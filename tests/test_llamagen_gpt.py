@@ -18,6 +18,7 @@ from jaxunified.convert.common import CheckpointMismatchError
 from jaxunified.models import llamagen_gpt as gpt
 from jaxunified.nn.rope import apply_rope, rope_2d
 from jaxunified.nn.transformer import stack_layers
+from jaxunified.sample import decode
 from jaxunified.sample.decode import cast_weights
 from jaxunified.sample.llamagen import sample_images
 from jaxunified.sample.strategies import Categorical, Greedy, Guidance
@@ -274,6 +275,9 @@ def test_bf16_weights_decode_like_the_full_forward(golden):
     np.testing.assert_allclose(full, ref["logits"], atol=0.15)
     tokens = sample_images(bf, v16, cond, num_tokens=8, strategy=Greedy())
     assert tokens.shape == (2, 8) and int(tokens.max()) < model.config.vocab_size
+    # 16-bit compute or weights take the samplers' bf16 CPU compile (sample.decode.sampler_jit)
+    assert decode._computes_in_16_bits(bf, variables) and decode._computes_in_16_bits(model, v16)
+    assert not decode._computes_in_16_bits(model, variables)
 
 
 # ---- sizes ----

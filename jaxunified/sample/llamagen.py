@@ -18,14 +18,13 @@ here passing a ``Guidance`` always guides (scale 1 gives the conditional logits,
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxunified.models.llamagen_gpt import LlamaGenGPT, init_cache
-from jaxunified.sample.decode import auto_windows, generate
+from jaxunified.sample.decode import auto_windows, generate, sampler_jit
 from jaxunified.sample.strategies import Greedy, Guidance, Strategy, row_keys
 
 
@@ -44,7 +43,6 @@ def _uncond_rows(model: LlamaGenGPT, variables, cond: jax.Array) -> jax.Array:
     return jnp.full_like(cond, c.null_class)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "strategy", "guidance", "windows"))
 def _sample(model, variables, cond, cond_mask, keys, *, num_tokens, strategy, guidance, windows):
     c = model.config
     dec = model.clone(decode=True)
@@ -67,6 +65,9 @@ def _sample(model, variables, cond, cond_mask, keys, *, num_tokens, strategy, gu
 
     tokens, _ = generate(step, first, state["cache"], num_tokens, strategy, keys, guidance=guidance, windows=windows)
     return tokens
+
+
+_sample = sampler_jit(_sample, static_argnames=("model", "num_tokens", "strategy", "guidance", "windows"))
 
 
 def sample_images(

@@ -10,7 +10,6 @@ multiple of ``bucket`` so a new prompt length rarely means a new compile.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunified.models.lm import DecoderLM, init_cache
-from jaxunified.sample.decode import auto_windows, cache_slots, generate
+from jaxunified.sample.decode import auto_windows, cache_slots, generate, sampler_jit
 from jaxunified.sample.strategies import Greedy, Guidance, Strategy, row_keys
 
 
@@ -92,13 +91,15 @@ def prefill_and_step(model, params, ids: jax.Array, valid: jax.Array, max_new_to
     return out["logits"][:, -1], state["cache"], step
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "strategy", "guidance", "eos_id", "pad_id",
-                                             "windows"))
 def _generate(model, params, ids, valid, keys, prefill_inputs, *, max_new_tokens, strategy, guidance, eos_id, pad_id,
               windows):
     first, cache, step = prefill_and_step(model, params, ids, valid, max_new_tokens, prefill_inputs)
     return generate(step, first, cache, max_new_tokens, strategy, keys, guidance=guidance, eos_id=eos_id,
                     pad_id=pad_id, windows=windows)
+
+
+_generate = sampler_jit(_generate, static_argnames=("model", "max_new_tokens", "strategy", "guidance", "eos_id",
+                                                   "pad_id", "windows"))
 
 
 def generate_text(

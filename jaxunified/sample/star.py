@@ -14,14 +14,13 @@ top_k, top_p)``; its top-k 1 is ``Greedy()``.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jaxunified.models.star import STAR, image_origin
-from jaxunified.sample.decode import auto_windows, cache_slots, generate
+from jaxunified.sample.decode import auto_windows, cache_slots, generate, sampler_jit
 from jaxunified.sample.lm import cache_layout, left_pad, zero_cache
 from jaxunified.sample.strategies import Greedy, Guidance, Strategy, row_keys
 
@@ -75,14 +74,16 @@ def prefill_and_step(model: STAR, variables: Any, ids: jax.Array, valid: jax.Arr
     return out["pixel_logits"][:, -1], state["cache"], step
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "strategy", "guidance", "source_id",
-                                             "shared_positions", "windows"))
 def _sample(model, variables, ids, valid, keys, source_codes=None, source_embeds=None, *, num_tokens, strategy,
             guidance, source_id=None, shared_positions=False, windows=1):
     first, cache, step = prefill_and_step(model, variables, ids, valid, num_tokens, source_codes, source_id,
                                           shared_positions, source_embeds)
     codes, _ = generate(step, first, cache, num_tokens, strategy, keys, guidance=guidance, windows=windows)
     return codes
+
+
+_sample = sampler_jit(_sample, static_argnames=("model", "num_tokens", "strategy", "guidance", "source_id",
+                                                "shared_positions", "windows"))
 
 
 def generate_images(
