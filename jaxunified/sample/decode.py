@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxunified.nn import sums
-
 from jaxunified.sample.strategies import Guidance, Strategy, choose, guide
 
 StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
@@ -38,6 +37,7 @@ def auto_windows(num_tokens: int) -> int:
     """The samplers' default ``windows``: one per 32 tokens, at most 8 (GPT-B, 256 tokens, 16 rows on
     2 CPU cores: 94 → 106 / 109 tok/s with 4 / 8 windows in float32, 127 → 153 / 157 in bfloat16)."""
     return max(1, min(8, int(num_tokens) // 32))
+
 
 # The attention cache's per-slot buffers (nn.attention: [..., B, Hkv, slots, D]).
 SLOT_VARIABLES = ("cached_key", "cached_value")
@@ -176,7 +176,7 @@ def generate(
     slots = cache_slots(cache) if windows > 1 else None
     carry, part = (jnp.int32(1), out, None, tok, done, lengths), None
     for stop in window_bounds(num_tokens, windows):
-        # Steps before ``stop`` write slots up to (slots - num_tokens + stop - 2).
+        # The steps before ``stop`` write nothing past the cache's first (slots - num_tokens + stop) slots.
         part = cache if slots is None else _window(cache, part, slots - num_tokens + stop)
         carry = jax.lax.while_loop(cond_fn(stop), body, carry[:2] + (part,) + carry[3:])
         part = carry[2]
