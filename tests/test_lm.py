@@ -210,6 +210,8 @@ def test_cache_windows_give_the_same_text_and_eos_stops(tiny):
         b = generate_text(model, variables["params"], prompts, max_new_tokens=7, eos_id=eos)
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[1], b[1])
+    with pytest.raises(ValueError, match="windows"):
+        generate_text(model, variables["params"], prompts, max_new_tokens=7, cache_windows=0)
 
 
 def test_guided_generation_runs_cond_and_uncond_rows_as_one_batch(tiny):
