@@ -10,9 +10,9 @@ Presets (the argument after the colon):
       python train.py --config configs/ar.py:shapes     --workdir runs/ar_shapes
       python eval.py  --config configs/ar.py:shapes     --workdir runs/ar_shapes
   Target: ≤ 20 minutes on 2 CPU cores; shapes-GenEval single object ≥ 0.90, colours ≥ 0.80, overall ≥ 0.50.
-  Measured: 19 min 50 s for the train command on 2 cores (1900 steps at 1.8 steps/s after about a
-  minute building the cache of simplified codes and caption states; final eval included), 30 s for
-  eval. eval_test.json (1000 test captions, CFG 2, top-k 3): val loss 0.88, token accuracy 72%,
+  Measured: 19 min 50 s to 20 min 40 s for the train command on 2 cores (1900 steps at 1.8 or
+  1.7 steps/s, the machine's speed on two days, after about a minute building the cache of
+  simplified codes and caption states; final eval included), 30 s for eval. eval_test.json (1000 test captions, CFG 2, top-k 3): val loss 0.88, token accuracy 72%,
   GenEval overall 0.40 — single object 0.79, two objects 0.20, counting 0.42, colours 0.87,
   position 0.05, colour attribution 0.10 (the single-object and overall targets are not met: the
   GPT draws the named shapes and colours but binds them to the wrong objects; ``ceiling_*``, the
