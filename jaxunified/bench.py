@@ -353,7 +353,7 @@ def bench_sample(model_name: str, batch: int = 8, tokens: int = 256, cfg_scale: 
                  if recompute_points else float("nan"))
     n_tokens = batch * tokens
     return {"model": model_name, "params": n_params, "dtype": jnp.dtype(dtype).name, "batch": batch, "tokens": tokens,
-            "cfg": guidance is not None, "cache_windows": auto_windows(tokens) if windows is None else windows,
+            "cfg": guidance is not None, "cache_windows": auto_windows(tokens, windows),
             "kv_cache_seconds": cached, "kv_cache_tokens_per_sec": n_tokens / cached,
             "recompute_seconds_est": recompute, "recompute_tokens_per_sec_est": n_tokens / recompute,
             "speedup": recompute / cached, "compile_seconds": first_call,

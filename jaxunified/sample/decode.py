@@ -33,9 +33,12 @@ from jaxunified.sample.strategies import Guidance, Strategy, choose, guide
 StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
 
-def auto_windows(num_tokens: int) -> int:
-    """The samplers' default ``windows``: one per 32 tokens, at most 8 (GPT-B, 256 tokens, 16 rows on
-    2 CPU cores: 94 → 106 / 109 tok/s with 4 / 8 windows in float32, 127 → 153 / 157 in bfloat16)."""
+def auto_windows(num_tokens: int, windows: int | None = None) -> int:
+    """The samplers' ``windows``: ``windows`` if given, else one per 32 tokens, at most 8 (GPT-B, 256
+    tokens, 16 rows on 2 CPU cores: 94 → 106 / 109 tok/s with 4 / 8 windows in float32, 127 → 153 /
+    157 in bfloat16)."""
+    if windows is not None:
+        return int(windows)
     return max(1, min(8, int(num_tokens) // 32))
 
 

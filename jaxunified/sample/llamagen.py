@@ -103,7 +103,7 @@ def sample_images(
                                                                cond.shape[0])
     return _sample(model.clone(decode=False), variables, cond, cond_mask, keys, num_tokens=num_tokens,
                    strategy=strategy, guidance=guidance,
-                   windows=auto_windows(num_tokens) if cache_windows is None else int(cache_windows))
+                   windows=auto_windows(num_tokens, cache_windows))
 
 
 __all__ = ["sample_images"]

@@ -137,7 +137,7 @@ def generate_text(
     tokens, lengths = _generate(model, params, jnp.asarray(ids), jnp.asarray(valid), keys, prefill_inputs,
                                 max_new_tokens=max_new_tokens, strategy=strategy, guidance=guidance, eos_id=eos_id,
                                 pad_id=pad_id,
-                                windows=auto_windows(max_new_tokens) if cache_windows is None else int(cache_windows))
+                                windows=auto_windows(max_new_tokens, cache_windows))
     return np.asarray(tokens), np.asarray(lengths)
 
 

@@ -148,7 +148,7 @@ def generate_images(
                    source_embeds,
                    num_tokens=int(num_tokens), strategy=strategy, guidance=guidance, source_id=source_id,
                    shared_positions=bool(shared_positions) and source_codes is not None,
-                   windows=auto_windows(num_tokens) if cache_windows is None else int(cache_windows))
+                   windows=auto_windows(num_tokens, cache_windows))
 
 
 __all__ = ["FIM_PAD_ID", "VISION_START_ID", "generate_images", "prefill_and_step", "uncond_ids"]
