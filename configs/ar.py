@@ -100,8 +100,11 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.tokenizer.simplify_tol = 0.2
         # The shapes tower pools its last position, so its output layer is trained there only.
         c.text_encoder.select_layer = -2
+        # cond_rope "zero" is LlamaGen's (condition keys carry no content score); named so that
+        # --config.model.overrides.cond_rope=identity can switch it (an override must exist here).
         c.model.overrides = mlc.ConfigDict(dict(dim=128, n_layer=6, n_head=4, multiple_of=64, class_dropout_prob=0.1,
-                                                token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0))
+                                                token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
+                                                cond_rope="zero"))
         c.optim.lr = 3e-3
         c.optim.warmup_steps = 100
         c.optim.weight_decay = 0.05

@@ -50,6 +50,9 @@ def _base() -> mlc.ConfigDict:
     c = common.base("mllm")
     c.data.max_len = 96  # 64 image slots + the longest question and caption answer
     c.data.eval_batch_size = 250
+    # How often each conversation kind is drawn for a training image (relative; 0 = never).
+    c.data.task_weights = mlc.ConfigDict({k: 1.0 for k in ("caption", "count", "color", "shape", "relation", "yes_no",
+                                                           "rewrite")})
 
     # The frozen visual input: kind "siglip" (source: a SigLIP block) or "vq" (source: a VQ block).
     c.vision = mlc.ConfigDict()

@@ -213,7 +213,7 @@ def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = Non
             trainer = Trainer(config, workdir=tmp, devices=devices)
             state = trainer.init_state()
         n = trainer.mesh.devices.size
-        host = _random_batch(trainer.task.dummy_batch(), int(config.get("seed", 0)))
+        host = _random_batch(trainer.task.train_batch_example(), int(config.get("seed", 0)))
         batch = jax.device_put(host, trainer.batch_shardings(host))
         step = trainer.make_step(batch)
         t0 = time.perf_counter()

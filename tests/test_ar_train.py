@@ -45,6 +45,17 @@ def test_cached_batch_gives_the_image_batch_loss(task, tmp_path):
     np.testing.assert_array_equal(acc_b, acc_a)
 
 
+def test_train_batch_example_has_the_cached_batches_fields(tmp_path):
+    config = tiny_config(**{"data.cache_dir": str(tmp_path), "data.build_cache": True})
+    t, _, _ = helpers.tiny_task(A.ARTask, config)
+    first = next(iter(t.build_dataset("train")))  # builds the cache, then reads it
+    example = t.train_batch_example()  # what bench and AOT plans compile the step for
+    assert set(example) == set(A.CACHE_FIELDS) and set(example) <= set(first)
+    for k, v in example.items():
+        assert (v.shape[1:], v.dtype) == (first[k].shape[1:], first[k].dtype), k
+    assert set(A.ARTask(tiny_config(), t.mesh).train_batch_example()) == {"image", "tokens"}
+
+
 def test_step_trains_only_the_gpt_and_frozen_parts_stay_bit_identical(task):
     t, _, colls = task
     config = tiny_config()

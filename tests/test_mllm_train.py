@@ -32,6 +32,25 @@ def test_only_the_answer_and_its_end_are_supervised():
     assert (tokens[shapes_chat.IMAGE_START:shapes_chat.IMAGE_START + 64] == shapes_chat.IMAGE_PAD).all()
 
 
+def test_task_weights_set_how_often_each_conversation_kind_is_drawn():
+    vocab = shapes_chat.ChatVocab()
+    labels = shapes.render_example(3, "test", resolution=32)
+
+    def answers(weights, n):
+        t, rng = M.ChatExamples(64, 96, weights), np.random.default_rng(0)
+        rows = [t.random_map(labels, rng) for _ in range(n)]
+        return [vocab.decode(r["tokens"][1:][r["loss_mask"][:-1] > 0][:-1]) for r in rows]
+
+    assert set(answers({"caption": 1.0}, 20)) == {labels["caption"]}
+    share = np.mean([a == labels["caption"] for a in answers({**dict.fromkeys(shapes_chat.TASKS, 1.0), "caption": 3.0},
+                                                              600)])
+    assert 0.25 < share < 0.45  # 3 of 9 before redraws of kinds the scene cannot answer
+    assert M.task_probabilities(dict.fromkeys(shapes_chat.TASKS, 2.0)) is None  # uniform: the old draws
+    for bad in ({"bogus": 1.0}, {"color": 1.0}, {"caption": -1.0, "count": 2.0}):
+        with pytest.raises(ValueError, match="task_weights"):
+            M.task_probabilities(bad)
+
+
 def test_questions_are_unambiguous_and_answered_from_the_scene():
     rng = np.random.default_rng(0)
     asked = {k: 0 for k in shapes_chat.QA_TYPES}

@@ -268,6 +268,10 @@ def test_cached_simplified_codes_give_the_image_batch_loss(task, tmp_path):
     it = t.build_dataset("train")  # reads the cache: no pixels, prompts added
     first = next(iter(it))
     assert "image" not in first and {"codes", "prompt", "prompt_valid"} <= set(first)
+    example = t.train_batch_example()  # what bench and AOT plans compile the step for
+    assert set(example) <= set(first)
+    for k, v in example.items():
+        assert (v.shape[1:], v.dtype) == (first[k].shape[1:], first[k].dtype), k
 
 
 def test_prompt_dropout_trains_the_samplers_unconditional_row():

@@ -90,6 +90,13 @@ class ARTask(Task):
         return {"image": np.zeros((b, r, r, 3), np.uint8),
                 "tokens": np.zeros((b, self.text_tokenizer.max_len), np.int32)}
 
+    def train_batch_example(self):
+        if not self.config.data.get("cache_dir"):
+            return self.dummy_batch()
+        b, g, c = int(self.config.data.batch_size), self.grid, self.model_cfg
+        return {"codes": np.zeros((b, g, g), np.int32),
+                "caption_states": np.zeros((b, c.cls_token_num, c.caption_dim), np.float32)}
+
     def init_variables(self, rng, batch):
         n = self.model_cfg.block_size
         states = jnp.zeros((1, self.model_cfg.cls_token_num, self.model_cfg.caption_dim), jnp.float32)

@@ -52,7 +52,7 @@ def with_batch_size(config, batch_size: int | None):
 
 def abstract_batch(trainer) -> dict:
     """The per-step global batch as ShapeDtypeStructs carrying the trainer's batch shardings."""
-    example = trainer.task.dummy_batch()
+    example = trainer.task.train_batch_example()
     shardings = trainer.batch_shardings(example)
     return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=shardings[k])
             for k, v in example.items()}

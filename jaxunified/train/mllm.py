@@ -7,8 +7,8 @@ Visual inputs (``vision.kind``: SigLIP patch states, VQ codebook rows, TokLIP's 
 token vectors; ``train.vision_input``), frozen, through the trainable projector.
 
 The LM trains from scratch on the shapes vocabulary (``model.variant`` + ``model.overrides``);
-every training image gets one conversation drawn uniformly from ``shapes_chat.TASKS`` (a
-caption request or one question type the scene can answer).
+every training image gets one conversation drawn from ``shapes_chat.TASKS`` (a caption
+request or one question type the scene can answer), uniformly or by ``data.task_weights``.
 
 Evaluation on the split's first ``eval.num_examples`` images, greedy answers: per question type
 the exact-answer accuracy (``qa_<type>``) and their mean (``qa_mean``); the text-only rewrites of
@@ -45,21 +45,41 @@ ANSWER_TOKENS = {"caption": 14, "rewrite": 5, **{k: 2 for k in shapes_chat.QA_TY
 
 
 class ChatExamples(grain.transforms.RandomMap):
-    """Adds ``tokens``/``loss_mask`` [max_len]: one conversation per image, its kind drawn uniformly
-    from ``shapes_chat.TASKS`` among those the scene can answer."""
+    """Adds ``tokens``/``loss_mask`` [max_len]: one conversation per image, its kind drawn from
+    ``shapes_chat.TASKS`` among those the scene can answer, uniformly or in proportion to
+    ``weights`` (kind → weight; kinds left out get none)."""
 
-    def __init__(self, num_image_tokens: int, max_len: int):
+    def __init__(self, num_image_tokens: int, max_len: int, weights: dict | None = None):
         self.vocab = shapes_chat.ChatVocab()
         self.num_image_tokens, self.max_len = num_image_tokens, max_len
+        self.probs = task_probabilities(weights)
 
     def random_map(self, element, rng: np.random.Generator):
         for _ in range(32):
-            kind = shapes_chat.TASKS[int(rng.integers(len(shapes_chat.TASKS)))]
+            n = len(shapes_chat.TASKS)  # uniform keeps the draws (and runs) of before the weights existed
+            kind = shapes_chat.TASKS[int(rng.integers(n) if self.probs is None else rng.choice(n, p=self.probs))]
             ex = shapes_chat.understanding_example(self.vocab, element, kind, self.num_image_tokens, self.max_len,
                                                    rng)
             if ex is not None:
                 return {**element, **ex}
         raise RuntimeError("no answerable conversation for a shapes scene")  # caption/count always are
+
+
+def task_probabilities(weights: dict | None) -> np.ndarray | None:
+    """Sampling probabilities over ``shapes_chat.TASKS`` from ``kind → weight``; None when uniform
+    (drawn as before the weights existed, so such runs keep their data)."""
+    if not weights:
+        return None
+    unknown = set(weights) - set(shapes_chat.TASKS)
+    if unknown:
+        raise ValueError(f"data.task_weights: unknown kinds {sorted(unknown)}; the kinds are {shapes_chat.TASKS}")
+    w = np.array([float(weights.get(k, 0.0)) for k in shapes_chat.TASKS])
+    always = [shapes_chat.TASKS.index(k) for k in ("caption", "count")]  # every scene can answer these
+    if (w < 0).any() or not w[always].sum() > 0:
+        raise ValueError(f"data.task_weights must be >= 0 and give the caption or count kind (always answerable) "
+                         f"a positive weight, got {dict(weights)}")
+    p = w / w.sum()
+    return None if np.all(p == p[0]) else p
 
 
 class MLLMTask(Task):
@@ -132,7 +152,8 @@ class MLLMTask(Task):
 
     # ---- data ----
     def build_dataset(self, split: str):
-        extra = (ChatExamples(self.model_cfg.num_image_tokens, self.max_len),) if split == "train" else ()
+        extra = (ChatExamples(self.model_cfg.num_image_tokens, self.max_len,
+                                dict(self.config.data.get("task_weights") or {})),) if split == "train" else ()
         return pipeline.build_dataset(self.config.data, split, self.mesh, extra_transforms=extra)
 
     # ---- evaluation ----

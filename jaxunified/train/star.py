@@ -216,6 +216,13 @@ class STARTask(Task):
         return {"image": np.zeros((b, r, r, 3), np.uint8), "target_image": np.zeros((b, r, r, 3), np.uint8),
                 "prompt": np.zeros((b, p), np.int32), "prompt_valid": np.ones((b, p), bool)}
 
+    def train_batch_example(self):
+        batch = self.dummy_batch()
+        if self.config.data.get("cache_dir") and self.edit_fraction == 0:  # build_dataset's cached form
+            del batch["image"], batch["target_image"]
+            batch["codes"] = np.zeros((batch["prompt"].shape[0], self.grid, self.grid), np.int32)
+        return batch
+
     def init_variables(self, rng, batch):
         boxed = self.model.init(rng, jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 2), jnp.int32), text_logits=True)
         trained = {k: boxed["params"][k] for k in TRAINED}

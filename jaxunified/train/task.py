@@ -59,6 +59,11 @@ class Task:
     def dummy_batch(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def train_batch_example(self) -> dict[str, np.ndarray]:
+        """A host batch shaped like the training split's (what the train step is compiled for):
+        ``dummy_batch`` unless the task trains on a cache of frozen outputs (``data.cache_dir``)."""
+        return self.dummy_batch()
+
     def init_variables(self, rng, batch):
         raise NotImplementedError
 
