@@ -76,6 +76,10 @@ def test_task_builds_its_cache_on_first_use_and_keys_it_by_the_frozen_weights(ta
         data.build_cache = True
         batch = next(iter(t.build_dataset("train")))
         assert {"codes", "teacher_embeds", "text_embeds"} <= set(batch) and "image" not in batch
+        example = t.train_batch_example()  # what bench and AOT plans compile the step for
+        assert set(example) == {"codes", "teacher_embeds", "text_embeds"}
+        for k, v in example.items():
+            assert (v.shape[1:], v.dtype) == (batch[k].shape[1:], batch[k].dtype), k
         assert cache.cache_path(tmp_path, "train", t.cache_key()).exists()
         key = t.cache_key()
         teacher = t._teacher_params

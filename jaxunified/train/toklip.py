@@ -260,6 +260,20 @@ class TokLIPTask(Task):
         frozen = self.frozen_params() if frozen is None else frozen
         return cache.dataset_key(self.config.data, [nn.meta.unbox(frozen)], (self.vq_cfg, self.teacher_cfg))
 
+    def _cache_fns(self) -> dict:
+        """(frozen, batch) -> each cached field."""
+        g = self.model_cfg.grid
+        return {"codes": lambda fr, b: self.codes(fr, b).reshape(-1, g, g).astype(jnp.int32),
+                "teacher_embeds": self.teacher_embeds, "text_embeds": self.text_embeds}
+
+    def train_batch_example(self):
+        batch = self.dummy_batch()
+        if not self.config.data.get("cache_dir"):
+            return batch
+        fields = jax.eval_shape(lambda fr, b: {k: f(fr, b) for k, f in self._cache_fns().items()},
+                                nn.meta.unbox(self.frozen_params()), batch)
+        return {k: np.zeros(v.shape, v.dtype) for k, v in fields.items()}
+
     def precompute_cache(self, frozen, split: str = "train", cache_dir=None, fields: tuple[str, ...] = CACHE_FIELDS,
                          batch_size: int = 256, key: str | None = None):
         """Runs the frozen parts once over ``split`` and writes ``toklip_cache_<split>_<key>.npz``
@@ -271,9 +285,7 @@ class TokLIPTask(Task):
         bad = sorted(set(fields) - set(CACHE_FIELDS))
         if bad:
             raise ValueError(f"unknown cache field(s) {bad}; known: {CACHE_FIELDS}")
-        g = self.model_cfg.grid
-        fns = {"codes": lambda fr, b: self.codes(fr, b).reshape(-1, g, g).astype(jnp.int32),
-               "teacher_embeds": self.teacher_embeds, "text_embeds": self.text_embeds}
+        fns = self._cache_fns()
         frozen = nn.meta.unbox(frozen)
         step = jax.jit(lambda fr, b: {k: fns[k](fr, b) for k in fields})
         path = cache.cache_path(cache_dir, split, key or self.cache_key(frozen))
