@@ -153,9 +153,9 @@ def test_c2i_decode_matches_full_sequence(golden):
     np.testing.assert_allclose(_decode_logits(model, variables, cond, idx), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("cond_rope", ["zero", "identity"])
-def test_t2i_decode_matches_full_sequence_with_padded_captions(cond_rope):
-    model = gpt.LlamaGenGPT(dataclasses.replace(T2I_TINY, cond_rope=cond_rope))
+@pytest.mark.parametrize("cond_rope,caption_layers", [("zero", 0), ("identity", 0), ("identity", 1)])
+def test_t2i_decode_matches_full_sequence_with_padded_captions(cond_rope, caption_layers):
+    model = gpt.LlamaGenGPT(dataclasses.replace(T2I_TINY, cond_rope=cond_rope, caption_layers=caption_layers))
     v = _random_variables(model)
     caption, mask = _captions(T2I_TINY, [6, 3, 1])
     tokens = jax.random.randint(jax.random.key(3), (3, 10), 0, T2I_TINY.vocab_size)
@@ -168,6 +168,20 @@ def test_t2i_decode_matches_full_sequence_with_padded_captions(cond_rope):
     np.testing.assert_allclose(_forward(model, v, junk, tokens, cond_mask=mask)[:, 6:], full[:, 6:], atol=1e-5)
     # ...and without the mask they are seen.
     assert not np.allclose(_forward(model, v, junk, tokens)[:, 6:], full[:, 6:], atol=1e-3)
+
+
+def test_caption_layers_see_the_whole_caption():
+    """LlamaGen's embedder is per token; encoder blocks make an early caption token depend on later ones."""
+    caption, _ = _captions(T2I_TINY, [6])
+    later = caption.at[:, -1].add(1.0)
+    for layers, changes in ((0, False), (2, True)):
+        emb = gpt.CaptionEmbedder(T2I_TINY.caption_dim, T2I_TINY.dim, T2I_TINY.cls_token_num, 0.0,
+                                  layers=layers, num_heads=T2I_TINY.n_head)
+        v = emb.init(jax.random.key(0), caption, False)
+        first = lambda c: np.asarray(emb.apply(v, c, False))[:, 0]
+        assert np.allclose(first(caption), first(later)) != changes
+    with pytest.raises(ValueError, match="caption_layers"):
+        gpt.GPTConfig(caption_layers=1)  # class-conditional
 
 
 def test_decode_needs_decode_model_and_cache():

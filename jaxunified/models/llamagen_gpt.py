@@ -61,6 +61,7 @@ from jaxunified.nn.dense import dense
 from jaxunified.nn.norm import RMSNorm
 from jaxunified.nn.rope import COND_ROWS, rope_2d
 from jaxunified.nn.sharding import LOGIT_AXES, TOKEN_AXES
+from jaxunified.nn.transformer import EncoderBlock
 
 # The null caption is a fixed draw, the same for every init (the reference's is one torch.randn).
 UNCOND_SEED = 0
@@ -90,6 +91,9 @@ class GPTConfig:
     # "zero": the reference's all-zero RoPE rows for condition tokens (module docstring);
     # "identity": unrotated condition queries/keys, so image tokens attend to caption words by content.
     cond_rope: str = "zero"
+    # Not in LlamaGen (0): bidirectional encoder blocks over the embedded caption, so each caption
+    # token can take in its neighbours (bind "blue" to "square") before the image tokens read it.
+    caption_layers: int = 0
     block_size: int = 256
     cls_token_num: int = 1
     num_classes: int = 1000
@@ -117,6 +121,9 @@ class GPTConfig:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         if self.caption_dim < 0:
             raise ValueError(f"caption_dim must be ≥ 0 (0 = class-conditional), got {self.caption_dim}")
+        if self.caption_layers < 0 or (self.caption_layers and not self.caption_dim):
+            raise ValueError(f"caption_layers must be ≥ 0 and needs a t2i model (caption_dim > 0), got "
+                             f"{self.caption_layers} with caption_dim={self.caption_dim}")
         if self.caption_dim == 0 and self.cls_token_num != 1:
             raise ValueError(f"class-conditional models have one condition token, got cls_token_num={self.cls_token_num}")
         jnp.dtype(self.dtype)  # a bad name raises here, not mid-trace
@@ -205,7 +212,9 @@ class LabelEmbedder(nn.Module):
 
 
 class CaptionEmbedder(nn.Module):
-    """Caption states [B, L, caption_dim] → [B, L, dim] through fc1 → GELU(tanh) → fc2 (no biases).
+    """Caption states [B, L, caption_dim] → [B, L, dim] through fc1 → GELU(tanh) → fc2 (no biases),
+    then ``layers`` bidirectional pre-LN encoder blocks (``GPTConfig.caption_layers``; none in
+    LlamaGen) that see the valid caption tokens (``cond_mask``).
 
     At train time a row's caption is replaced by ``uncond_embedding`` with probability
     ``dropout_prob``; the replacement keeps the row's ``cond_mask``, as in LlamaGen.
@@ -216,9 +225,11 @@ class CaptionEmbedder(nn.Module):
     token_num: int
     dropout_prob: float
     dtype: Any = jnp.float32
+    layers: int = 0
+    num_heads: int = 1
 
     @nn.compact
-    def __call__(self, caption: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, caption: jax.Array, train: bool, cond_mask: jax.Array | None = None) -> jax.Array:
         caption = jnp.asarray(caption, jnp.float32)
         if caption.shape[1:] != (self.token_num, self.caption_dim):
             raise ValueError(f"captions must be [B, {self.token_num}, {self.caption_dim}] (cls_token_num tokens, "
@@ -230,7 +241,12 @@ class CaptionEmbedder(nn.Module):
             caption = jnp.where(drop[:, None, None], self.uncond_embedding(), caption)
         h = dense(self.dim, (None, "mlp"), use_bias=False, dtype=self.dtype, name="fc1")(caption)
         h = activation("gelu_tanh")(h)
-        return dense(self.dim, ("mlp", "embed"), use_bias=False, dtype=self.dtype, name="fc2")(h)
+        h = dense(self.dim, ("mlp", "embed"), use_bias=False, dtype=self.dtype, name="fc2")(h)
+        mask = None if cond_mask is None else jnp.asarray(cond_mask, jnp.bool_)[:, None, None, :]
+        for i in range(self.layers):
+            h, _ = EncoderBlock(self.num_heads, 4 * self.dim, ln_eps=1e-5, dtype=self.dtype,
+                                name=f"encoder_{i}")(h.astype(jnp.float32), mask)
+        return h
 
     def uncond_embedding(self) -> jax.Array:
         """The null caption [token_num, caption_dim] (a 'constants' variable)."""
@@ -264,7 +280,8 @@ class LlamaGenGPT(nn.Module):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         if c.caption_dim:
-            self.cls_embedding = CaptionEmbedder(c.caption_dim, c.dim, c.cls_token_num, c.class_dropout_prob, dtype)
+            self.cls_embedding = CaptionEmbedder(c.caption_dim, c.dim, c.cls_token_num, c.class_dropout_prob, dtype,
+                                                 c.caption_layers, c.n_head)
         else:
             self.cls_embedding = LabelEmbedder(c.num_classes, c.dim, c.class_dropout_prob)
         self.tok_embeddings = _embed(c.vocab_size, c.dim, ("vocab", "embed"), "tok_embeddings")
@@ -299,7 +316,9 @@ class LlamaGenGPT(nn.Module):
         return rope_2d(c.grid_size, c.grid_size, c.head_dim, c.rope_base, num_cond=c.cls_token_num,
                        cond_rows=c.cond_rope)
 
-    def _cond_embed(self, cond: jax.Array, train: bool) -> jax.Array:
+    def _cond_embed(self, cond: jax.Array, train: bool, cond_mask: jax.Array | None = None) -> jax.Array:
+        if self.config.caption_dim:
+            return self.cls_embedding(cond, train, cond_mask).astype(jnp.float32)
         return self.cls_embedding(cond, train).astype(jnp.float32)
 
     def _mask(self, cond_mask: jax.Array | None, q_pos: jax.Array, key_len: int) -> jax.Array | None:
@@ -355,7 +374,7 @@ class LlamaGenGPT(nn.Module):
         tokens = jnp.asarray(tokens).astype(jnp.int32)
         if tokens.shape[1] > c.block_size:
             raise ValueError(f"{tokens.shape[1]} image tokens exceed block_size {c.block_size}")
-        h = jnp.concatenate([self._cond_embed(cond, train), self.tok_embeddings(tokens)], axis=1)
+        h = jnp.concatenate([self._cond_embed(cond, train, cond_mask), self.tok_embeddings(tokens)], axis=1)
         h = self.tok_dropout(h, deterministic=not train)
         h = nn.with_logical_constraint(h, TOKEN_AXES)
         length = h.shape[1]
@@ -368,7 +387,7 @@ class LlamaGenGPT(nn.Module):
         """Runs the condition tokens into an empty cache; → logits [B, V] for image token 0."""
         self._need_decode("prefill")
         c = self.config
-        h = nn.with_logical_constraint(self._cond_embed(cond, False), TOKEN_AXES)
+        h = nn.with_logical_constraint(self._cond_embed(cond, False, cond_mask), TOKEN_AXES)
         cos, sin = self._rope_table()
         q_pos = jnp.arange(c.cls_token_num)[None]
         mask = self._mask(cond_mask, q_pos, self._cache_len() or c.cls_token_num)

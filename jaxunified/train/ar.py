@@ -93,9 +93,7 @@ class ARTask(Task):
     def train_batch_example(self):
         if not self.config.data.get("cache_dir"):
             return self.dummy_batch()
-        b, g, c = int(self.config.data.batch_size), self.grid, self.model_cfg
-        return {"codes": np.zeros((b, g, g), np.int32),
-                "caption_states": np.zeros((b, c.cls_token_num, c.caption_dim), np.float32)}
+        return self.cached_fields_example(self._cache_fns(), self._frozen_host(), self.dummy_batch())
 
     def init_variables(self, rng, batch):
         n = self.model_cfg.block_size
@@ -196,11 +194,17 @@ class ARTask(Task):
         return cache.dataset_key(self.config.data, [nn.meta.unbox(self._vq_vars), nn.meta.unbox(self._text_params)],
                                  (self.vq.cfg, self.text_cfg, *simplified, *layer))
 
-    def precompute_cache(self, split: str, path, batch_size: int = 256):
-        frozen = {"tokenizer": nn.meta.unbox(self._vq_vars), "text": nn.meta.unbox(self._text_params)}
+    def _frozen_host(self) -> dict:
+        return {"tokenizer": nn.meta.unbox(self._vq_vars), "text": nn.meta.unbox(self._text_params)}
+
+    def _cache_fns(self) -> dict:
+        """(frozen, batch) -> each cached field (CACHE_FIELDS)."""
         g = self.grid
-        step = jax.jit(lambda fr, b: {"codes": self.codes(fr, b).reshape(-1, g, g),
-                                      "caption_states": self.caption_states(fr, b)})
+        return {"codes": lambda fr, b: self.codes(fr, b).reshape(-1, g, g), "caption_states": self.caption_states}
+
+    def precompute_cache(self, split: str, path, batch_size: int = 256):
+        frozen, fns = self._frozen_host(), self._cache_fns()
+        step = jax.jit(lambda fr, b: {k: f(fr, b) for k, f in fns.items()})
         cache.write_cache(lambda b: step(frozen, b), self.config.data, split, path, batch_size=batch_size)
         return path
 

@@ -219,8 +219,9 @@ class STARTask(Task):
     def train_batch_example(self):
         batch = self.dummy_batch()
         if self.config.data.get("cache_dir") and self.edit_fraction == 0:  # build_dataset's cached form
+            cached = self.cached_fields_example(self._cache_fns(), self._frozen_host(), batch)
             del batch["image"], batch["target_image"]
-            batch["codes"] = np.zeros((batch["prompt"].shape[0], self.grid, self.grid), np.int32)
+            batch.update(cached)
         return batch
 
     def init_variables(self, rng, batch):
@@ -387,11 +388,18 @@ class STARTask(Task):
         simplified = ("simplify_tol", self.simplify_tol) if self.simplify_tol > 0 else ()
         return cache.dataset_key(self.config.data, [nn.meta.unbox(self._vq_vars)], (self.vq.cfg, *simplified))
 
-    def precompute_cache(self, split: str, path, batch_size: int = 256):
-        """Writes the split's (simplified) codes [N, h, w] to ``path``: training then reads no pixels."""
-        frozen = {"vq": nn.meta.unbox(self._vq_vars)}
+    def _frozen_host(self) -> dict:
+        return {"vq": nn.meta.unbox(self._vq_vars)}
+
+    def _cache_fns(self) -> dict:
+        """(frozen, batch) -> each cached field: the split's (simplified) codes [N, h, w]."""
         g = self.grid
-        step = jax.jit(lambda b: {"codes": self.codes(frozen, b["image"]).reshape(-1, g, g)})
+        return {"codes": lambda fr, b: self.codes(fr, b["image"]).reshape(-1, g, g)}
+
+    def precompute_cache(self, split: str, path, batch_size: int = 256):
+        """Writes the cached fields to ``path``: training then reads no pixels."""
+        frozen, fns = self._frozen_host(), self._cache_fns()
+        step = jax.jit(lambda b: {k: f(frozen, b) for k, f in fns.items()})
         cache.write_cache(step, self.config.data, split, path, inputs=("image",), batch_size=batch_size)
         return path
 

@@ -64,6 +64,14 @@ class Task:
         ``dummy_batch`` unless the task trains on a cache of frozen outputs (``data.cache_dir``)."""
         return self.dummy_batch()
 
+    @staticmethod
+    def cached_fields_example(fns: dict, frozen, batch) -> dict[str, np.ndarray]:
+        """Zeros shaped like what a cache's field functions ``{name: (frozen, batch) -> array}``
+        write for ``batch``, by ``jax.eval_shape`` (so the compiled step and ``precompute_cache``
+        read their shapes from the same functions)."""
+        fields = jax.eval_shape(lambda fr, b: {k: f(fr, b) for k, f in fns.items()}, frozen, batch)
+        return {k: np.zeros(v.shape, v.dtype) for k, v in fields.items()}
+
     def init_variables(self, rng, batch):
         raise NotImplementedError
 

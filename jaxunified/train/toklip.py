@@ -270,9 +270,7 @@ class TokLIPTask(Task):
         batch = self.dummy_batch()
         if not self.config.data.get("cache_dir"):
             return batch
-        fields = jax.eval_shape(lambda fr, b: {k: f(fr, b) for k, f in self._cache_fns().items()},
-                                nn.meta.unbox(self.frozen_params()), batch)
-        return {k: np.zeros(v.shape, v.dtype) for k, v in fields.items()}
+        return self.cached_fields_example(self._cache_fns(), nn.meta.unbox(self.frozen_params()), batch)
 
     def precompute_cache(self, frozen, split: str = "train", cache_dir=None, fields: tuple[str, ...] = CACHE_FIELDS,
                          batch_size: int = 256, key: str | None = None):
