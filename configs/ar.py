@@ -10,13 +10,17 @@ Presets (the argument after the colon):
       python train.py --config configs/ar.py:shapes     --workdir runs/ar_shapes
       python eval.py  --config configs/ar.py:shapes     --workdir runs/ar_shapes
   Target: ≤ 20 minutes on 2 CPU cores; shapes-GenEval single object ≥ 0.90, colours ≥ 0.80, overall ≥ 0.50.
-  Measured: 19 min 50 s to 20 min 40 s for the train command on 2 cores (1900 steps at 1.8 or
-  1.7 steps/s, the machine's speed on two days, after about a minute building the cache of
-  simplified codes and caption states; final eval included), 30 s for eval. eval_test.json (1000 test captions, CFG 2, top-k 3): val loss 0.88, token accuracy 72%,
-  GenEval overall 0.40 — single object 0.79, two objects 0.20, counting 0.42, colours 0.87,
-  position 0.05, colour attribution 0.10 (the single-object and overall targets are not met: the
+  Measured: 19 min 50 s to 24 min 13 s for the train command on 2 cores (1900 steps at 1.8 to
+  1.4 steps/s, the machine's speed on three days, after about a minute building the cache of
+  simplified codes and caption states; final eval included), 60 s for eval. eval_test.json (1000
+  test captions, CFG 2, top-k 3): val loss 0.88, token accuracy 72%, GenEval overall 0.40–0.41 —
+  single object 0.79–0.80, two objects 0.20, counting 0.42–0.49, colours 0.87–0.88, position
+  0.04–0.05, colour attribution 0.07–0.10 (the single-object and overall targets are not met: the
   GPT draws the named shapes and colours but binds them to the wrong objects; ``ceiling_*``, the
-  decoded training targets, score 0.91 overall, 0.97 single object).
+  decoded training targets, score 0.91 overall, 0.97 single object). Its likelihood prefers the
+  true caption to one with a changed colour 0.98, shape 0.95, count 0.90, relation 0.69, and to
+  the two objects' shapes swapped 0.50: the caption states carry no binding (the shapes SigLIP
+  itself tells a swapped caption 0.59).
 * ``xl`` — LlamaGen's t2i GPT-XL (775M) over VQ-16's 16×16 codes at 256 px, conditioned on a SigLIP2
   So400m/16 text tower's 64 caption states (where LlamaGen reads Flan-T5-XL's 120); bf16, remat, for
   planning a pod run:
@@ -60,6 +64,8 @@ def _base() -> mlc.ConfigDict:
     c.text_encoder = common.frozen_part("runs/siglip_shapes", "shapes-S", siglip=True)
     # Which token states condition the GPT: 0 the tower's output (post-LN); -k the k-th last hidden state.
     c.text_encoder.select_layer = 0
+    # Also the tower's output at its pooled position as one more condition token (SDXL's pooled text embedding).
+    c.text_encoder.append_pooled = False
 
     # The GPT (models/llamagen_gpt.py): a variant plus field overrides; vocabulary, image-token
     # count, condition length and width come from the frozen parts.
@@ -86,6 +92,9 @@ def _base() -> mlc.ConfigDict:
     c.eval.num_samples = 0  # captions sampled at eval (0 = as many as eval.num_examples)
     c.eval.prompts_file = ""
     c.eval.grid_per_category = 16
+    # Shapes captions: how often the GPT's likelihood prefers the true caption to a one-edit hard
+    # negative of each kind (data.shapes.NEGATIVE_KINDS; eval_*.json "prefers_caption_over_<kind>").
+    c.eval.negative_kinds = ()
     return c
 
 
@@ -100,11 +109,12 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.tokenizer.simplify_tol = 0.2
         # The shapes tower pools its last position, so its output layer is trained there only.
         c.text_encoder.select_layer = -2
-        # cond_rope "zero" is LlamaGen's (condition keys carry no content score); named so that
-        # --config.model.overrides.cond_rope=identity can switch it (an override must exist here).
+        # cond_rope "zero" and no caption_layers are LlamaGen's (condition keys carry no content score;
+        # caption tokens are embedded one by one); named so the command line can switch them
+        # (--config.model.overrides.cond_rope=identity: an override must exist here).
         c.model.overrides = mlc.ConfigDict(dict(dim=128, n_layer=6, n_head=4, multiple_of=64, class_dropout_prob=0.1,
                                                 token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
-                                                cond_rope="zero"))
+                                                cond_rope="zero", caption_layers=0))
         c.optim.lr = 3e-3
         c.optim.warmup_steps = 100
         c.optim.weight_decay = 0.05
@@ -112,6 +122,7 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.sample.top_k = 3
         c.sample.temperature = 1.0
         c.eval.num_examples = 1000
+        c.eval.negative_kinds = common.NEGATIVE_KINDS
         # YNNPACK matmuls: 1.4× the train step at width 128 on 2 CPU cores (no gain at ViT-B widths)
         c.xla_cpu_options = mlc.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
     elif arg == "xl":

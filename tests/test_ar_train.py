@@ -94,9 +94,12 @@ def test_tiny_run_trains_samples_scores_and_loads_back(tmp_path):
     rows = json.loads(next(tmp_path.glob("samples_test_*.json")).read_text())
     assert len(rows) == 16 and {"caption", "passed", "reason"} <= set(rows[0])
 
-    with_prompts = helpers.override(tiny_config(total_steps=8), **{"eval.prompts_file": str(prompts)})
+    with_prompts = helpers.override(tiny_config(total_steps=8), **{"eval.prompts_file": str(prompts),
+                                                                   "eval.negative_kinds": ("color", "swap")})
     out = evaluate_run(with_prompts, tmp_path)
     assert out["geneval_overall"] >= 0.0
+    # Every test caption has a colour to change; only two-object ones can swap.
+    assert 0.0 <= out["prefers_caption_over_color"] <= 1.0 and 0.0 <= out["prefers_caption_over_swap"] <= 1.0
     rows = json.loads(sorted(tmp_path.glob("samples_test_*.json"))[-1].read_text())
     assert [r["caption"] for r in rows] == ["a red circle", "three blue squares"]
 
@@ -104,6 +107,14 @@ def test_tiny_run_trains_samples_scores_and_loads_back(tmp_path):
     states = jnp.zeros((1, model.config.cls_token_num, model.config.caption_dim))
     logits = model.apply(variables, states, jnp.zeros((1, 3), jnp.int32))
     assert logits.shape[-1] == model.config.vocab_size
+
+
+def test_hard_negatives_edit_one_thing_where_the_kind_applies():
+    caps = ["a red circle", "a red circle and a blue square"]
+    negs, ok = A.hard_negatives(caps, "swap", np.random.default_rng(0))
+    assert ok.tolist() == [False, True] and negs == ["a red circle", "a red square and a blue circle"]
+    negs, ok = A.hard_negatives(caps, "color", np.random.default_rng(0))
+    assert ok.all() and all(n != c and len(n.split()) == len(c.split()) for n, c in zip(negs, caps))
 
 
 def test_simplified_codes_decode_within_tolerance(task):
@@ -130,3 +141,17 @@ def test_text_encoder_select_layer_conditions_on_that_hidden_state_and_keys_the_
     assert layered.cache_key() != t.cache_key()
     with pytest.raises(ValueError, match="select_layer=-9"):
         A.ARTask(tiny_config(**{"text_encoder.select_layer": -9}), None)
+
+
+def test_append_pooled_adds_the_pooled_output_as_one_more_condition_token(task):
+    t, _, colls = task
+    pooled, _, _ = helpers.tiny_task(A.ARTask, tiny_config(**{"text_encoder.select_layer": -2,
+                                                               "text_encoder.append_pooled": True}))
+    tokens = jnp.asarray(t.text_tokenizer.encode(["a red circle", "two blue squares"]))
+    frozen = colls["frozen"]
+    out = t.text_tower.apply({"params": frozen["text"]}, tokens, return_hidden=True)
+    states = np.asarray(pooled.encode_text(frozen, tokens))
+    np.testing.assert_array_equal(states[:, :-1], np.asarray(out["hidden_states"][-2]))
+    np.testing.assert_array_equal(states[:, -1], np.asarray(out["last_hidden"][:, -1]))
+    assert pooled.model_cfg.cls_token_num == t.model_cfg.cls_token_num + 1
+    assert pooled.cache_key() != t.cache_key()

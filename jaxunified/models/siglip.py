@@ -364,14 +364,19 @@ def check_select_layer(layer: int, depth: int) -> None:
                          f"{depth} layers and its embeddings)")
 
 
-def selected_states(tower: nn.Module, variables, inputs, layer: int = 0) -> jax.Array:
+def selected_states(tower: nn.Module, variables, inputs, layer: int = 0, append_pooled: bool = False) -> jax.Array:
     """A tower's token states as LLaVA's ``mm_vision_select_layer`` picks them: ``layer`` 0 the
     output after the post-LayerNorm (``last_hidden``), a negative k the k-th last of
-    ``hidden_states`` (embeddings, layer 1 output, …), without the LayerNorm."""
+    ``hidden_states`` (embeddings, layer 1 output, …), without the LayerNorm.
+
+    ``append_pooled`` adds one more token, the output at the pooled (last) position — the state
+    the contrastive head reads, as SDXL adds CLIP's pooled embedding to its token states."""
     check_select_layer(layer, tower.cfg.depth)
-    if layer == 0:
-        return tower.apply(variables, inputs)["last_hidden"]
-    return tower.apply(variables, inputs, return_hidden=True)["hidden_states"][layer]
+    out = tower.apply(variables, inputs, return_hidden=layer != 0)
+    states = out["last_hidden"] if layer == 0 else out["hidden_states"][layer]
+    if append_pooled:
+        states = jnp.concatenate([states, out["last_hidden"][:, -1:].astype(states.dtype)], axis=1)
+    return states
 
 
 def unscanned_params(params: dict, cfg: SigLIPConfig) -> dict:

@@ -16,7 +16,10 @@ cache built once per dataset (``data.cache_dir``; shapes has no augmentation).
 
 Evaluation: teacher-forced loss and token accuracy over the split, then CFG samples for the
 split's captions (or ``eval.prompts_file``) scored by shapes-GenEval per category, with a PNG
-grid of samples per category.
+grid of samples per category. ``eval.negative_kinds`` adds, per kind of one-word hard negative
+(a changed colour, shape, count or relation, or the two objects' shapes swapped), how often the
+GPT's likelihood of the target codes prefers the true caption: whether the condition carries
+that distinction at all (0.5: it does not), apart from how well the sampler draws it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxunified.data import cache
+from jaxunified.data import cache, shapes
 from jaxunified.data.pipeline import as_float_images, to_global
 from jaxunified.eval import shapes_geneval
 from jaxunified.eval import t2i_report
@@ -43,6 +46,20 @@ from jaxunified.train import frozen as frozen_parts
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
 CACHE_FIELDS = ("codes", "caption_states")
+
+
+def hard_negatives(captions, kind: str, rng) -> tuple[list[str], np.ndarray]:
+    """One ``kind`` edit of each shapes caption (``data.shapes.negative_caption``) and where one
+    applies (elsewhere the caption itself stands in)."""
+    negs, ok = [], []
+    for c in captions:
+        try:
+            negs.append(shapes.negative_caption(c, rng, kinds=(kind,)))
+            ok.append(True)
+        except ValueError:
+            negs.append(c)
+            ok.append(False)
+    return negs, np.asarray(ok, bool)
 
 
 class ARTask(Task):
@@ -60,7 +77,8 @@ class ARTask(Task):
         if self.text_tokenizer.max_len > self.text_cfg.max_len:
             raise ValueError(f"data.text.max_len={self.text_tokenizer.max_len} exceeds the text tower's "
                              f"{self.text_cfg.max_len}")
-        self.model_cfg = self.gpt_config(config, self.vq.cfg, self.text_cfg, self.text_tokenizer.max_len)
+        self.model_cfg = self.gpt_config(config, self.vq.cfg, self.text_cfg,
+                                         self.text_tokenizer.max_len + int(self.append_pooled))
         # Found here, not lazily: ``codes`` needs it while being traced.
         self.fill_code = self._find_fill_code() if self.simplify_tol > 0 else -1
         self.model = gpt_lib.LlamaGenGPT(self.model_cfg)
@@ -147,8 +165,13 @@ class ARTask(Task):
     def text_layer(self) -> int:
         return int(self.config.text_encoder.get("select_layer", 0))
 
+    @property
+    def append_pooled(self) -> bool:
+        return bool(self.config.text_encoder.get("append_pooled", False))
+
     def encode_text(self, frozen, tokens) -> jax.Array:
-        states = siglip_lib.selected_states(self.text_tower, {"params": frozen["text"]}, tokens, self.text_layer)
+        states = siglip_lib.selected_states(self.text_tower, {"params": frozen["text"]}, tokens, self.text_layer,
+                                            self.append_pooled)
         return jax.lax.stop_gradient(states.astype(jnp.float32))
 
     # ---- the step ----
@@ -191,6 +214,7 @@ class ARTask(Task):
     def cache_key(self) -> str:
         simplified = ("simplify_tol", self.simplify_tol) if self.simplify_tol > 0 else ()
         layer = ("text_layer", self.text_layer) if self.text_layer else ()
+        layer += ("append_pooled", True) if self.append_pooled else ()
         return cache.dataset_key(self.config.data, [nn.meta.unbox(self._vq_vars), nn.meta.unbox(self._text_params)],
                                  (self.vq.cfg, self.text_cfg, *simplified, *layer))
 
@@ -249,8 +273,15 @@ class ARTask(Task):
             # The targets once: scored here, and decoded for the ceiling below.
             codes = self.codes(c["frozen"], batch)
             ce, acc = self.loss_and_metrics(p, c, {**batch, "codes": codes}, train=False)
-            return (ce * mask).sum(), (acc * mask).sum(), mask.sum(), self.decode_images(c["frozen"], codes)
+            return (ce * mask).sum(), (acc * mask).sum(), mask.sum(), self.decode_images(c["frozen"], codes), ce, codes
 
+        @jax.jit
+        def caption_nll(p, c, codes, tokens):
+            return self.loss_and_metrics(p, c, {"codes": codes, "tokens": tokens}, train=False)[0]
+
+        kinds = tuple(self.config.eval.get("negative_kinds", ()))
+        neg_rng = np.random.default_rng(0)
+        prefers = {k: np.zeros(2) for k in kinds}  # [true caption more likely, negatives scored]
         tot = np.zeros(3)
         captions: list[str] = []
         targets: list[np.ndarray] = []
@@ -259,15 +290,25 @@ class ARTask(Task):
                 mask = np.asarray(host["mask"], np.float32)
                 if limit:  # exactly the first ``limit`` examples
                     mask = mask * (np.cumsum(mask) <= limit - tot[2])
-                captions += [str(c) for c, m in zip(host["caption"], mask) if m]
+                batch_captions = [str(c) for c in host["caption"]]
+                captions += [c for c, m in zip(batch_captions, mask) if m]
                 b = to_global({"image": host["image"], "tokens": host["tokens"]}, self.mesh)
-                *sums, decodes = jax.device_get(tf_step(gpt_params, colls, b, jnp.asarray(mask)))
-                tot += np.asarray(sums, np.float64)
+                *sums, decodes, ce, codes = tf_step(gpt_params, colls, b, jnp.asarray(mask))
+                tot += np.asarray(jax.device_get(sums), np.float64)
                 targets.append(np.asarray(decodes)[mask > 0])
+                for kind in kinds:
+                    negs, ok = hard_negatives(batch_captions, kind, neg_rng)
+                    neg_tokens = to_global({"tokens": self.text_tokenizer.encode(negs)}, self.mesh)["tokens"]
+                    ce_neg = caption_nll(gpt_params, colls, codes, neg_tokens)
+                    ok = ok & (mask > 0)
+                    prefers[kind] += [(np.asarray(ce)[ok] < np.asarray(ce_neg)[ok]).sum(), ok.sum()]
                 if limit and tot[2] >= limit:
                     break
         n = max(tot[2], 1.0)
         out = {"val_loss": tot[0] / n, "val_token_acc": tot[1] / n, "num_examples": tot[2]}
+        # The GPT as a generative classifier: how often its likelihood of the target codes prefers
+        # the true caption to one with a single edit of this kind (0.5 = the edit is not seen).
+        out.update({f"prefers_caption_over_{k}": float(w / t) for k, (w, t) in prefers.items() if t})
         # What a GPT that predicted every training target code would score: the tokenizer's ceiling.
         out.update(t2i_report.geneval_metrics(shapes_geneval.evaluate(np.concatenate(targets), captions),
                                               "ceiling"))
