@@ -111,7 +111,7 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.text_encoder.select_layer = -2
         # cond_rope "zero" and no caption_layers are LlamaGen's (condition keys carry no content score;
         # caption tokens are embedded one by one); named so the command line can switch them
-        # (--config.model.overrides.cond_rope=identity: an override must exist here).
+        # (--config.model.overrides.cond_rope=identity or sequence: an override must exist here).
         c.model.overrides = mlc.ConfigDict(dict(dim=128, n_layer=6, n_head=4, multiple_of=64, class_dropout_prob=0.1,
                                                 token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
                                                 cond_rope="zero", caption_layers=0))

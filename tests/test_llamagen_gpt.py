@@ -144,6 +144,42 @@ def test_identity_condition_rows_leave_condition_queries_and_keys_unrotated():
         gpt.GPTConfig(cond_rope="none")
 
 
+def test_sequence_condition_rows_encode_relative_word_order():
+    c = T2I_TINY
+    n = c.cls_token_num
+    cos, sin = rope_2d(c.grid_size, c.grid_size, c.head_dim, c.rope_base, num_cond=n, cond_rows="sequence")
+    ref = rope_2d(c.grid_size, c.grid_size, c.head_dim, c.rope_base, num_cond=n)
+    np.testing.assert_array_equal(cos[n:], ref[0][n:])
+    np.testing.assert_array_equal(sin[n:], ref[1][n:])
+    # q·k between two condition tokens depends only on their offset: the same pair of vectors at
+    # offsets (0, 1) and (2, 3) scores the same, and differently at (0, 2).
+    q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 1, c.head_dim))
+
+    def score(i, j):
+        qi = apply_rope(q, cos[i:i + 1], sin[i:i + 1], interleaved=True)
+        kj = apply_rope(k, cos[j:j + 1], sin[j:j + 1], interleaved=True)
+        return float((qi * kj).sum())
+
+    assert score(0, 1) == pytest.approx(score(2, 3), rel=1e-5)
+    assert score(0, 1) != pytest.approx(score(0, 2), rel=1e-3)
+    # The last condition token sits one step before the grid's (0, 0) on both axes.
+    np.testing.assert_allclose(score(n - 1, n), score(0, 1), rtol=1e-5)
+
+
+def test_sequence_condition_rows_let_the_gpt_tell_word_order():
+    """One layer: with zero rows the image tokens read a uniform average of the condition values, so
+    a permuted caption gives the same image logits; with sequence rows it does not."""
+    caption, mask = _captions(T2I_TINY, [6])
+    perm = caption[:, ::-1]
+    tokens = jax.random.randint(jax.random.key(3), (1, 10), 0, T2I_TINY.vocab_size)
+    for rows, same in (("zero", True), ("sequence", False)):
+        model = gpt.LlamaGenGPT(dataclasses.replace(T2I_TINY, n_layer=1, cond_rope=rows))
+        v = _random_variables(model)
+        a = _forward(model, v, caption, tokens, cond_mask=mask)[:, 6:]
+        b = _forward(model, v, perm, tokens, cond_mask=mask)[:, 6:]
+        assert np.allclose(a, b, atol=1e-5) == same, rows
+
+
 # ---- KV cache ----
 
 def test_c2i_decode_matches_full_sequence(golden):
@@ -153,7 +189,7 @@ def test_c2i_decode_matches_full_sequence(golden):
     np.testing.assert_allclose(_decode_logits(model, variables, cond, idx), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("cond_rope,caption_layers", [("zero", 0), ("identity", 0), ("identity", 1)])
+@pytest.mark.parametrize("cond_rope,caption_layers", [("zero", 0), ("identity", 0), ("identity", 1), ("sequence", 0)])
 def test_t2i_decode_matches_full_sequence_with_padded_captions(cond_rope, caption_layers):
     model = gpt.LlamaGenGPT(dataclasses.replace(T2I_TINY, cond_rope=cond_rope, caption_layers=caption_layers))
     v = _random_variables(model)

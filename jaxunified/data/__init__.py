@@ -6,7 +6,7 @@ first use (TFDS and grain add about a second to import time).
 
 import importlib
 
-from jaxunified.data.shapes import (  # noqa: F401
+from jaxunified.data.shapes import (
     COLORS,
     RELATIONS,
     SHAPES,
@@ -31,6 +31,9 @@ _LAZY = {
     "build_dataset": "pipeline",
     "DataIterator": "pipeline",
 }
+
+__all__ = ["COLORS", "RELATIONS", "SHAPES", "SIZES", "TEMPLATES", "Detection", "detect_objects", "render_example",
+           "spatial_relation", *_LAZY]
 
 
 def __getattr__(name):

@@ -19,7 +19,9 @@ Quirks kept for weight-faithful outputs:
   query attends uniformly, and every query gives the condition keys logit 0. They still pass
   their values. This is the reference behaviour (also reported in hustvl/ControlAR#18), and the
   default; ``cond_rope="identity"`` gives the condition rows cos 1, sin 0 instead, so image
-  tokens attend to individual caption tokens by content (what models trained here can choose).
+  tokens attend to individual caption tokens by content, and ``"sequence"`` rotates condition
+  token i as position i - cls_token_num on both axes, so the causal stack sees the caption's word
+  order (a shape word can read the colour word just before it) — options for models trained here.
 - The c2i table has ``num_classes + 1`` rows (the last is the null class for CFG) only when
   ``class_dropout_prob > 0``, exactly as the reference sizes it; a checkpoint trained without
   label dropout has no null row and cannot be guided.
@@ -89,7 +91,8 @@ class GPTConfig:
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
     # "zero": the reference's all-zero RoPE rows for condition tokens (module docstring);
-    # "identity": unrotated condition queries/keys, so image tokens attend to caption words by content.
+    # "identity": unrotated condition queries/keys, so image tokens attend to caption words by content;
+    # "sequence": condition tokens rotated as a 1-D sequence ending before the grid (word order).
     cond_rope: str = "zero"
     # Not in LlamaGen (0): bidirectional encoder blocks over the embedded caption, so each caption
     # token can take in its neighbours (bind "blue" to "square") before the image tokens read it.

@@ -57,7 +57,7 @@ def rope_1d(positions: jax.Array, dim: int, theta: float = 10000.0) -> tuple[jax
     return cos_sin(rope_angles(positions, dim, theta))
 
 
-COND_ROWS = ("zero", "identity")
+COND_ROWS = ("zero", "identity", "sequence")
 
 
 def rope_2d(
@@ -67,11 +67,18 @@ def rope_2d(
 
     ``cond_rows="zero"`` (LlamaGen's table) zeroes the condition tokens' queries and keys, so
     attention to them is uniform; ``"identity"`` (cos 1, sin 0) leaves them unrotated, so image
-    queries can attend to individual condition tokens by content.
+    queries can attend to individual condition tokens by content; ``"sequence"`` places condition
+    token i at row = column = i - num_cond, a 1-D sequence ending just before the grid's (0, 0), so
+    condition tokens see each other's relative order (a left-padded caption's words keep their offsets
+    from its last word and from the image, whatever its length).
     """
     if cond_rows not in COND_ROWS:
         raise ValueError(f"cond_rows must be one of {COND_ROWS}, got {cond_rows!r}")
     rows, cols = grid_positions(height, width)
+    if cond_rows == "sequence":
+        seq = np.arange(num_cond) - num_cond
+        rows, cols = np.concatenate([seq, rows]), np.concatenate([seq, cols])
+        return cos_sin(rope_2d_angles(rows, cols, dim, theta))
     cos, sin = cos_sin(rope_2d_angles(rows, cols, dim, theta))
     pad = ((num_cond, 0), (0, 0))
     return jnp.pad(cos, pad, constant_values=float(cond_rows == "identity")), jnp.pad(sin, pad)

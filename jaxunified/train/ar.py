@@ -228,7 +228,7 @@ class ARTask(Task):
 
     def precompute_cache(self, split: str, path, batch_size: int = 256):
         frozen, fns = self._frozen_host(), self._cache_fns()
-        step = jax.jit(lambda fr, b: {k: f(fr, b) for k, f in fns.items()})
+        step = jax.jit(self.cache_fields(fns))
         cache.write_cache(lambda b: step(frozen, b), self.config.data, split, path, batch_size=batch_size)
         return path
 
@@ -296,12 +296,13 @@ class ARTask(Task):
                 *sums, decodes, ce, codes = tf_step(gpt_params, colls, b, jnp.asarray(mask))
                 tot += np.asarray(jax.device_get(sums), np.float64)
                 targets.append(np.asarray(decodes)[mask > 0])
+                ce = np.asarray(ce)
                 for kind in kinds:
                     negs, ok = hard_negatives(batch_captions, kind, neg_rng)
                     neg_tokens = to_global({"tokens": self.text_tokenizer.encode(negs)}, self.mesh)["tokens"]
                     ce_neg = caption_nll(gpt_params, colls, codes, neg_tokens)
                     ok = ok & (mask > 0)
-                    prefers[kind] += [(np.asarray(ce)[ok] < np.asarray(ce_neg)[ok]).sum(), ok.sum()]
+                    prefers[kind] += [(ce[ok] < np.asarray(ce_neg)[ok]).sum(), ok.sum()]
                 if limit and tot[2] >= limit:
                     break
         n = max(tot[2], 1.0)

@@ -399,8 +399,8 @@ class STARTask(Task):
     def precompute_cache(self, split: str, path, batch_size: int = 256):
         """Writes the cached fields to ``path``: training then reads no pixels."""
         frozen, fns = self._frozen_host(), self._cache_fns()
-        step = jax.jit(lambda b: {k: f(frozen, b) for k, f in fns.items()})
-        cache.write_cache(step, self.config.data, split, path, inputs=("image",), batch_size=batch_size)
+        step = jax.jit(self.cache_fields(fns))
+        cache.write_cache(lambda b: step(frozen, b), self.config.data, split, path, inputs=("image",), batch_size=batch_size)
         return path
 
     # ---- evaluation ----

@@ -65,11 +65,16 @@ class Task:
         return self.dummy_batch()
 
     @staticmethod
-    def cached_fields_example(fns: dict, frozen, batch) -> dict[str, np.ndarray]:
-        """Zeros shaped like what a cache's field functions ``{name: (frozen, batch) -> array}``
-        write for ``batch``, by ``jax.eval_shape`` (so the compiled step and ``precompute_cache``
-        read their shapes from the same functions)."""
-        fields = jax.eval_shape(lambda fr, b: {k: f(fr, b) for k, f in fns.items()}, frozen, batch)
+    def cache_fields(fns: dict):
+        """``(frozen, batch) -> {name: array}`` from a cache's field functions ``{name: (frozen, batch)
+        -> array}``: what ``precompute_cache`` jits and ``cached_fields_example`` shapes."""
+        return lambda frozen, batch: {k: f(frozen, batch) for k, f in fns.items()}
+
+    @classmethod
+    def cached_fields_example(cls, fns: dict, frozen, batch) -> dict[str, np.ndarray]:
+        """Zeros shaped like what ``cache_fields(fns)`` writes for ``batch``, by ``jax.eval_shape`` (so
+        the compiled step and ``precompute_cache`` read their shapes from the same functions)."""
+        fields = jax.eval_shape(cls.cache_fields(fns), frozen, batch)
         return {k: np.zeros(v.shape, v.dtype) for k, v in fields.items()}
 
     def init_variables(self, rng, batch):

@@ -285,7 +285,7 @@ class TokLIPTask(Task):
             raise ValueError(f"unknown cache field(s) {bad}; known: {CACHE_FIELDS}")
         fns = self._cache_fns()
         frozen = nn.meta.unbox(frozen)
-        step = jax.jit(lambda fr, b: {k: fns[k](fr, b) for k in fields})
+        step = jax.jit(self.cache_fields({k: fns[k] for k in fields}))
         path = cache.cache_path(cache_dir, split, key or self.cache_key(frozen))
         cache.write_cache(lambda b: step(frozen, b), self.config.data, split, path, batch_size=batch_size)
         return path
