@@ -75,6 +75,11 @@ def _base() -> mlc.ConfigDict:
 
     c.loss = mlc.ConfigDict()
     c.loss.label_smoothing = 0.0
+    # Caption contrast (train/ar.py; shapes captions): negative_rows rows a step, with a hard negative
+    # of these kinds, add negative_weight · softplus(NLL(true caption) − NLL(negative)).
+    c.loss.negative_kinds = ()
+    c.loss.negative_rows = 0
+    c.loss.negative_weight = 1.0
 
     # LlamaGen's t2i recipe: AdamW lr 1e-4, wd 0.05, betas (0.9, 0.95), clip 1.0.
     c.optim.lr = 1e-4

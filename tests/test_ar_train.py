@@ -155,3 +155,32 @@ def test_append_pooled_adds_the_pooled_output_as_one_more_condition_token(task):
     np.testing.assert_array_equal(states[:, -1], np.asarray(out["last_hidden"][:, -1]))
     assert pooled.model_cfg.cls_token_num == t.model_cfg.cls_token_num + 1
     assert pooled.cache_key() != t.cache_key()
+
+
+def test_caption_contrast_is_softplus_of_the_nll_gap_on_rows_with_a_negative():
+    deterministic = {f"model.overrides.{k}": 0.0 for k in ("class_dropout_prob", "token_dropout_p",
+                                                            "resid_dropout_p", "ffn_dropout_p")}
+    config = tiny_config(**{"loss.negative_kinds": ("swap",), "loss.negative_rows": 4, **deterministic})
+    t, params, colls = helpers.tiny_task(A.ARTask, config)
+    host = next(iter(t.build_dataset("train")))
+    valid = host["neg_valid"][:, 0]
+    assert host["neg_tokens"].shape[1] == 1 and 0 < valid.sum() < len(valid)  # one- and two-object captions
+    same = (host["neg_tokens"][:, 0] == host["tokens"]).all(-1)
+    np.testing.assert_array_equal(same, ~valid)  # the caption stands in where no swap applies
+    batch = {k: jnp.asarray(host[k]) for k in ("image", "tokens", "neg_tokens", "neg_valid")}
+    gpt, frozen = params["gpt"], colls["frozen"]
+    loss, acc, contrast, prefers = jax.jit(lambda p: t.contrast_loss(p, colls, batch, jax.random.key(1)))(gpt)
+
+    codes, states = t.codes(frozen, batch), t.caption_states(frozen, batch)
+    nll = lambda s: t.token_losses(gpt, colls, s, codes, train=False)[0]  # noqa: E731
+    true, neg = nll(states), nll(t.encode_text(frozen, batch["neg_tokens"][:, 0]))
+    rows = np.flatnonzero(valid)[:4]  # rows with a negative come first
+    gap = np.asarray(true.sum(-1) - neg.sum(-1))[rows]
+    np.testing.assert_allclose(contrast, np.log1p(np.exp(gap)).mean(), rtol=1e-5)
+    np.testing.assert_allclose(prefers, (gap < 0).mean())
+    np.testing.assert_allclose(loss, np.asarray(true).mean(), rtol=1e-5)
+
+    _, _, metrics = jax.jit(lambda p: t.grad_fn({"gpt": p}, colls, batch, jax.random.key(1), 0))(gpt)
+    np.testing.assert_allclose(metrics["contrast_loss"], contrast, rtol=1e-5)
+    with pytest.raises(ValueError, match="set both or neither"):
+        A.ARTask(tiny_config(**{"loss.negative_kinds": ("swap",)}), t.mesh).negative_rows

@@ -305,3 +305,20 @@ def test_build_dataset_adds_hard_negatives(tmp_path):
         assert sum(x != y for x, y in zip(caption.split(), neg.split())) == 1
     with pytest.raises(ValueError, match="shapes caption grammar"):
         pipeline.build_dataset({**cfg, "name": "folder", "path": str(tmp_path)}, "train", mesh)
+
+
+def test_optional_hard_negatives_mark_captions_no_kind_applies_to():
+    from jaxunified.data import shapes
+    from jaxunified.data.shapes_text import HardNegativeCaptions
+
+    rng = np.random.default_rng(0)
+    assert shapes.negative_or_self("a red circle", rng, ("swap",)) == ("a red circle", False)
+    neg, ok = shapes.negative_or_self("a red circle and a blue square", rng, ("swap",))
+    assert ok and neg == "a red square and a blue circle"
+    with pytest.raises(ValueError, match="unknown negative kind"):
+        shapes.negative_or_self("a red circle", rng, ("colour",))
+    tok = make_tokenizer({"tokenizer": "sentencepiece", "path": "builtin:shapes_words", "max_len": 16})
+    out = HardNegativeCaptions(tok, 2, ("swap",), optional=True).random_map({"caption": b"a red circle"}, rng)
+    assert out["neg_valid"].tolist() == [False, False] and tok.decode(out["neg_tokens"]) == ["a red circle"] * 2
+    with pytest.raises(ValueError, match="no hard negative"):
+        HardNegativeCaptions(tok, 1, ("swap",)).random_map({"caption": "a red circle"}, rng)

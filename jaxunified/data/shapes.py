@@ -330,6 +330,17 @@ def negative_caption(caption: str, rng: np.random.Generator, kinds=NEGATIVE_KIND
     return " ".join(words)
 
 
+def negative_or_self(caption: str, rng: np.random.Generator, kinds=NEGATIVE_KINDS) -> tuple[str, bool]:
+    """``negative_caption``'s edit and True, or the caption itself and False where no kind applies."""
+    unknown = sorted(set(kinds) - set(NEGATIVE_KINDS))
+    if unknown:
+        raise ValueError(f"unknown negative kind(s) {unknown}; use any of {NEGATIVE_KINDS}")
+    try:
+        return negative_caption(caption, rng, kinds), True
+    except ValueError:
+        return caption, False
+
+
 def _swappable(words: list[str]) -> tuple[int, int] | None:
     """Positions of the two objects' differing shape words (else colour words) in a two-object caption."""
     for vocab in (SHAPES, COLORS):

@@ -91,19 +91,27 @@ class HardNegativeCaptions(grain.transforms.RandomMap):
     (``shapes.negative_caption``), tokenised into int32 ``neg_tokens`` [num, max_len].
 
     Random per example from grain's per-record rng, so a resumed run sees the same negatives.
+    A caption none of ``kinds`` applies to raises, unless ``optional``: then the caption itself
+    stands in and ``neg_valid`` [num] bool says which rows are real negatives.
     """
 
-    def __init__(self, tokenizer, num: int, kinds=None):
+    def __init__(self, tokenizer, num: int, kinds=None, optional: bool = False):
         if num < 1:
             raise ValueError(f"hard_negatives must be ≥ 1 when set, got {num}")
         self.tokenizer = tokenizer
         self.num = int(num)
         self.kinds = tuple(kinds) if kinds else shapes.NEGATIVE_KINDS  # None / () = every kind
+        self.optional = optional
 
     def random_map(self, element, rng: np.random.Generator):
         caption = element["caption"]
         caption = caption.decode() if isinstance(caption, bytes) else str(caption)
         out = dict(element)
-        out["neg_tokens"] = self.tokenizer.encode([shapes.negative_caption(caption, rng, self.kinds)
-                                                   for _ in range(self.num)])
+        if not self.optional:
+            out["neg_tokens"] = self.tokenizer.encode([shapes.negative_caption(caption, rng, self.kinds)
+                                                       for _ in range(self.num)])
+            return out
+        negs, valid = zip(*(shapes.negative_or_self(caption, rng, self.kinds) for _ in range(self.num)))
+        out["neg_tokens"] = self.tokenizer.encode(list(negs))
+        out["neg_valid"] = np.asarray(valid, bool)
         return out
