@@ -180,6 +180,9 @@ def test_caption_contrast_is_softplus_of_the_nll_gap_on_rows_with_a_negative():
     np.testing.assert_allclose(prefers, (gap < 0).mean())
     np.testing.assert_allclose(loss, np.asarray(true).mean(), rtol=1e-5)
 
+    example = t.train_batch_example()  # what bench and AOT plans compile the step for
+    assert {k: (v.shape[1:], v.dtype) for k, v in example.items()} == {k: (v.shape[1:], v.dtype)
+                                                                      for k, v in batch.items()}
     _, _, metrics = jax.jit(lambda p: t.grad_fn({"gpt": p}, colls, batch, jax.random.key(1), 0))(gpt)
     np.testing.assert_allclose(metrics["contrast_loss"], contrast, rtol=1e-5)
     with pytest.raises(ValueError, match="set both or neither"):

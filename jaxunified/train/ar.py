@@ -113,9 +113,13 @@ class ARTask(Task):
                 "tokens": np.zeros((b, self.text_tokenizer.max_len), np.int32)}
 
     def train_batch_example(self):
-        if not self.config.data.get("cache_dir"):
-            return self.dummy_batch()
-        return self.cached_fields_example(self._cache_fns(), self._frozen_host(), self.dummy_batch())
+        batch = self.dummy_batch()
+        if self.config.data.get("cache_dir"):
+            batch = self.cached_fields_example(self._cache_fns(), self._frozen_host(), batch)
+        if self.negative_rows:  # HardNegativeCaptions' fields
+            b, n = int(self.config.data.batch_size), self.text_tokenizer.max_len
+            batch.update(neg_tokens=np.zeros((b, 1, n), np.int32), neg_valid=np.zeros((b, 1), bool))
+        return batch
 
     def init_variables(self, rng, batch):
         n = self.model_cfg.block_size
