@@ -31,7 +31,8 @@ Presets (the argument after the colon):
 
 Sampling for eval (``sample.*``): CFG scale, temperature, top-k, top-p, LlamaGen's
 ``cfg_interval``; ``eval.prompts_file`` (one caption per line) replaces the split's captions.
-Any field can be overridden: ``--config.sample.cfg_scale=3``; an unknown key is an error.
+Any field can be overridden: ``--config.sample.cfg_scale=3``; an unknown key is an error, except in
+an ``overrides`` block, which takes any field of its model's dataclass (``--config.model.overrides.dtype=bfloat16``).
 """
 
 import importlib.util
@@ -60,8 +61,11 @@ def _base() -> mlc.ConfigDict:
     # background code wherever the decoded image moves by at most this much (max abs, [-1, 1] pixels).
     c.tokenizer.simplify_tol = 0.0
 
-    # The frozen text encoder: a SigLIP's text tower ("workdir": a siglip run; "hf_siglip"; "random").
+    # The frozen text encoder: a SigLIP's text tower ("workdir": a siglip run; "hf_siglip"; "random"),
+    # or with family "lm" a decoder LM ("workdir": an mllm run's LM; "hf_qwen2"; "star": its base) whose
+    # tokenizer data.text must be (the shapes mllm's: tokenizer "shapes_chat").
     c.text_encoder = common.frozen_part("runs/siglip_shapes", "shapes-S", siglip=True)
+    c.text_encoder.family = "siglip"
     # Which token states condition the GPT: 0 the tower's output (post-LN); -k the k-th last hidden state.
     c.text_encoder.select_layer = 0
     # Also the tower's output at its pooled position as one more condition token (SDXL's pooled text embedding).
@@ -115,8 +119,7 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         # The shapes tower pools its last position, so its output layer is trained there only.
         c.text_encoder.select_layer = -2
         # cond_rope "zero" and no caption_layers are LlamaGen's (condition keys carry no content score;
-        # caption tokens are embedded one by one); named so the command line can switch them
-        # (--config.model.overrides.cond_rope=identity or sequence: an override must exist here).
+        # caption tokens are embedded one by one).
         c.model.overrides = mlc.ConfigDict(dict(dim=128, n_layer=6, n_head=4, multiple_of=64, class_dropout_prob=0.1,
                                                 token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
                                                 cond_rope="zero", caption_layers=0))

@@ -30,6 +30,8 @@ import tempfile
 import time
 from typing import Any
 
+from jaxunified import config_overrides
+
 # ---------------------------------------------------------------------------------------------
 # matmul peak
 
@@ -406,6 +408,7 @@ def _define_flags():
 
 
 _USAGE = "usage: python -m jaxunified.bench {aot,step,peak,sample} [flags]; see the module docstring"
+_OPEN_OVERRIDES: list = []  # config_overrides.split's, set on the config once the flags are parsed
 
 
 def _config_name() -> str:
@@ -450,7 +453,7 @@ def _main(argv):
 
     if F.config is None:
         raise app.UsageError("--config is required")
-    config = F.config
+    config = config_overrides.apply(F.config, _OPEN_OVERRIDES)
     name = _config_name()
 
     if cmd == "aot":
@@ -490,6 +493,8 @@ def main():
     from absl import app
 
     _define_flags()
+    sys.argv, pending = config_overrides.split(sys.argv)
+    _OPEN_OVERRIDES[:] = pending
     try:
         app.run(_main)
     except (AttributeError, KeyError) as e:

@@ -11,6 +11,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxunified import config_overrides
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqgan.py:shapes", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate (eval.py).")
@@ -23,6 +25,11 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     "num_processes", None, "Number of processes of a multi-process run (default: $JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index, 0..num_processes-1 (default: $JAX_PROCESS_ID).")
+_OPEN_OVERRIDES: list = []  # config_overrides.split's, set on the config once the flags are parsed
+
+
+def _config():
+    return config_overrides.apply(_CONFIG.value, _OPEN_OVERRIDES)
 
 
 def _setup(multiprocess: bool = False):
@@ -94,7 +101,7 @@ def _train(argv):
     from jaxunified.train.loop import train
 
     with _failed_process_exits():
-        train(_CONFIG.value, _WORKDIR.value)
+        train(_config(), _WORKDIR.value)
 
 
 def _eval(argv):
@@ -104,11 +111,13 @@ def _eval(argv):
     _setup()
     from jaxunified.train.evaluate import evaluate_run
 
-    metrics = evaluate_run(_CONFIG.value, _WORKDIR.value, _SPLIT.value)
+    metrics = evaluate_run(_config(), _WORKDIR.value, _SPLIT.value)
     print(json.dumps(metrics, indent=1, sort_keys=True))
 
 
 def _run(fn):
+    sys.argv, pending = config_overrides.split(sys.argv)
+    _OPEN_OVERRIDES[:] = pending
     try:
         app.run(fn)
     except (AttributeError, KeyError) as e:

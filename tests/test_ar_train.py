@@ -135,7 +135,7 @@ def test_text_encoder_select_layer_conditions_on_that_hidden_state_and_keys_the_
     layered, _, _ = helpers.tiny_task(A.ARTask, tiny_config(**{"text_encoder.select_layer": -2}))
     tokens = jnp.asarray(t.text_tokenizer.encode(["a red circle", "two blue squares"]))
     frozen = colls["frozen"]
-    hidden = t.text_tower.apply({"params": frozen["text"]}, tokens, return_hidden=True)["hidden_states"]
+    hidden = t.text_model.apply({"params": frozen["text"]}, tokens, return_hidden=True)["hidden_states"]
     np.testing.assert_array_equal(np.asarray(layered.encode_text(frozen, tokens)), np.asarray(hidden[-2]))
     assert not np.allclose(np.asarray(t.encode_text(frozen, tokens)), np.asarray(hidden[-2]))
     assert layered.cache_key() != t.cache_key()
@@ -149,7 +149,7 @@ def test_append_pooled_adds_the_pooled_output_as_one_more_condition_token(task):
                                                                "text_encoder.append_pooled": True}))
     tokens = jnp.asarray(t.text_tokenizer.encode(["a red circle", "two blue squares"]))
     frozen = colls["frozen"]
-    out = t.text_tower.apply({"params": frozen["text"]}, tokens, return_hidden=True)
+    out = t.text_model.apply({"params": frozen["text"]}, tokens, return_hidden=True)
     states = np.asarray(pooled.encode_text(frozen, tokens))
     np.testing.assert_array_equal(states[:, :-1], np.asarray(out["hidden_states"][-2]))
     np.testing.assert_array_equal(states[:, -1], np.asarray(out["last_hidden"][:, -1]))
@@ -187,3 +187,40 @@ def test_caption_contrast_is_softplus_of_the_nll_gap_on_rows_with_a_negative():
     np.testing.assert_allclose(metrics["contrast_loss"], contrast, rtol=1e-5)
     with pytest.raises(ValueError, match="set both or neither"):
         A.ARTask(tiny_config(**{"loss.negative_kinds": ("swap",)}), t.mesh).negative_rows
+
+
+def lm_text_config(**kw):
+    """The tiny preset with a (random) decoder LM as the text encoder, reading the shapes chat prompt."""
+    return tiny_config(**{"text_encoder.family": "lm", "text_encoder.variant": "tiny", "data.text.tokenizer": "shapes_chat",
+                          "data.text.path": "", "data.text.max_len": 16, **kw})
+
+
+def test_an_lm_text_encoder_conditions_on_its_hidden_states_and_stays_frozen():
+    t, _, colls = helpers.tiny_task(A.ARTask, lm_text_config(**{"text_encoder.select_layer": -2}))
+    tokens = jnp.asarray(t.text_tokenizer.encode(["a red circle", "a blue square and a red circle"]))
+    frozen = colls["frozen"]
+    out = t.text_model.apply({"params": frozen["text"]}, tokens, return_hidden=True, compute_logits=False)
+    np.testing.assert_array_equal(np.asarray(t.encode_text(frozen, tokens)), np.asarray(out["hidden_states"][-2]))
+    last, _, _ = helpers.tiny_task(A.ARTask, lm_text_config())
+    np.testing.assert_array_equal(np.asarray(last.encode_text(frozen, tokens)), np.asarray(out["last_hidden"]))
+    assert t.model_cfg.caption_dim == t.text_cfg.hidden_size and t.model_cfg.cls_token_num == 16
+    assert t.cache_key() != last.cache_key()
+
+    b = t.dummy_batch()
+    b["image"] = np.random.default_rng(0).uniform(-1, 1, b["image"].shape).astype(np.float32)
+    b["tokens"] = t.text_tokenizer.encode(["a red circle"] * b["tokens"].shape[0])
+    params, new_colls, metrics = one_step(lm_text_config(**{"text_encoder.select_layer": -2}), jax.devices(), b)
+    assert set(params) == {"gpt"} and np.isfinite(metrics["loss"])
+    for x, y in zip(jax.tree.leaves(colls["frozen"]["text"]), jax.tree.leaves(new_colls["frozen"]["text"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_an_lm_text_encoder_rejects_what_it_cannot_read():
+    with pytest.raises(ValueError, match="select_layer=-4"):
+        A.ARTask(lm_text_config(**{"text_encoder.select_layer": -4}), None)  # the tiny LM has 3 layers
+    with pytest.raises(ValueError, match="append_pooled"):
+        A.ARTask(lm_text_config(**{"text_encoder.append_pooled": True}), None)
+    with pytest.raises(ValueError, match="not the LM's tokenizer"):  # bytes: 259 ids for a 128-id LM
+        A.ARTask(lm_text_config(**{"data.text.tokenizer": "byte", "data.text.max_len": 56}), None)
+    with pytest.raises(ValueError, match="text_encoder.family='t5'"):
+        A.ARTask(tiny_config(**{"text_encoder.family": "t5"}), None)

@@ -322,3 +322,19 @@ def test_optional_hard_negatives_mark_captions_no_kind_applies_to():
     assert out["neg_valid"].tolist() == [False, False] and tok.decode(out["neg_tokens"]) == ["a red circle"] * 2
     with pytest.raises(ValueError, match="no hard negative"):
         HardNegativeCaptions(tok, 1, ("swap",)).random_map({"caption": "a red circle"}, rng)
+
+
+def test_shapes_chat_tokenizer_gives_the_t2i_chat_prompt():
+    from jaxunified.data import shapes_chat
+
+    tok = make_tokenizer(ml_collections.ConfigDict(dict(tokenizer="shapes_chat", path="", max_len=16)))
+    caption = "a purple square to the left of an orange cross"
+    ids = tok.encode([caption, "a red circle"])
+    want = shapes_chat.generation_ids(shapes_chat.ChatVocab(), caption)
+    assert ids.shape == (2, 16) and ids[0, :len(want)].tolist() == want and not ids[0, len(want):].any()
+    assert tok.decode(ids) == [caption, "a red circle"]
+    assert pickle.loads(pickle.dumps(tok)).encode(caption).tolist() == ids[0].tolist()
+    with pytest.raises(ValueError, match="needs 16 tokens; text.max_len=8"):
+        make_tokenizer(tokenizer="shapes_chat", max_len=8).encode(caption)
+    with pytest.raises(ValueError, match="fixed ids and needs no file"):
+        make_tokenizer(tokenizer="shapes_chat", path="x.model")

@@ -1,5 +1,5 @@
-"""Text tokenizers behind one interface: byte-level (no files), SentencePiece (SigLIP/Gemma) and a
-Hugging Face ``tokenizer.json`` (Qwen).
+"""Text tokenizers behind one interface: byte-level (no files), SentencePiece (SigLIP/Gemma), a
+Hugging Face ``tokenizer.json`` (Qwen) and the shapes chat prompt (the shapes ``mllm`` LM's words).
 
 ``encode`` always gives rows of exactly ``max_len`` int32 ids, right-padded with ``pad_id``:
 SigLIP text towers pool the *last* position, so the padding length is part of the model's input
@@ -27,9 +27,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import grain
 import numpy as np
 
+from jaxunified.data import shapes_chat
 from jaxunified.data.shapes_text import resolve_builtin
 
-KINDS = ("byte", "sentencepiece", "hf")
+KINDS = ("byte", "sentencepiece", "hf", "shapes_chat")
 EOS_MODES = ("no", "yes", "sticky")
 # Tokens that mean "padding" / "end of text" in common tokenizer.json files, tried in order when
 # neither the file's padding section nor the caller names one. Qwen pads with <|endoftext|>.
@@ -304,11 +305,35 @@ class HFTokenizer(TextTokenizer):
         return super().__repr__()[:-1] + f", path={getattr(self, 'path', '?')!r})"
 
 
+class ShapesChatTokenizer(TextTokenizer):
+    """A caption as STAR's text-to-image prompt over the shapes chat vocabulary
+    (``shapes_chat.generation_ids``: the user turn, then the assistant's ``<|vision_start|>``) —
+    what a shapes ``mllm`` run's LM reads, so that LM can serve as a text encoder. No file; pads
+    with ``<|endoftext|>`` (0). ``decode`` gives the caption back."""
+
+    def __init__(self, max_len: int = 16, *, bos: bool = False, eos: str | bool = "no", canonicalize: bool = False):
+        self.vocab = shapes_chat.ChatVocab()
+        self.vocab_size, self.pad_id = self.vocab.size, shapes_chat.PAD
+        super().__init__(max_len=max_len, bos=bos, eos=eos, canonicalize=canonicalize)
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        out = [shapes_chat.generation_ids(self.vocab, t) for t in texts]
+        long = [t for t, ids in zip(texts, out) if len(ids) > self.max_len]
+        if long:  # a cut prompt would lose its <|vision_start|>, the position the image follows
+            raise ValueError(f"the chat prompt of {long[0]!r} needs {len(shapes_chat.generation_ids(self.vocab, long[0]))} "
+                             f"tokens; text.max_len={self.max_len}")
+        return out
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self.vocab.decode(ids[2:])  # after <|im_start|> user, up to <|im_end|>
+
+
 # ----------------------------------------------------------------------------------------------
 # Config → tokenizer
 
 
-_CLASSES = {"byte": ByteTokenizer, "sentencepiece": SentencePieceTokenizer, "hf": HFTokenizer}
+_CLASSES = {"byte": ByteTokenizer, "sentencepiece": SentencePieceTokenizer, "hf": HFTokenizer,
+            "shapes_chat": ShapesChatTokenizer}
 _FILE_NAMES = {"sentencepiece": "SentencePiece .model", "hf": "tokenizer.json"}
 _FIELDS = ("tokenizer", "kind", "path", "max_len", "canonicalize", "bos", "eos", "pad_id", "bos_id", "eos_id")
 # Fields of the ``data.text`` sub-config that the pipeline reads, not the tokenizer.
@@ -346,11 +371,11 @@ def make_tokenizer(cfg: Any = None, /, **overrides: Any) -> TextTokenizer:
     if kind not in _CLASSES:
         raise ValueError(f"unknown text tokenizer {kind!r}; use one of {KINDS}")
     path = fields.pop("path", None)
-    if kind == "byte":
+    if kind in ("byte", "shapes_chat"):
         extra = sorted(k for k in ("pad_id", "bos_id", "eos_id") if k in fields) + (["path"] if path else [])
         if extra:
-            raise ValueError(f"the byte tokenizer has fixed ids and needs no file; remove {extra}")
-        return ByteTokenizer(**fields)
+            raise ValueError(f"the {kind} tokenizer has fixed ids and needs no file; remove {extra}")
+        return _CLASSES[kind](**fields)
     if path is None:
         raise ValueError(f"text tokenizer {kind!r} needs text.path (the {_FILE_NAMES[kind]} file)")
     if str(path).startswith("builtin:"):

@@ -5,7 +5,10 @@ frozen text encoder's caption token states.
 
 The caption states are the text tower's final-LayerNorm output at every position, pads included:
 a SigLIP text tower attends over its pads and pools the last one, so the last condition token —
-the one that predicts the first image token — carries the sentence. Caption dropout (the model's
+the one that predicts the first image token — carries the sentence. With ``text_encoder.family``
+"lm" the encoder is a decoder LM instead (an ``mllm`` run's, HF Qwen2: LLM states as the condition);
+its prompt is right-padded and unmasked, so the pads after it read the whole prompt causally, as a
+SigLIP tower's pads do. Caption dropout (the model's
 ``class_dropout_prob``) swaps a row's states for the model's fixed ``uncond_embedding``, which is
 then the unconditional half of classifier-free guidance at sampling time.
 
@@ -50,6 +53,7 @@ from jaxunified.data.shapes_text import HardNegativeCaptions
 from jaxunified.eval import shapes_geneval
 from jaxunified.eval import t2i_report
 from jaxunified.models import llamagen_gpt as gpt_lib
+from jaxunified.models import lm as lm_lib
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.quant import simplify
@@ -59,6 +63,8 @@ from jaxunified.train import frozen as frozen_parts
 from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
 CACHE_FIELDS = ("codes", "caption_states")
+# The text encoder: a SigLIP text tower, or a decoder LM (an mllm/LM run, HF Qwen2) read as one.
+TEXT_FAMILIES = ("siglip", "lm")
 
 
 def hard_negatives(captions, kind: str, rng) -> tuple[list[str], np.ndarray]:
@@ -72,30 +78,44 @@ class ARTask(Task):
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.vq, self._vq_vars = frozen_parts.load_vq(config.tokenizer)
-        siglip, sv = frozen_parts.load_siglip(config.text_encoder)
-        if siglip.cfg.text is None:
-            raise ValueError("text_encoder has no text tower")
-        self.text_cfg = siglip.cfg.text
-        self.text_tower = siglip_lib.TextTower(self.text_cfg)
-        self._text_params = sv["params"]["text"]
-        siglip_lib.check_select_layer(self.text_layer, self.text_cfg.depth)
         self.text_tokenizer = frozen_parts.text_tokenizer(config.data.text)
-        if self.text_tokenizer.max_len > self.text_cfg.max_len:
-            raise ValueError(f"data.text.max_len={self.text_tokenizer.max_len} exceeds the text tower's "
-                             f"{self.text_cfg.max_len}")
-        self.model_cfg = self.gpt_config(config, self.vq.cfg, self.text_cfg,
+        if self.text_family == "siglip":
+            siglip, sv = frozen_parts.load_siglip(config.text_encoder)
+            if siglip.cfg.text is None:
+                raise ValueError("text_encoder has no text tower")
+            self.text_cfg = siglip.cfg.text
+            self.text_model = siglip_lib.TextTower(self.text_cfg)
+            self._text_params = sv["params"]["text"]
+            siglip_lib.check_select_layer(self.text_layer, self.text_cfg.depth)
+            if self.text_tokenizer.max_len > self.text_cfg.max_len:
+                raise ValueError(f"data.text.max_len={self.text_tokenizer.max_len} exceeds the text tower's "
+                                 f"{self.text_cfg.max_len}")
+            width = self.text_cfg.width
+        else:
+            self.text_cfg, self._text_params, _, _ = frozen_parts.load_lm(config.text_encoder)
+            self.text_model = lm_lib.DecoderLM(self.text_cfg)
+            if not -self.text_cfg.num_layers <= self.text_layer <= 0:
+                raise ValueError(f"text_encoder.select_layer={self.text_layer}: the LM has "
+                                 f"{self.text_cfg.num_layers} layers (0 or -1 … -{self.text_cfg.num_layers})")
+            if self.append_pooled:
+                raise ValueError("text_encoder.append_pooled needs a SigLIP tower (an LM has no pooled position)")
+            if self.text_tokenizer.vocab_size > self.text_cfg.vocab_size:
+                raise ValueError(f"data.text's tokenizer ({self.text_tokenizer!r}) has more ids than the text "
+                                 f"encoder LM's vocab_size={self.text_cfg.vocab_size}: not the LM's tokenizer")
+            width = self.text_cfg.hidden_size
+        self.model_cfg = self.gpt_config(config, self.vq.cfg, width,
                                          self.text_tokenizer.max_len + int(self.append_pooled))
         # Found here, not lazily: ``codes`` needs it while being traced.
         self.fill_code = self._find_fill_code() if self.simplify_tol > 0 else -1
         self.model = gpt_lib.LlamaGenGPT(self.model_cfg)
 
     @staticmethod
-    def gpt_config(config, vq_cfg, text_cfg, caption_len: int) -> gpt_lib.GPTConfig:
+    def gpt_config(config, vq_cfg, text_width: int, caption_len: int) -> gpt_lib.GPTConfig:
         grid = int(config.data.resolution) // vq_cfg.downsample_factor
         over = kwargs(config.model.get("overrides"))
         return gpt_lib.variant(config.model.variant, **{
             **over, "vocab_size": vq_cfg.vq.codebook_size, "block_size": grid * grid,
-            "cls_token_num": caption_len, "caption_dim": text_cfg.width})
+            "cls_token_num": caption_len, "caption_dim": text_width})
 
     @classmethod
     def model_config(cls, config) -> gpt_lib.GPTConfig:
@@ -130,7 +150,7 @@ class ARTask(Task):
         gpt_colls = {k: nn.meta.unbox(v) for k, v in boxed.items() if k != "params"}
         r = int(self.config.data.resolution)
         vq_abs = jax.eval_shape(lambda: self.vq.init(jax.random.key(0), jnp.zeros((1, r, r, 3))))
-        t_abs = jax.eval_shape(lambda: self.text_tower.init(jax.random.key(0), jnp.zeros(
+        t_abs = jax.eval_shape(lambda: self.text_model.init(jax.random.key(0), jnp.zeros(
             (1, self.text_tokenizer.max_len), jnp.int32)))["params"]
         frozen = {"tokenizer": fill_boxes(vq_abs, self._vq_vars, "the frozen VQ tokenizer"),
                   "text": fill_boxes(t_abs, self._text_params, "the frozen text tower")}
@@ -172,6 +192,13 @@ class ARTask(Task):
         return self.encode_text(frozen, batch["tokens"])
 
     @property
+    def text_family(self) -> str:
+        family = str(self.config.text_encoder.get("family", "siglip"))
+        if family not in TEXT_FAMILIES:
+            raise ValueError(f"text_encoder.family={family!r}; use one of {TEXT_FAMILIES}")
+        return family
+
+    @property
     def text_layer(self) -> int:
         return int(self.config.text_encoder.get("select_layer", 0))
 
@@ -180,8 +207,14 @@ class ARTask(Task):
         return bool(self.config.text_encoder.get("append_pooled", False))
 
     def encode_text(self, frozen, tokens) -> jax.Array:
-        states = siglip_lib.selected_states(self.text_tower, {"params": frozen["text"]}, tokens, self.text_layer,
-                                            self.append_pooled)
+        if self.text_family == "siglip":
+            states = siglip_lib.selected_states(self.text_model, {"params": frozen["text"]}, tokens, self.text_layer,
+                                                self.append_pooled)
+        else:  # every position attends (causally) over the prompt; the pads after it read all of it
+            layer = self.text_layer
+            out = self.text_model.apply({"params": frozen["text"]}, tokens, return_hidden=bool(layer),
+                                        compute_logits=False)
+            states = out["hidden_states"][layer] if layer else out["last_hidden"]
         return jax.lax.stop_gradient(states.astype(jnp.float32))
 
     # ---- the step ----
@@ -277,10 +310,7 @@ class ARTask(Task):
         return {"codes": lambda fr, b: self.codes(fr, b).reshape(-1, g, g), "caption_states": self.caption_states}
 
     def precompute_cache(self, split: str, path, batch_size: int = 256):
-        frozen, fns = self._frozen_host(), self._cache_fns()
-        step = jax.jit(self.cache_fields(fns))
-        cache.write_cache(lambda b: step(frozen, b), self.config.data, split, path, batch_size=batch_size)
-        return path
+        return self.write_cache_fields(self._cache_fns(), self._frozen_host(), split, path, batch_size=batch_size)
 
     # ---- evaluation ----
     def decode_images(self, frozen, codes) -> jax.Array:

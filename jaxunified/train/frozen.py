@@ -17,15 +17,19 @@ base costs no memory.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import jax
 import jax.numpy as jnp
 
 from jaxunified import convert
+from jaxunified.data import shapes_chat
 from jaxunified.data.text import make_tokenizer
 from jaxunified.models import dualtoken as dualtoken_lib
+from jaxunified.models import lm as lm_lib
 from jaxunified.models import siglip as siglip_lib
+from jaxunified.models import star as star_lib
 from jaxunified.models import toklip as toklip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.train import runs
@@ -35,6 +39,7 @@ from jaxunified.train.task import host_variables, kwargs
 
 VQ_KINDS = ("workdir", "llamagen_vq", "star_vq", "ibq", "random")
 SIGLIP_KINDS = ("workdir", "hf_siglip", "open_clip", "random")
+LM_KINDS = ("workdir", "hf_qwen2", "star", "random")  # a decoder LM: an mllm/LM run, HF Qwen2, a STAR checkpoint's base
 
 def text_tokenizer(text_cfg):
     """``data.text``'s tokenizer. When planning (shapes only) and the tokenizer file is not on this
@@ -181,3 +186,50 @@ def fill_code(data_cfg, encode, codebook_size: int, num_images: int = 256) -> in
 
     _, data = cache.in_order_batches(data_cfg, "train", num_images)
     return simplify.most_frequent(encode(jnp.asarray(next(iter(data))["image"])), codebook_size)
+
+
+def _lm_shapes(bc):
+    """``load_lm`` when planning (``train.planning.shapes_only``): the LM's config and parameter
+    shapes; a STAR checkpoint's trained parts come from init, whose shapes they have."""
+    lm_fields = {f.name for f in dataclasses.fields(lm_lib.LMConfig)}
+    kind = bc.kind
+    over = {k: v for k, v in kwargs(bc.get("overrides")).items() if k in lm_fields}  # not the converters' kwargs
+    chat = {"vocab_size": shapes_chat.ChatVocab().size}
+    if kind == "workdir":
+        cfg = run_model_config(bc, lambda: lm_lib.variant(bc.variant, **{**over, **chat}))
+        cfg = getattr(cfg, "lm", cfg)
+    elif kind == "hf_qwen2":
+        cfg = lm_lib.variant(bc.variant, **over)
+    elif kind == "star":
+        cfg = dataclasses.replace(star_lib.variant(bc.variant).base, **over)
+    elif kind == "random":
+        cfg = lm_lib.variant(bc.variant, **{**over, **chat})
+    else:
+        raise ValueError(f"a decoder-LM block's kind={kind!r}; use one of {', '.join(LM_KINDS)}")
+    return cfg, as_shapes(lm_lib.abstract_params(lm_lib.DecoderLM(cfg))), None
+
+
+def load_lm(bc):
+    """(LMConfig, LM params, STAR params or None, the understanding run's (vision block, MLLM
+    module, projector params) or None) of a decoder-LM block (STAR's ``base``, a text encoder)."""
+    kind = bc.kind
+    if is_shapes_only():
+        return _lm_shapes(bc) + (None,)
+    if kind == "workdir":
+        run_cfg, module, variables = load_run(bc.workdir, bc.get("config") or None)
+        lm_cfg = getattr(module.config, "lm", module.config)  # an MLLM run's LM, or an LM run
+        params = variables["params"]
+        understanding = (run_cfg.vision, module, params["projector"]) if "projector" in params else None
+        return lm_cfg, params.get("lm", params), None, understanding
+    if kind == "hf_qwen2":
+        module, variables = convert.load("hf_qwen2", bc.path, **kwargs(bc.get("overrides")))
+        return module.config, variables["params"], None, None
+    if kind == "star":
+        module, variables = convert.load("star", bc.path, **kwargs(bc.get("overrides")))
+        return module.config.base, variables["params"]["base"], variables["params"], None
+    if kind == "random":  # smoke tests only
+        cfg = lm_lib.variant(bc.variant, **{**kwargs(bc.get("overrides")), "vocab_size": shapes_chat.ChatVocab().size})
+        model = lm_lib.DecoderLM(cfg)
+        return cfg, host_variables(model, jax.random.key(int(bc.get("seed", 0))), jnp.zeros((1, 4), jnp.int32))[
+            "params"], None, None
+    raise ValueError(f"a decoder-LM block's kind={kind!r}; use one of {', '.join(LM_KINDS)}")

@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxunified import convert
 from jaxunified.data import cache, pipeline, shapes, shapes_chat, shapes_edit
 from jaxunified.data.pipeline import as_float_images, to_global
 from jaxunified.eval import shapes_geneval, t2i_report
@@ -62,10 +61,9 @@ from jaxunified.train import frozen as frozen_parts
 from jaxunified.train import planning
 from jaxunified.train.optim import FROZEN
 from jaxunified.train.runs import load_run
-from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs, host_variables
+from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 from jaxunified.train.vision_input import VisionInput
 
-BASE_KINDS = ("workdir", "hf_qwen2", "star", "random")
 TRAINED = ("stacked", "adapter", "head")
 
 
@@ -109,59 +107,12 @@ class GenerationPrompts(grain.transforms.RandomMap):
         return out
 
 
-def _base_shapes(bc):
-    """``_load_base`` when planning (``train.planning.shapes_only``): the base's config and parameter
-    shapes; a STAR checkpoint's trained parts come from init, whose shapes they have."""
-    lm_fields = {f.name for f in dataclasses.fields(lm_lib.LMConfig)}
-    kind = bc.kind
-    over = {k: v for k, v in kwargs(bc.get("overrides")).items() if k in lm_fields}  # not the converters' kwargs
-    chat = {"vocab_size": shapes_chat.ChatVocab().size}
-    if kind == "workdir":
-        cfg = frozen_parts.run_model_config(bc, lambda: lm_lib.variant(bc.variant, **{**over, **chat}))
-        cfg = getattr(cfg, "lm", cfg)
-    elif kind == "hf_qwen2":
-        cfg = lm_lib.variant(bc.variant, **over)
-    elif kind == "star":
-        cfg = dataclasses.replace(star_lib.variant(bc.variant).base, **over)
-    elif kind == "random":
-        cfg = lm_lib.variant(bc.variant, **{**over, **chat})
-    else:
-        raise ValueError(f"base.kind={kind!r}; use one of {', '.join(BASE_KINDS)}")
-    return cfg, planning.as_shapes(lm_lib.abstract_params(lm_lib.DecoderLM(cfg))), None
-
-
-def _load_base(bc):
-    """(LMConfig, base params, STAR params or None, the understanding run's (vision block, MLLM
-    module, projector params) or None) of the ``base`` block."""
-    kind = bc.kind
-    if planning.is_shapes_only():
-        return _base_shapes(bc) + (None,)
-    if kind == "workdir":
-        run_cfg, module, variables = load_run(bc.workdir, bc.get("config") or None)
-        lm_cfg = getattr(module.config, "lm", module.config)  # an MLLM run's LM, or an LM run
-        params = variables["params"]
-        understanding = (run_cfg.vision, module, params["projector"]) if "projector" in params else None
-        return lm_cfg, params.get("lm", params), None, understanding
-    if kind == "hf_qwen2":
-        module, variables = convert.load("hf_qwen2", bc.path, **kwargs(bc.get("overrides")))
-        return module.config, variables["params"], None, None
-    if kind == "star":
-        module, variables = convert.load("star", bc.path, **kwargs(bc.get("overrides")))
-        return module.config.base, variables["params"]["base"], variables["params"], None
-    if kind == "random":  # smoke tests only
-        cfg = lm_lib.variant(bc.variant, **{**kwargs(bc.get("overrides")), "vocab_size": shapes_chat.ChatVocab().size})
-        model = lm_lib.DecoderLM(cfg)
-        return cfg, host_variables(model, jax.random.key(int(bc.get("seed", 0))), jnp.zeros((1, 4), jnp.int32))[
-            "params"], None, None
-    raise ValueError(f"base.kind={kind!r}; use one of {', '.join(BASE_KINDS)}")
-
-
 class STARTask(Task):
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.vocab = shapes_chat.ChatVocab()
         self.vq, self._vq_vars = frozen_parts.load_vq(config.tokenizer)
-        lm_cfg, self._base_params, self._star_params, understanding = _load_base(config.base)
+        lm_cfg, self._base_params, self._star_params, understanding = frozen_parts.load_lm(config.base)
         init_from = config.model.get("init_from") or ""
         if init_from and not planning.is_shapes_only():  # the previous stage's run: its trained parts (loaded here, not under init's trace)
             _, _, prev = load_run(init_from)
@@ -398,10 +349,8 @@ class STARTask(Task):
 
     def precompute_cache(self, split: str, path, batch_size: int = 256):
         """Writes the cached fields to ``path``: training then reads no pixels."""
-        frozen, fns = self._frozen_host(), self._cache_fns()
-        step = jax.jit(self.cache_fields(fns))
-        cache.write_cache(lambda b: step(frozen, b), self.config.data, split, path, inputs=("image",), batch_size=batch_size)
-        return path
+        return self.write_cache_fields(self._cache_fns(), self._frozen_host(), split, path, inputs=("image",),
+                                       batch_size=batch_size)
 
     # ---- evaluation ----
     def decode_images(self, frozen, codes) -> jax.Array:

@@ -70,6 +70,15 @@ class Task:
         -> array}``: what ``precompute_cache`` jits and ``cached_fields_example`` shapes."""
         return lambda frozen, batch: {k: f(frozen, batch) for k, f in fns.items()}
 
+    def write_cache_fields(self, fns: dict, frozen, split: str, path, inputs: tuple[str, ...] = ("image", "tokens"),
+                           batch_size: int = 256):
+        """Runs ``cache_fields(fns)`` jitted over ``split`` in order and writes the fields to ``path``
+        (``data.cache.write_cache``); ``frozen`` (host arrays) is an argument, not a constant of the
+        compiled function. Returns ``path``."""
+        step = jax.jit(self.cache_fields(fns))
+        cache.write_cache(lambda b: step(frozen, b), self.config.data, split, path, inputs=inputs, batch_size=batch_size)
+        return path
+
     @classmethod
     def cached_fields_example(cls, fns: dict, frozen, batch) -> dict[str, np.ndarray]:
         """Zeros shaped like what ``cache_fields(fns)`` writes for ``batch``, by ``jax.eval_shape`` (so

@@ -285,10 +285,8 @@ class TokLIPTask(Task):
             raise ValueError(f"unknown cache field(s) {bad}; known: {CACHE_FIELDS}")
         fns = self._cache_fns()
         frozen = nn.meta.unbox(frozen)
-        step = jax.jit(self.cache_fields({k: fns[k] for k in fields}))
         path = cache.cache_path(cache_dir, split, key or self.cache_key(frozen))
-        cache.write_cache(lambda b: step(frozen, b), self.config.data, split, path, batch_size=batch_size)
-        return path
+        return self.write_cache_fields({k: fns[k] for k in fields}, frozen, split, path, batch_size=batch_size)
 
     # ---- evaluation ----
     def encoders(self, student, frozen, *, teacher: bool = False):
