@@ -66,7 +66,8 @@ def _base() -> mlc.ConfigDict:
     # tokenizer data.text must be (the shapes mllm's: tokenizer "shapes_chat").
     c.text_encoder = common.frozen_part("runs/siglip_shapes", "shapes-S", siglip=True)
     c.text_encoder.family = "siglip"
-    # Which token states condition the GPT: 0 the tower's output (post-LN); -k the k-th last hidden state.
+    # Which token states condition the GPT: 0 the tower's output (post-LN); -k the k-th last hidden state
+    # (an LM's list, as HF's, ends with the final-normed output: there -1 is 0 and -2 the second-last block's).
     c.text_encoder.select_layer = 0
     # Also the tower's output at its pooled position as one more condition token (SDXL's pooled text embedding).
     c.text_encoder.append_pooled = False

@@ -453,7 +453,10 @@ def _main(argv):
 
     if F.config is None:
         raise app.UsageError("--config is required")
-    config = config_overrides.apply(F.config, _OPEN_OVERRIDES)
+    try:
+        config = config_overrides.apply(F.config, _OPEN_OVERRIDES)
+    except ValueError as e:
+        raise app.UsageError(f"bad --config override: {e}") from None
     name = _config_name()
 
     if cmd == "aot":

@@ -29,7 +29,10 @@ _OPEN_OVERRIDES: list = []  # config_overrides.split's, set on the config once t
 
 
 def _config():
-    return config_overrides.apply(_CONFIG.value, _OPEN_OVERRIDES)
+    try:
+        return config_overrides.apply(_CONFIG.value, _OPEN_OVERRIDES)
+    except ValueError as e:
+        raise app.UsageError(f"bad --config override: {e}") from None
 
 
 def _setup(multiprocess: bool = False):

@@ -23,8 +23,8 @@ import pytest  # noqa: E402
 # random init about 3× faster on CPU; tests only need a fixed stream, not the production one.
 # The environment carries it to the train.py subprocesses too (resume, preemption, multi-host),
 # which otherwise compile the same tiny programs afresh in every run.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get(
-    "JAXUNIFIED_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "jaxunified_test_jax_cache")))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
+    "JAXUNIFIED_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "jaxunified_test_jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",

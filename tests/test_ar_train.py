@@ -224,3 +224,8 @@ def test_an_lm_text_encoder_rejects_what_it_cannot_read():
         A.ARTask(lm_text_config(**{"data.text.tokenizer": "byte", "data.text.max_len": 56}), None)
     with pytest.raises(ValueError, match="text_encoder.family='t5'"):
         A.ARTask(tiny_config(**{"text_encoder.family": "t5"}), None)
+    from jaxunified.train import planning
+
+    with planning.shapes_only(), pytest.raises(ValueError, match="text_encoder: .* is not an mllm or LM run"):
+        A.ARTask(lm_text_config(**{"text_encoder.kind": "workdir", "text_encoder.workdir": "/no/such/run",
+                                   "text_encoder.preset": "configs/siglip.py:shapes"}), None)

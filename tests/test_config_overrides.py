@@ -16,8 +16,11 @@ def test_split_takes_out_only_overrides_fields_in_both_spellings():
     assert kept == ["train.py", "--config", "configs/ar.py:tiny", "--config.optim.lr=0.1", "--workdir=w"]
     assert pending == [("model.overrides", "dtype", "bfloat16"), ("base.lm_overrides", "remat", "full"),
                        ("model.overrides", "dim", "48")]
-    with pytest.raises(ValueError, match="has no value"):
-        config_overrides.split(["train.py", "--config.model.overrides.dim"])
+    # a bare field is True (ml-collections' boolean flags); nothing after "--" is taken
+    kept, pending = config_overrides.split(["t", "--config.model.overrides.scan_layers", "--workdir=w", "--",
+                                            "--config.model.overrides.dim=1"])
+    assert kept == ["t", "--workdir=w", "--", "--config.model.overrides.dim=1"]
+    assert pending == [("model.overrides", "scan_layers", None)]
 
 
 def test_apply_sets_new_and_listed_fields_as_python_literals():
@@ -33,11 +36,17 @@ def test_apply_sets_new_and_listed_fields_as_python_literals():
     with pytest.raises(KeyError):
         c.model.overrides["other"] = 1  # still locked afterwards
     assert config_overrides.parse_value("(1, 2)") == (1, 2) and config_overrides.parse_value("True") is True
+    assert config_overrides.parse_value("false") is False and config_overrides.parse_value(None) is True
+    # a field the preset sets to text keeps the text; a wrong type for a listed field names the argument
+    config_overrides.apply(c, [("model.overrides", "cond_rope", "1")])
+    assert c.model.overrides.cond_rope == "1"
+    with pytest.raises(ValueError, match="--config.model.overrides.dim=wide"):
+        config_overrides.apply(c, [("model.overrides", "dim", "wide")])
     with pytest.raises(ValueError, match="no 'modle.overrides' block"):
         config_overrides.apply(c, [("modle.overrides", "dim", "1")])
 
 
 def test_nested_fields_make_their_blocks():
-    c = mlc.ConfigDict({"text_encoder": {"overrides": {}}})
-    config_overrides.apply(c, [("text_encoder.overrides", "vision.width", "32")])
-    assert c.text_encoder.overrides.vision.width == 32
+    c = mlc.ConfigDict({"model": {"overrides": {}}})
+    config_overrides.apply(c, [("model.overrides", "rope.theta", "1e4")])
+    assert c.model.overrides.rope.theta == 1e4

@@ -92,7 +92,7 @@ class ARTask(Task):
                                  f"{self.text_cfg.max_len}")
             width = self.text_cfg.width
         else:
-            self.text_cfg, self._text_params, _, _ = frozen_parts.load_lm(config.text_encoder)
+            self.text_cfg, self._text_params, _, _ = frozen_parts.load_lm(config.text_encoder, "text_encoder")
             self.text_model = lm_lib.DecoderLM(self.text_cfg)
             if not -self.text_cfg.num_layers <= self.text_layer <= 0:
                 raise ValueError(f"text_encoder.select_layer={self.text_layer}: the LM has "

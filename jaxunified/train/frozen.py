@@ -188,7 +188,7 @@ def fill_code(data_cfg, encode, codebook_size: int, num_images: int = 256) -> in
     return simplify.most_frequent(encode(jnp.asarray(next(iter(data))["image"])), codebook_size)
 
 
-def _lm_shapes(bc):
+def _lm_shapes(bc, name: str):
     """``load_lm`` when planning (``train.planning.shapes_only``): the LM's config and parameter
     shapes; a STAR checkpoint's trained parts come from init, whose shapes they have."""
     lm_fields = {f.name for f in dataclasses.fields(lm_lib.LMConfig)}
@@ -198,6 +198,9 @@ def _lm_shapes(bc):
     if kind == "workdir":
         cfg = run_model_config(bc, lambda: lm_lib.variant(bc.variant, **{**over, **chat}))
         cfg = getattr(cfg, "lm", cfg)
+        if not isinstance(cfg, lm_lib.LMConfig):  # e.g. a preset left pointing at another kind of run
+            raise ValueError(f"{name}: the run {bc.workdir!r} (preset {bc.get('preset')!r}) is not an mllm or LM run; "
+                             f"its model is {type(cfg).__name__}")
     elif kind == "hf_qwen2":
         cfg = lm_lib.variant(bc.variant, **over)
     elif kind == "star":
@@ -205,16 +208,17 @@ def _lm_shapes(bc):
     elif kind == "random":
         cfg = lm_lib.variant(bc.variant, **{**over, **chat})
     else:
-        raise ValueError(f"a decoder-LM block's kind={kind!r}; use one of {', '.join(LM_KINDS)}")
+        raise ValueError(f"{name}.kind={kind!r}; use one of {', '.join(LM_KINDS)}")
     return cfg, as_shapes(lm_lib.abstract_params(lm_lib.DecoderLM(cfg))), None
 
 
-def load_lm(bc):
+def load_lm(bc, name: str = "base"):
     """(LMConfig, LM params, STAR params or None, the understanding run's (vision block, MLLM
-    module, projector params) or None) of a decoder-LM block (STAR's ``base``, a text encoder)."""
+    module, projector params) or None) of a decoder-LM block (STAR's ``base``, a text encoder), named
+    ``name`` in errors."""
     kind = bc.kind
     if is_shapes_only():
-        return _lm_shapes(bc) + (None,)
+        return _lm_shapes(bc, name) + (None,)
     if kind == "workdir":
         run_cfg, module, variables = load_run(bc.workdir, bc.get("config") or None)
         lm_cfg = getattr(module.config, "lm", module.config)  # an MLLM run's LM, or an LM run
@@ -232,4 +236,4 @@ def load_lm(bc):
         model = lm_lib.DecoderLM(cfg)
         return cfg, host_variables(model, jax.random.key(int(bc.get("seed", 0))), jnp.zeros((1, 4), jnp.int32))[
             "params"], None, None
-    raise ValueError(f"a decoder-LM block's kind={kind!r}; use one of {', '.join(LM_KINDS)}")
+    raise ValueError(f"{name}.kind={kind!r}; use one of {', '.join(LM_KINDS)}")
