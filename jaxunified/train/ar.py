@@ -8,7 +8,9 @@ a SigLIP text tower attends over its pads and pools the last one, so the last co
 the one that predicts the first image token — carries the sentence. With ``text_encoder.family``
 "lm" the encoder is a decoder LM instead (an ``mllm`` run's, HF Qwen2: LLM states as the condition);
 its prompt is right-padded and unmasked, so the pads after it read the whole prompt causally, as a
-SigLIP tower's pads do. Caption dropout (the model's
+SigLIP tower's pads do. On shapes the TokLIP ``mllm`` run's LM binds better than the SigLIP tower (a
+linear probe reads a noun's own colour from its state 0.98 vs 0.83) yet conditions worse: GenEval
+0.27 vs 0.41, swap preference 0.53 (0.54 with identity condition rows). Caption dropout (the model's
 ``class_dropout_prob``) swaps a row's states for the model's fixed ``uncond_embedding``, which is
 then the unconditional half of classifier-free guidance at sampling time.
 
