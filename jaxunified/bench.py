@@ -408,7 +408,6 @@ def _define_flags():
 
 
 _USAGE = "usage: python -m jaxunified.bench {aot,step,peak,sample} [flags]; see the module docstring"
-_OPEN_OVERRIDES: list = []  # config_overrides.split's, set on the config once the flags are parsed
 
 
 def _config_name() -> str:
@@ -453,10 +452,7 @@ def _main(argv):
 
     if F.config is None:
         raise app.UsageError("--config is required")
-    try:
-        config = config_overrides.apply(F.config, _OPEN_OVERRIDES)
-    except ValueError as e:
-        raise app.UsageError(f"bad --config override: {e}") from None
+    config = config_overrides.apply_taken(F.config)
     name = _config_name()
 
     if cmd == "aot":
@@ -496,8 +492,7 @@ def main():
     from absl import app
 
     _define_flags()
-    sys.argv, pending = config_overrides.split(sys.argv)
-    _OPEN_OVERRIDES[:] = pending
+    config_overrides.take_from_argv()
     try:
         app.run(_main)
     except (AttributeError, KeyError) as e:

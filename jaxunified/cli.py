@@ -25,14 +25,6 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     "num_processes", None, "Number of processes of a multi-process run (default: $JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index, 0..num_processes-1 (default: $JAX_PROCESS_ID).")
-_OPEN_OVERRIDES: list = []  # config_overrides.split's, set on the config once the flags are parsed
-
-
-def _config():
-    try:
-        return config_overrides.apply(_CONFIG.value, _OPEN_OVERRIDES)
-    except ValueError as e:
-        raise app.UsageError(f"bad --config override: {e}") from None
 
 
 def _setup(multiprocess: bool = False):
@@ -104,7 +96,7 @@ def _train(argv):
     from jaxunified.train.loop import train
 
     with _failed_process_exits():
-        train(_config(), _WORKDIR.value)
+        train(config_overrides.apply_taken(_CONFIG.value), _WORKDIR.value)
 
 
 def _eval(argv):
@@ -114,13 +106,12 @@ def _eval(argv):
     _setup()
     from jaxunified.train.evaluate import evaluate_run
 
-    metrics = evaluate_run(_config(), _WORKDIR.value, _SPLIT.value)
+    metrics = evaluate_run(config_overrides.apply_taken(_CONFIG.value), _WORKDIR.value, _SPLIT.value)
     print(json.dumps(metrics, indent=1, sort_keys=True))
 
 
 def _run(fn):
-    sys.argv, pending = config_overrides.split(sys.argv)
-    _OPEN_OVERRIDES[:] = pending
+    config_overrides.take_from_argv()
     try:
         app.run(fn)
     except (AttributeError, KeyError) as e:

@@ -13,15 +13,20 @@ field is that dataclass's error when the model is built; blocks a part's kind do
 Values: Python literals (``3``, ``0.1``, ``(1, 2)``), ``true``/``false`` in any case, else the text;
 a field the preset sets to a string keeps the text as given. A bare ``--config.<...>overrides.flag``
 (no value) is ``True``, as ml-collections treats boolean flags.
+
+The entry points (train.py / eval.py through ``jaxunified.cli``, ``python -m jaxunified.bench``) call
+``take_from_argv`` before ``absl.app.run`` and ``apply_taken`` to the parsed config.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+import sys
 from typing import Any
 
 import ml_collections as mlc
+from absl import app
 
 # --config.<path ending in a component named *overrides>.<field>[=value]
 _ARG = re.compile(r"^--config\.((?:\w+\.)*?\w*overrides)\.(\w+(?:\.\w+)*)(?:=(.*))?$", re.S)
@@ -83,3 +88,19 @@ def apply(config: mlc.ConfigDict, pending: list[tuple[str, str, str | None]]) ->
             except TypeError as e:
                 raise ValueError(f"{arg}={text}: {e}") from None
     return config
+
+
+_TAKEN: list[tuple[str, str, str | None]] = []  # take_from_argv's, until apply_taken sets them
+
+
+def take_from_argv() -> None:
+    """Removes the ``*overrides`` arguments from ``sys.argv`` (``split``) and keeps them for ``apply_taken``."""
+    sys.argv, _TAKEN[:] = split(sys.argv)
+
+
+def apply_taken(config: mlc.ConfigDict) -> mlc.ConfigDict:
+    """``apply`` of what ``take_from_argv`` took; a bad one is a usage error (absl prints it, no traceback)."""
+    try:
+        return apply(config, _TAKEN)
+    except ValueError as e:
+        raise app.UsageError(f"bad --config override: {e}") from None

@@ -1,5 +1,7 @@
 """``--config.<...>overrides.<field>`` arguments reach fields a preset does not list."""
 
+import sys
+
 import ml_collections as mlc
 import pytest
 
@@ -50,3 +52,16 @@ def test_nested_fields_make_their_blocks():
     c = mlc.ConfigDict({"model": {"overrides": {}}})
     config_overrides.apply(c, [("model.overrides", "rope.theta", "1e4")])
     assert c.model.overrides.rope.theta == 1e4
+
+
+def test_entry_points_take_them_from_argv_and_report_bad_ones_as_usage_errors(monkeypatch):
+    from absl import app
+
+    monkeypatch.setattr("sys.argv", ["train.py", "--config.model.overrides.dim=wide", "--workdir=w"])
+    config_overrides.take_from_argv()
+    assert sys.argv == ["train.py", "--workdir=w"]
+    with pytest.raises(app.UsageError, match="bad --config override: --config.model.overrides.dim=wide"):
+        config_overrides.apply_taken(load_config("configs/ar.py:tiny"))
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    config_overrides.take_from_argv()  # nothing taken: the config is left as it is
+    assert config_overrides.apply_taken(load_config("configs/ar.py:tiny")).model.overrides.dim == 32

@@ -318,10 +318,9 @@ class ShapesChatTokenizer(TextTokenizer):
 
     def _encode_texts(self, texts: list[str]) -> list[list[int]]:
         out = [shapes_chat.generation_ids(self.vocab, t) for t in texts]
-        long = [t for t, ids in zip(texts, out) if len(ids) > self.max_len]
-        if long:  # a cut prompt would lose its <|vision_start|>, the position the image follows
-            raise ValueError(f"the chat prompt of {long[0]!r} needs {len(shapes_chat.generation_ids(self.vocab, long[0]))} "
-                             f"tokens; text.max_len={self.max_len}")
+        for t, ids in zip(texts, out):
+            if len(ids) > self.max_len:  # a cut prompt would lose its <|vision_start|>, the position the image follows
+                raise ValueError(f"the chat prompt of {t!r} needs {len(ids)} tokens; text.max_len={self.max_len}")
         return out
 
     def _decode_ids(self, ids: list[int]) -> str:
