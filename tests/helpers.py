@@ -46,6 +46,24 @@ def tiny_task(task_cls, config):
     return t, nn.meta.unbox(params), nn.meta.unbox(colls)
 
 
+def untrained_run(family: str, workdir, **dotted) -> pathlib.Path:
+    """A run directory of ``family``'s tiny preset holding its initial state as the step-0 checkpoint:
+    what a downstream task's ``workdir`` source reads, without compiling the upstream train step."""
+    from jaxunified.train.checkpoint import Checkpointer
+    from jaxunified.train.runs import save_config
+
+    config = tiny_config(family, **dotted)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(config, workdir)
+    ckpt = Checkpointer(workdir / "checkpoints")
+    try:
+        ckpt.save(0, looplib.Trainer(config, workdir).init_state(), force=True)
+    finally:
+        ckpt.close()
+    return workdir
+
+
 def one_step(config, devices, batch_np):
     """One train step of ``config`` over ``devices`` from its initial state: host (params, collections, metrics)."""
     trainer = looplib.Trainer(config, "/tmp/unused", devices=devices)

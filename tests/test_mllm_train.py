@@ -153,7 +153,7 @@ def test_tiny_run_trains_answers_and_loads_back(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["toklip", "dualtoken"])
 def test_tiny_mllm_reads_a_toklip_or_dualtoken_run(tmp_path, kind):
-    looplib.Trainer(helpers.tiny_config(kind, total_steps=2), tmp_path / kind).run()
+    helpers.untrained_run(kind, tmp_path / kind)
     config = tiny_config(total_steps=2, **{"vision.kind": kind, "vision.source.kind": "workdir",
                                            "vision.source.workdir": str(tmp_path / kind),
                                            "data.max_len": 288 if kind == "toklip" else 96})  # 16×16 TokLIP tokens

@@ -153,7 +153,7 @@ def test_teacher_forcing_equals_the_samplers_cached_decode(task, shared_task, ed
 def test_edits_read_the_understanding_runs_vision_tokens(tmp_path):
     """With ``data.edit_understanding`` the source also enters as the mllm run's vision tokens
     through its projector: they change the logits, and teacher forcing still equals the sampler."""
-    looplib.Trainer(helpers.tiny_config("mllm", total_steps=1), tmp_path / "mllm").run()
+    helpers.untrained_run("mllm", tmp_path / "mllm")
     probe = S.STARTask(tiny_config(**{"base.kind": "workdir", "base.workdir": str(tmp_path / "mllm"),
                                       "data.edit_understanding": True}), None)
     m = probe.num_understanding
