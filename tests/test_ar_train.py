@@ -201,6 +201,9 @@ def test_an_lm_text_encoder_conditions_on_its_hidden_states_and_stays_frozen():
     frozen = colls["frozen"]
     out = t.text_model.apply({"params": frozen["text"]}, tokens, return_hidden=True, compute_logits=False)
     np.testing.assert_array_equal(np.asarray(t.encode_text(frozen, tokens)), np.asarray(out["hidden_states"][-2]))
+    embeddings = A.ARTask(lm_text_config(**{"text_encoder.select_layer": -(t.text_cfg.num_layers + 1)}), None)
+    np.testing.assert_array_equal(np.asarray(embeddings.encode_text(frozen, tokens)),
+                                  np.asarray(out["hidden_states"][0]))
     last, _, _ = helpers.tiny_task(A.ARTask, lm_text_config())
     np.testing.assert_array_equal(np.asarray(last.encode_text(frozen, tokens)), np.asarray(out["last_hidden"]))
     assert t.model_cfg.caption_dim == t.text_cfg.hidden_size and t.model_cfg.cls_token_num == 16
@@ -216,8 +219,8 @@ def test_an_lm_text_encoder_conditions_on_its_hidden_states_and_stays_frozen():
 
 
 def test_an_lm_text_encoder_rejects_what_it_cannot_read():
-    with pytest.raises(ValueError, match="select_layer=-4"):
-        A.ARTask(lm_text_config(**{"text_encoder.select_layer": -4}), None)  # the tiny LM has 3 layers
+    with pytest.raises(ValueError, match="select_layer=-5"):
+        A.ARTask(lm_text_config(**{"text_encoder.select_layer": -5}), None)  # the tiny LM has 3 layers
     with pytest.raises(ValueError, match="append_pooled"):
         A.ARTask(lm_text_config(**{"text_encoder.append_pooled": True}), None)
     with pytest.raises(ValueError, match="not the LM's tokenizer"):  # bytes: 259 ids for a 128-id LM

@@ -96,9 +96,10 @@ class ARTask(Task):
         else:
             self.text_cfg, self._text_params, _, _ = frozen_parts.load_lm(config.text_encoder, "text_encoder")
             self.text_model = lm_lib.DecoderLM(self.text_cfg)
-            if not -self.text_cfg.num_layers <= self.text_layer <= 0:
-                raise ValueError(f"text_encoder.select_layer={self.text_layer}: the LM has "
-                                 f"{self.text_cfg.num_layers} layers (0 or -1 … -{self.text_cfg.num_layers})")
+            n = self.text_cfg.num_layers
+            if not -(n + 1) <= self.text_layer <= 0:  # its hidden states: embeddings, n − 1 blocks, final-normed output
+                raise ValueError(f"text_encoder.select_layer={self.text_layer}: the LM has {n} layers "
+                                 f"(0 or -1 … -{n + 1}, -{n + 1} its embeddings)")
             if self.append_pooled:
                 raise ValueError("text_encoder.append_pooled needs a SigLIP tower (an LM has no pooled position)")
             if self.text_tokenizer.vocab_size > self.text_cfg.vocab_size:
