@@ -358,9 +358,10 @@ class SigLIP(nn.Module):
         }
 
 
-def check_select_layer(layer: int, depth: int) -> None:
+def check_select_layer(layer: int, depth: int, model: str = "the tower") -> None:
+    """``layer`` indexes a list of ``depth`` + 1 hidden states (the embeddings first) or is 0, the output."""
     if not -(depth + 1) <= layer <= 0:
-        raise ValueError(f"select_layer={layer}: use 0 (the output) or -1 … -{depth + 1} (the tower's "
+        raise ValueError(f"select_layer={layer}: use 0 (the output) or -1 … -{depth + 1} ({model}'s "
                          f"{depth} layers and its embeddings)")
 
 

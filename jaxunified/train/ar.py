@@ -96,10 +96,8 @@ class ARTask(Task):
         else:
             self.text_cfg, self._text_params, _, _ = frozen_parts.load_lm(config.text_encoder, "text_encoder")
             self.text_model = lm_lib.DecoderLM(self.text_cfg)
-            n = self.text_cfg.num_layers
-            if not -(n + 1) <= self.text_layer <= 0:  # its hidden states: embeddings, n − 1 blocks, final-normed output
-                raise ValueError(f"text_encoder.select_layer={self.text_layer}: the LM has {n} layers "
-                                 f"(0 or -1 … -{n + 1}, -{n + 1} its embeddings)")
+            # As in HF, the LM's hidden states are the embeddings, L − 1 block outputs and the final-normed output.
+            siglip_lib.check_select_layer(self.text_layer, self.text_cfg.num_layers, "the LM")
             if self.append_pooled:
                 raise ValueError("text_encoder.append_pooled needs a SigLIP tower (an LM has no pooled position)")
             if self.text_tokenizer.vocab_size > self.text_cfg.vocab_size:
