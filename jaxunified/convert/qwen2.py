@@ -17,7 +17,8 @@ so q/k need no permutation. Qwen2.5-VL checkpoints come in two layouts: transfor
 (``model.layers``, ``visual.*`` beside) and ≥ 4.52 (``model.language_model.layers``,
 ``model.visual.*``); the text weights are taken from either and the vision tower is reported
 (logged) and skipped. ``config.json`` may hold the text fields at the top or under
-``text_config``, with ``rope_theta`` at the top or in ``rope_parameters``/``rope_scaling``.
+``text_config``, with ``rope_theta`` at the top or in ``rope_parameters``/``rope_scaling`` (where a
+VL config's ``mrope_section`` is read too).
 """
 
 from __future__ import annotations
@@ -55,10 +56,14 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> LMConfig:
     text = dict(hf.get("text_config") or {})
     merged = {**hf, **text}  # newer VL configs nest the decoder's fields under text_config
     theta = merged.get("rope_theta")
+    mrope = {}
     for key in ("rope_parameters", "rope_scaling"):
         params = merged.get(key) or {}
         if theta is None and "rope_theta" in params:
             theta = params["rope_theta"]
+        if params.get("mrope_section") and not mrope:  # Qwen2.5-VL's multimodal RoPE split
+            mrope = dict(mrope_section=tuple(params["mrope_section"]),
+                         mrope_interleaved=bool(params.get("mrope_interleaved", False)))
     if theta is None:
         theta = 10000.0  # transformers' Qwen2Config default
     try:
@@ -69,6 +74,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> LMConfig:
             mlp_dim=merged["intermediate_size"], rope_theta=float(theta),
             norm_eps=merged.get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            **mrope,
         )
     except KeyError as e:
         raise CheckpointMismatchError(f"config.json lacks the Qwen2 field {e.args[0]!r}") from e

@@ -13,6 +13,9 @@ the embedding table transposed when ``tie_embeddings``).
   prefill of T tokens and then one-token calls reproduce the full causal forward. Pass
   ``attention_mask`` over the cache slots ([B, max_len]) when prompts are left-padded, and the
   RoPE ``positions`` [B, T] the tokens really have (a padded row starts later).
+- ``mrope_section`` (Qwen2.5-VL's mRoPE): ``positions`` may then be [B, T, 3] (temporal, height,
+  width ids; ``nn.rope.rope_mrope``), how image tokens get 2-D positions; [B, T] positions are the
+  same on all three axes, i.e. plain 1-D RoPE (text, and STAR's text-to-image path).
 - ``scan_layers``: one ``nn.scan`` over a stacked ``layers`` tree (one compiled block at any
   depth); ``remat`` picks what the backward pass keeps (``REMAT_POLICIES``).
 - ``dtype`` bfloat16 runs the blocks and head matmuls in bf16 with a float32 residual stream
@@ -34,6 +37,7 @@ import jax.numpy as jnp
 from jaxunified.nn.attention import padding_mask
 from jaxunified.nn.decoder import DecoderBlock
 from jaxunified.nn.norm import RMSNorm
+from jaxunified.nn.rope import mrope_axes, rope_mrope
 from jaxunified.nn.sharding import LOGIT_AXES, TOKEN_AXES
 
 # name → what jax.checkpoint saves for the backward pass ("full": nothing; recompute everything).
@@ -60,14 +64,21 @@ class LMConfig:
     dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"
+    # Qwen2.5-VL's mRoPE: rotary angles per (t, h, w) axis, summing to head_dim / 2 (() = 1-D RoPE only);
+    # interleaved is Qwen3-VL's t, h, w, t, … assignment (nn.rope.mrope_axes).
+    mrope_section: tuple[int, ...] = ()
+    mrope_interleaved: bool = False
 
     def __post_init__(self):
+        object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.mrope_section:
+            mrope_axes(self.head_dim // 2, self.mrope_section, self.mrope_interleaved)  # raises on a bad split
 
     @property
     def head_dim(self) -> int:
@@ -83,10 +94,9 @@ VARIANTS: dict[str, LMConfig] = {
     "qwen2.5-1.5b": LMConfig(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, mlp_dim=8960),
     "qwen2.5-3b": LMConfig(**_QWEN25_3B),
     "qwen2.5-7b": LMConfig(**_QWEN25_7B),
-    # The text decoders of Qwen2.5-VL-{3B,7B}-Instruct (what STAR stacks on): the same shapes.
-    # Their mRoPE reduces to this 1-D RoPE for text and t2i (equal position ids in all sections).
-    "qwen2.5-vl-3b": LMConfig(**_QWEN25_3B),
-    "qwen2.5-vl-7b": LMConfig(**_QWEN25_7B),
+    # The text decoders of Qwen2.5-VL-{3B,7B}-Instruct (what STAR stacks on): the same shapes, mRoPE.
+    "qwen2.5-vl-3b": LMConfig(**_QWEN25_3B, mrope_section=(16, 24, 24)),
+    "qwen2.5-vl-7b": LMConfig(**_QWEN25_7B, mrope_section=(16, 24, 24)),
     "tiny": LMConfig(vocab_size=128, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=128,
                      tie_embeddings=False),  # the shape of the hf_qwen2_tiny golden
 }
@@ -104,8 +114,8 @@ class _ScanBlock(DecoderBlock):
 
     emit: bool = False
 
-    def __call__(self, x, mask, positions):  # positional: scan and remat broadcast them
-        x = super().__call__(x, mask, positions=positions)
+    def __call__(self, x, mask, positions, rotary):  # positional: scan and remat broadcast them
+        x = super().__call__(x, mask, positions=positions, rotary=rotary)
         return x, (x if self.emit else None)
 
 
@@ -150,6 +160,7 @@ class DecoderLM(nn.Module):
         x = _inputs(c, embed, input_ids, inputs_embeds, embeds_mask)
         x = nn.with_logical_constraint(x, TOKEN_AXES)
         mask = None if attention_mask is None else padding_mask(attention_mask)
+        positions, rotary = _rotary(c, positions)
         hidden = [x]
 
         block = _ScanBlock
@@ -161,16 +172,16 @@ class DecoderLM(nn.Module):
                 block,
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(**self._block_kwargs(return_hidden), name="layers")
-            x, outs = stack(x, mask, positions)
+            x, outs = stack(x, mask, positions, rotary)
             if return_hidden:
                 hidden.extend(outs[i] for i in range(c.num_layers))
         else:
             for i in range(c.num_layers):
-                x, _ = block(**self._block_kwargs(False), name=f"layers_{i}")(x, mask, positions)
+                x, _ = block(**self._block_kwargs(False), name=f"layers_{i}")(x, mask, positions, rotary)
                 hidden.append(x)
 
         x = RMSNorm(c.norm_eps, name="final_norm")(x)
@@ -190,6 +201,15 @@ class DecoderLM(nn.Module):
                                 preferred_element_type=jnp.float32)
             out["logits"] = nn.with_logical_constraint(logits, LOGIT_AXES)
         return out
+
+
+def _rotary(c: LMConfig, positions):
+    """(1-D positions, None) or, for mRoPE ids [B, T, 3], (None, the (cos, sin) table all layers share)."""
+    if positions is None or jnp.ndim(positions) < 3:
+        return positions, None
+    if not c.mrope_section:
+        raise ValueError(f"positions of shape {jnp.shape(positions)} are (t, h, w) ids: the LM needs mrope_section")
+    return None, rope_mrope(positions, c.head_dim, c.rope_theta, c.mrope_section, c.mrope_interleaved)
 
 
 def _inputs(c: LMConfig, embed, input_ids, inputs_embeds, embeds_mask) -> jax.Array:

@@ -12,6 +12,12 @@ second half to its column, each a 1-D table over D/2 dims. Condition tokens in f
 image grid get all-zero rows (cos = sin = 0), which zeroes their q and k exactly as LlamaGen's
 ``precompute_freqs_cis_2d`` does; pass ``num_cond`` to build that.
 
+Multimodal RoPE (Qwen2-VL / Qwen2.5-VL's mRoPE) gives each token three position ids (temporal,
+height, width) and each rotation angle one of them: ``mrope_sections`` (t, h, w) angle counts,
+contiguous (Qwen2.5-VL: the fastest angles follow t, the slowest w) or interleaved t, h, w, t, …
+(Qwen3-VL's layout: every axis gets fast and slow angles). Equal ids on the three axes give the
+plain 1-D table exactly, which is how text tokens are placed.
+
 Angles are float32 and the rotation runs in float32 whatever the compute dtype: positions up
 to ~10⁵ times ~1 rad/step frequencies need more mantissa than bf16 has.
 """
@@ -46,6 +52,39 @@ def grid_positions(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Row and column id of each token of a raster-ordered ``height × width`` grid, each [h·w]."""
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     return rows.reshape(-1), cols.reshape(-1)
+
+
+def mrope_axes(num_angles: int, sections, interleaved: bool = False) -> np.ndarray:
+    """[num_angles] which position axis (0 t, 1 h, 2 w) turns each angle of an mRoPE table.
+
+    Contiguous: the first ``sections[0]`` angles follow t, the next ``sections[1]`` h, the rest w
+    (HF's ``apply_multimodal_rotary_pos_emb``). Interleaved: angle i follows h when i % 3 == 1 and
+    i < 3·sections[1], w when i % 3 == 2 and i < 3·sections[2], t otherwise (HF's
+    ``apply_interleaved_mrope``)."""
+    sections = tuple(int(s) for s in sections)
+    if len(sections) != 3 or min(sections) < 0 or sum(sections) != num_angles:
+        raise ValueError(f"mrope sections {sections} must be three counts summing to the {num_angles} rotary angles "
+                         f"(head_dim / 2)")
+    i = np.arange(num_angles)
+    if not interleaved:
+        return np.repeat(np.arange(3), sections)
+    axes = np.zeros(num_angles, np.int32)
+    axes[(i % 3 == 1) & (i < 3 * sections[1])] = 1
+    axes[(i % 3 == 2) & (i < 3 * sections[2])] = 2
+    if np.bincount(axes, minlength=3).tolist() != list(sections):
+        raise ValueError(f"interleaved mrope sections {sections} do not fit {num_angles} angles: each axis gets "
+                         f"{np.bincount(axes, minlength=3).tolist()}")
+    return axes
+
+
+def rope_mrope(positions: jax.Array, dim: int, theta: float, sections, interleaved: bool = False
+               ) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [..., T, dim/2] for (t, h, w) position ids [..., T, 3] (``mrope_axes``)."""
+    if positions.shape[-1] != 3:
+        raise ValueError(f"mRoPE positions need a last axis of 3 (t, h, w), got shape {positions.shape}")
+    axes = mrope_axes(dim // 2, sections, interleaved)
+    picked = jnp.asarray(positions, jnp.float32)[..., axes]  # [..., T, dim/2]: each angle's own position id
+    return cos_sin(picked * inv_frequencies(dim, theta))
 
 
 def cos_sin(angles: jax.Array) -> tuple[jax.Array, jax.Array]:

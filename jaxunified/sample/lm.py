@@ -74,13 +74,17 @@ def prefill_and_step(model, params, ids: jax.Array, valid: jax.Array, max_new_to
     """(first_logits [B, V], cache, step) for ``decode.generate`` over left-padded prompts.
 
     ``model``: a ``DecoderLM`` or a module with its call convention (``models.mllm.MLLM``), whose
-    prefill also takes ``prefill_inputs`` (e.g. the image vectors and their first slot)."""
+    prefill also takes ``prefill_inputs`` (e.g. the image vectors and their first slot) and may
+    return ``"position_shift"`` [B], added to the positions of the generated tokens."""
     dec = model.clone(decode=True)
     batch, length = ids.shape
     slot_valid, offset, positions = cache_layout(valid, max_new_tokens)
     cache = zero_cache(dec, batch, length + max_new_tokens)
     out, state = dec.apply({"params": params, "cache": cache}, ids, attention_mask=slot_valid,
                            positions=positions, mutable=["cache"], **(prefill_inputs or {}))
+    # A model whose prompt positions are not its slots' (an MLLM's mRoPE image) says how later ones move.
+    shift = out.get("position_shift")
+    offset = offset if shift is None else offset - shift[:, None]
 
     def step(tok, cache, n):
         pos = length + n - 1 - offset

@@ -6,7 +6,8 @@ answers (``models.mllm.MLLM``; the chat data of ``data.shapes_chat``).
 Visual inputs (``vision.kind``: SigLIP patch states, VQ codebook rows, TokLIP's or DualToken's
 token vectors; ``train.vision_input``), frozen, through the trainable projector.
 
-The LM trains from scratch on the shapes vocabulary (``model.variant`` + ``model.overrides``);
+The LM trains from scratch on the shapes vocabulary (``model.variant`` + ``model.overrides``; with
+``mrope_section`` among them the image tokens take 2-D mRoPE positions, ``models.mllm``);
 every training image gets one conversation drawn from ``shapes_chat.TASKS`` (a caption
 request or one question type the scene can answer), uniformly or by ``data.task_weights``.
 
@@ -23,6 +24,7 @@ The exported model (``runs.load_run``) is the MLLM; STAR's stages take its LM as
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import grain
@@ -96,8 +98,12 @@ class MLLMTask(Task):
         # the shapes chat vocabulary unless the overrides keep a released LM's table (pod plans)
         lm = lm_lib.variant(config.model.variant, **{"vocab_size": shapes_chat.ChatVocab().size,
                                                      **kwargs(config.model.get("overrides"))})
+        grid = ()
+        if lm.mrope_section:  # every visual input here is a square raster of patches or codes
+            side = math.isqrt(num_image_tokens)
+            grid = (side, side)
         return mllm_lib.MLLMConfig(lm, vision_dim, num_image_tokens, shapes_chat.IMAGE_START,
-                                   int(config.model.get("projector_depth", 2)))
+                                   int(config.model.get("projector_depth", 2)), grid)
 
     @classmethod
     def model_config(cls, config) -> mllm_lib.MLLMConfig:
