@@ -63,6 +63,9 @@ def _base() -> mlc.ConfigDict:
     c.model.variant = "tiny"
     c.model.overrides = mlc.ConfigDict()
     c.model.projector_depth = 2
+    # The frozen vision model's vectors of the training split, computed once (keyed by its weights).
+    c.data.cache_dir = ""
+    c.data.build_cache = False
 
     c.optim.lr = 1e-3
     c.optim.weight_decay = 0.05
@@ -80,6 +83,8 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
                                                 mlp_dim=384, tie_embeddings=True))
         c.optim.lr = 2e-3
         c.optim.warmup_steps = 100
+        c.data.cache_dir = "~/.cache/jaxunified/mllm"
+        c.data.build_cache = True
         if arg == "shapes":  # a caption names every attribute; the single questions name one each
             c.data.task_weights.caption = 3.0
         c.xla_cpu_options = mlc.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})

@@ -131,6 +131,34 @@ def test_step_trains_only_the_mllm_and_the_vision_model_stays_bit_identical(task
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_cached_vision_vectors_give_the_pixel_batches_conversations_and_loss(task, tmp_path):
+    t, params, colls = task
+    config = tiny_config(**{"data.cache_dir": str(tmp_path), "data.build_cache": False})
+    tc = M.MLLMTask(config, t.mesh)
+    with pytest.raises(FileNotFoundError, match="build_cache"):
+        tc.build_dataset("train")
+    config.unlock()
+    config.data.build_cache = True
+    cached = next(iter(tc.build_dataset("train")))
+    pixels = next(iter(t.build_dataset("train")))
+    assert "image" not in cached and cached["vision"].dtype == np.float32
+    for k in ("tokens", "loss_mask", "has_image"):  # the same shuffled images get the same conversations
+        np.testing.assert_array_equal(cached[k], pixels[k], err_msg=k)
+    vectors = jax.jit(t.vision_vectors)(colls["frozen"], jnp.asarray(pixels["image"]))
+    np.testing.assert_allclose(cached["vision"], vectors, rtol=1e-5, atol=1e-6)
+    loss = jax.jit(lambda b: t.loss_and_metrics(params, colls, b)[0])
+    step_fields = ("tokens", "loss_mask", "has_image")
+    np.testing.assert_allclose(float(loss({k: jnp.asarray(cached[k]) for k in step_fields + ("vision",)})),
+                               float(loss({k: jnp.asarray(pixels[k]) for k in step_fields + ("image",)})), rtol=1e-5)
+    example = tc.train_batch_example()  # what bench and AOT plans compile the step for
+    assert set(example) == set(step_fields) | {"vision"}
+    for k, v in example.items():
+        assert (v.shape[1:], v.dtype) == (cached[k].shape[1:], cached[k].dtype), k
+    key = tc.cache_key()
+    tc._frozen_host_vars = jax.tree.map(lambda x: np.asarray(x) + 1.0, tc._frozen_host())  # a retrained tower
+    assert tc.cache_key() != key
+
+
 @pytest.mark.slow
 def test_tiny_run_trains_answers_and_loads_back(tmp_path):
     from jaxunified.train.runs import load_run

@@ -27,6 +27,7 @@ import json
 import math
 import pathlib
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -122,6 +123,13 @@ class MLLMTask(Task):
         return {"image": np.zeros((b, r, r, 3), np.uint8), "tokens": np.zeros((b, self.max_len), np.int32),
                 "loss_mask": np.zeros((b, self.max_len), np.float32), "has_image": np.ones((b,), bool)}
 
+    def train_batch_example(self):
+        batch = self.dummy_batch()
+        if self.config.data.get("cache_dir"):  # build_dataset's cached form: vision vectors for pixels
+            batch.update(self.cached_fields_example(self._cache_fns(), self._frozen_host(), batch))
+            del batch["image"]
+        return batch
+
     def init_variables(self, rng, batch):
         c = self.model_cfg
         boxed = self.model.init(rng, jnp.zeros((1, self.max_len), jnp.int32),
@@ -138,7 +146,7 @@ class MLLMTask(Task):
         return self.vision.vectors(frozen["vision"], images)
 
     def loss_and_metrics(self, mllm_params, collections, batch):
-        vision = self.vision_vectors(collections["frozen"], batch["image"])
+        vision = batch["vision"] if "vision" in batch else self.vision_vectors(collections["frozen"], batch["image"])
         tokens = batch["tokens"]
         logits = self.model.apply({"params": mllm_params}, tokens, vision,
                                   has_image=batch.get("has_image"))["logits"][:, :-1]
@@ -158,9 +166,28 @@ class MLLMTask(Task):
 
     # ---- data ----
     def build_dataset(self, split: str):
+        """The split's batches; for training with ``data.cache_dir``, the frozen vision model's vectors
+        come from a cache built once (keyed by its weights) instead of a forward pass per step."""
         extra = (ChatExamples(self.model_cfg.num_image_tokens, self.max_len,
                                 dict(self.config.data.get("task_weights") or {})),) if split == "train" else ()
-        return pipeline.build_dataset(self.config.data, split, self.mesh, extra_transforms=extra)
+        return self.cached_train_dataset(
+            split, "mllm", self.cache_key,
+            lambda path, _: self.write_cache_fields(self._cache_fns(), self._frozen_host(), split, path,
+                                                    inputs=("image",)),
+            pixel_fields=("vision",), extra_transforms=extra)
+
+    def cache_key(self) -> str:
+        vc = self.config.vision
+        return cache.dataset_key(self.config.data, [self._frozen_host()],
+                                 (vc.kind, self.vision.select_layer, self.vision.num_tokens, self.vision.dim))
+
+    def _frozen_host(self) -> dict:
+        if not hasattr(self, "_frozen_host_vars"):
+            self._frozen_host_vars = {"vision": nn.meta.unbox(self.vision.frozen_variables())}
+        return self._frozen_host_vars
+
+    def _cache_fns(self) -> dict:
+        return {"vision": lambda fr, b: self.vision_vectors(fr, b["image"])}
 
     # ---- evaluation ----
     def answer(self, mllm_params, frozen, images, questions, max_new_tokens: int) -> list[str]:
