@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxunified.data import cache, pipeline, shapes, shapes_chat
+from jaxunified.data import cache, shapes, shapes_chat
 from jaxunified.eval import shapes_geneval
 from jaxunified.eval.chat import text_answers
 from jaxunified.models import lm as lm_lib
