@@ -6,11 +6,13 @@ Presets (the argument after the colon):
 * ``shapes`` — SigLIP patch states as the visual input (the LLaVA baseline):
       python train.py --config configs/siglip.py:shapes --workdir runs/siglip_shapes
       python train.py --config configs/mllm.py:shapes   --workdir runs/mllm_shapes
-  Target: ≤ 20 minutes on 2 CPU cores; caption attribute accuracy ≥ 90%.
-  Measured: 19 min 21 s for the train command on 2 cores (1800 steps at 1.6–1.7 steps/s; final eval
-  included). Captions are drawn three times as often as each question kind (``data.task_weights``).
-  eval_test.json (500 test images, greedy): caption attribute accuracy 0.91 (exact caption 0.58);
-  QA count 0.99, colour 0.80, shape 0.82, relation 0.53, yes/no 0.49; rewrites of indirect names 1.00.
+  Target: ≤ 20 minutes on 2 CPU cores; caption attribute accuracy ≥ 90% (captions are drawn three
+  times as often as each question kind, ``data.task_weights``, in every shapes preset).
+  Measured: 19 min 21 s for the train command on 2 cores (1800 steps at 1.6–1.7 steps/s, vision
+  computed per step; final eval included); the vision cache and ``remat="dots"`` now take about a
+  third and a sixth off the step. eval_test.json (500 test images, greedy): caption attribute
+  accuracy 0.91 (exact caption 0.58); QA count 0.99, colour 0.80, shape 0.82, relation 0.53, yes/no
+  0.49; rewrites of indirect names 1.00.
 * ``shapes_vq`` — the shapes VQ's codebook rows of the image's codes (discrete visual tokens):
       python train.py --config configs/vqgan.py:shapes8  --workdir runs/vqgan_shapes8
       python train.py --config configs/mllm.py:shapes_vq --workdir runs/mllm_shapes_vq
@@ -19,12 +21,14 @@ Presets (the argument after the colon):
       python train.py --config configs/toklip.py:shapes8        --workdir runs/toklip_shapes8
       python train.py --config configs/mllm.py:shapes_toklip    --workdir runs/mllm_shapes_toklip
       python train.py --config configs/mllm.py:shapes_dualtoken --workdir runs/mllm_shapes_dualtoken
-  Measured (TokLIP): 19 min 36 s for the train command on 2 cores (1800 steps at ≈ 1.6 steps/s);
-  caption attribute accuracy 0.875 (exact 0.49); QA count 0.97, colour 0.81, shape 0.80, relation
-  0.50, yes/no 0.94; rewrites 1.00.
-  Measured (DualToken, after ``dualtoken:shapes``): 1800 steps at 1.74 steps/s on 2 cores (≈ 18 min
-  alone); caption attribute accuracy 0.88 (exact 0.53); QA count 0.98, colour 0.83, shape 0.76,
-  relation 0.56, yes/no 0.88; rewrites 1.00.
+  Measured (TokLIP): 21 min 8 s for the train command on a slow day's 2 cores (1800 steps at 1.4–1.9
+  steps/s, cached vectors, before ``remat="dots"``); caption attribute accuracy 0.82 with uniform task
+  weights, 0.86 with captions drawn 3× (exact 0.46); QA count 0.99, colour 0.77, shape 0.76, relation
+  0.44, yes/no 0.87; rewrites 1.00.
+  Measured (DualToken, after ``dualtoken:shapes``, 7 min 48 s): 20 min 9 s for the train command on
+  the same day (1800 steps at 1.5–1.9 steps/s, cached vectors, before ``remat="dots"``); caption
+  attribute accuracy 0.895 (exact 0.56); QA count 0.99, colour 0.80, shape 0.80, relation 0.57,
+  yes/no 0.87; rewrites 1.00.
 * ``7b`` — a LLaVA-style stage at released sizes (SigLIP So400m/14 at 384 px, frozen, into
   Qwen2.5-7B; bf16, remat), for planning a pod run:
       python -m jaxunified.bench aot --config configs/mllm.py:7b --topology v5p-128
@@ -79,14 +83,15 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.total_steps = 1800
         c.checkpoint_every = 500
         c.data.batch_size = 64
+        # remat "dots": the scanned layers' backward recomputes the cheap ops instead of stacking their
+        # outputs per layer, which XLA:CPU's scan pays for in buffer writes (about 1.2× the step here).
         c.model.overrides = mlc.ConfigDict(dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                                                mlp_dim=384, tie_embeddings=True))
+                                                mlp_dim=384, tie_embeddings=True, remat="dots"))
         c.optim.lr = 2e-3
         c.optim.warmup_steps = 100
         c.data.cache_dir = "~/.cache/jaxunified/mllm"
         c.data.build_cache = True
-        if arg == "shapes":  # a caption names every attribute; the single questions name one each
-            c.data.task_weights.caption = 3.0
+        c.data.task_weights.caption = 3.0  # a caption names every attribute; the single questions name one each
         c.xla_cpu_options = mlc.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
         if arg == "shapes_vq":
             c.vision.kind = "vq"
