@@ -6,8 +6,9 @@ Presets (the argument after the colon):
 * ``shapes`` — SigLIP patch states as the visual input (the LLaVA baseline):
       python train.py --config configs/siglip.py:shapes --workdir runs/siglip_shapes
       python train.py --config configs/mllm.py:shapes   --workdir runs/mllm_shapes
-  Target: ≤ 20 minutes on 2 CPU cores; caption attribute accuracy ≥ 90% (captions are drawn three
-  times as often as each question kind, ``data.task_weights``, in every shapes preset).
+  Target: ≤ 20 minutes on 2 CPU cores; caption attribute accuracy ≥ 90%, for this and the TokLIP and
+  DualToken presets (every shapes preset draws captions three times as often as each question kind,
+  ``data.task_weights``).
   Measured: 19 min 21 s for the train command on 2 cores (1800 steps at 1.6–1.7 steps/s, vision
   computed per step; final eval included); the vision cache and ``remat="dots"`` now take about a
   third and a sixth off the step. eval_test.json (500 test images, greedy): caption attribute
@@ -67,6 +68,8 @@ def _base() -> mlc.ConfigDict:
     c.model.variant = "tiny"
     c.model.overrides = mlc.ConfigDict()
     c.model.projector_depth = 2
+    # "mrope": the image tokens take Qwen2-VL's (t, h, w) ids (needs overrides.mrope_section); "sequence": 1-D.
+    c.model.image_positions = "sequence"
     # The frozen vision model's vectors of the training split, computed once (keyed by its weights).
     c.data.cache_dir = ""
     c.data.build_cache = False

@@ -86,6 +86,20 @@ def test_image_ids_and_shift_are_qwen2_vls():
     assert list(np.asarray(shift)) == [-3, 0]
 
 
+def test_mllm_task_takes_mrope_image_positions_only_when_asked():
+    from jaxunified.train import mllm as M
+    from tests import helpers
+
+    over = {"model.overrides.mrope_section": (2, 2, 4), "model.overrides.num_heads": 2}
+    seq = M.MLLMTask.model_config(helpers.tiny_config("mllm", **over))
+    assert seq.lm.mrope_section == (2, 2, 4) and seq.image_grid == ()
+    cfg = M.MLLMTask.model_config(helpers.tiny_config("mllm", **over, **{"model.image_positions": "mrope"}))
+    side = int(np.sqrt(cfg.num_image_tokens))
+    assert cfg.image_grid == (side, side)
+    with pytest.raises(ValueError, match="mrope_section"):
+        M.MLLMTask.model_config(helpers.tiny_config("mllm", **{"model.image_positions": "mrope"}))
+
+
 def test_qwen25_vl_config_reads_the_sections(tmp_path, golden_dir):
     shutil.copy(golden_dir / "hf_qwen2_tiny.safetensors", tmp_path / "model.safetensors")
     cfg = json.loads((golden_dir / "hf_qwen2_tiny.json").read_text())

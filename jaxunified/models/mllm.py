@@ -13,7 +13,7 @@ Qwen2-VL's 3-D position ids (``mrope_positions``): the image's first position on
 that plus its row / column on the height / width axes, and the text after it continues from the
 largest of those + 1 (HF's ``get_rope_index`` for one still image). The output then carries
 ``"position_shift"`` [B], what that does to the positions of every later token (HF's
-``rope_deltas``); ``sample.lm`` adds it to the positions of the tokens it generates.
+``rope_deltas`` of an unpadded row); ``sample.lm`` adds it to the positions of the tokens it generates.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ answers (``models.mllm.MLLM``; the chat data of ``data.shapes_chat``).
 Visual inputs (``vision.kind``: SigLIP patch states, VQ codebook rows, TokLIP's or DualToken's
 token vectors; ``train.vision_input``), frozen, through the trainable projector.
 
-The LM trains from scratch on the shapes vocabulary (``model.variant`` + ``model.overrides``; with
-``mrope_section`` among them the image tokens take 2-D mRoPE positions, ``models.mllm``);
+The LM trains from scratch on the shapes vocabulary (``model.variant`` + ``model.overrides``;
+``model.image_positions="mrope"`` gives the image tokens Qwen2-VL's 3-D positions on an LM with
+``mrope_section``, ``models.mllm``; the default numbers them as a sequence);
 every training image gets one conversation drawn from ``shapes_chat.TASKS`` (a caption
 request or one question type the scene can answer), uniformly or by ``data.task_weights``.
 
@@ -27,7 +28,6 @@ import json
 import math
 import pathlib
 
-import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -100,7 +100,10 @@ class MLLMTask(Task):
         lm = lm_lib.variant(config.model.variant, **{"vocab_size": shapes_chat.ChatVocab().size,
                                                      **kwargs(config.model.get("overrides"))})
         grid = ()
-        if lm.mrope_section:  # every visual input here is a square raster of patches or codes
+        positions = config.model.get("image_positions", "sequence")
+        if positions not in ("sequence", "mrope"):
+            raise ValueError(f"model.image_positions must be 'sequence' or 'mrope', got {positions!r}")
+        if positions == "mrope":  # every visual input here is a square raster of patches or codes
             side = math.isqrt(num_image_tokens)
             grid = (side, side)
         return mllm_lib.MLLMConfig(lm, vision_dim, num_image_tokens, shapes_chat.IMAGE_START,
@@ -170,21 +173,24 @@ class MLLMTask(Task):
         come from a cache built once (keyed by its weights) instead of a forward pass per step."""
         extra = (ChatExamples(self.model_cfg.num_image_tokens, self.max_len,
                                 dict(self.config.data.get("task_weights") or {})),) if split == "train" else ()
-        return self.cached_train_dataset(
-            split, "mllm", self.cache_key,
-            lambda path, _: self.write_cache_fields(self._cache_fns(), self._frozen_host(), split, path,
-                                                    inputs=("image",)),
-            pixel_fields=("vision",), extra_transforms=extra)
+        return self.cached_train_dataset(split, "mllm", self.cache_key,
+                                         lambda path, _: self.precompute_cache(split, path),
+                                         pixel_fields=("vision",), extra_transforms=extra)
+
+    def precompute_cache(self, split: str, path, batch_size: int = 256):
+        """Runs the frozen vision model once over ``split`` and writes its vectors (``vision`` [N, tokens,
+        dim] float32) to ``path``. Returns ``path``."""
+        return self.write_cache_fields(self._cache_fns(), self._frozen_host(), split, path, inputs=("image",),
+                                       batch_size=batch_size)
 
     def cache_key(self) -> str:
-        vc = self.config.vision
+        """A digest of what the cached vectors depend on: the vision weights, its config and how it is read."""
+        v = self.vision
         return cache.dataset_key(self.config.data, [self._frozen_host()],
-                                 (vc.kind, self.vision.select_layer, self.vision.num_tokens, self.vision.dim))
+                                 (v.kind, v.model.cfg, v.select_layer, v.num_tokens, v.dim))
 
     def _frozen_host(self) -> dict:
-        if not hasattr(self, "_frozen_host_vars"):
-            self._frozen_host_vars = {"vision": nn.meta.unbox(self.vision.frozen_variables())}
-        return self._frozen_host_vars
+        return {"vision": self.vision.loaded_variables()}
 
     def _cache_fns(self) -> dict:
         return {"vision": lambda fr, b: self.vision_vectors(fr, b["image"])}

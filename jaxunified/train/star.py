@@ -129,6 +129,10 @@ class STARTask(Task):
                 raise ValueError("data.edit_understanding needs base.kind='workdir' naming an mllm run: its vision "
                                  "model and projector give the source image's understanding tokens")
             vision_block, self.understanding_model, self._projector_params = understanding
+            if self.understanding_model.config.image_grid:
+                raise ValueError("data.edit_understanding reads an mllm run whose image tokens took 3-D mRoPE "
+                                 "positions (model.image_positions='mrope'); STAR's edit prompt numbers them as a "
+                                 "sequence, so that run's understanding tokens are not supported here")
             self.understanding = VisionInput(vision_block, int(config.data.resolution))
         # Found here, not lazily: ``codes`` needs it while being traced.
         self.fill_code = -1

@@ -60,6 +60,11 @@ class VisionInput:
         else:
             raise ValueError(f"vision.kind={vc.kind!r}; use one of {', '.join(VISION_KINDS)}")
 
+    def loaded_variables(self):
+        """The variables as loaded (host arrays, unboxed): what a cache of the vectors is keyed by and
+        computed from."""
+        return nn.meta.unbox(self._variables)
+
     def frozen_variables(self):
         """The variables as a frozen collection entry: SigLIP/VQ boxed like a fresh init, so they shard
         like it; TokLIP/DualToken as loaded (replicated; they are small)."""
