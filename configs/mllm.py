@@ -22,10 +22,9 @@ Presets (the argument after the colon):
       python train.py --config configs/toklip.py:shapes8        --workdir runs/toklip_shapes8
       python train.py --config configs/mllm.py:shapes_toklip    --workdir runs/mllm_shapes_toklip
       python train.py --config configs/mllm.py:shapes_dualtoken --workdir runs/mllm_shapes_dualtoken
-  Measured (TokLIP): 21 min 8 s for the train command on a slow day's 2 cores (1800 steps at 1.4–1.9
-  steps/s, cached vectors, before ``remat="dots"``); caption attribute accuracy 0.82 with uniform task
-  weights, 0.86 with captions drawn 3× (exact 0.46); QA count 0.99, colour 0.77, shape 0.76, relation
-  0.44, yes/no 0.87; rewrites 1.00.
+  Measured (TokLIP): 15 min 7 s for the train command on 2 cores (1800 steps at 2.1–2.5 steps/s, cache
+  build and final eval included); caption attribute accuracy 0.87 (exact 0.48); QA count 0.99, colour
+  0.76, shape 0.75, relation 0.48, yes/no 0.88; rewrites 1.00.
   Measured (DualToken, after ``dualtoken:shapes``, 7 min 48 s): 20 min 9 s for the train command on
   the same day (1800 steps at 1.5–1.9 steps/s, cached vectors, before ``remat="dots"``); caption
   attribute accuracy 0.895 (exact 0.56); QA count 0.99, colour 0.80, shape 0.80, relation 0.57,
