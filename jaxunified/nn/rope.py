@@ -65,9 +65,9 @@ def mrope_axes(num_angles: int, sections, interleaved: bool = False) -> np.ndarr
     if len(sections) != 3 or min(sections) < 0 or sum(sections) != num_angles:
         raise ValueError(f"mrope sections {sections} must be three counts summing to the {num_angles} rotary angles "
                          f"(head_dim / 2)")
-    i = np.arange(num_angles)
     if not interleaved:
         return np.repeat(np.arange(3), sections)
+    i = np.arange(num_angles)
     axes = np.zeros(num_angles, np.int32)
     axes[(i % 3 == 1) & (i < 3 * sections[1])] = 1
     axes[(i % 3 == 2) & (i < 3 * sections[2])] = 2

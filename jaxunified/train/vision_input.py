@@ -68,7 +68,7 @@ class VisionInput:
     def frozen_variables(self):
         """The variables as a frozen collection entry: SigLIP/VQ boxed like a fresh init, so they shard
         like it; TokLIP/DualToken as loaded (replicated; they are small)."""
-        loaded = planning.materialize(nn.meta.unbox(self._variables))
+        loaded = planning.materialize(self.loaded_variables())
         if self.kind not in ("siglip", "vq"):
             return loaded
         r = self.resolution
