@@ -107,7 +107,8 @@ class MLLMTask(Task):
             side = math.isqrt(num_image_tokens)
             grid = (side, side)
         return mllm_lib.MLLMConfig(lm, vision_dim, num_image_tokens, shapes_chat.IMAGE_START,
-                                   int(config.model.get("projector_depth", 2)), grid)
+                                   int(config.model.get("projector_depth", 2)), grid,
+                                   bool(config.model.get("image_pos_embed", False)))
 
     @classmethod
     def model_config(cls, config) -> mllm_lib.MLLMConfig:
