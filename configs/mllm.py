@@ -69,8 +69,6 @@ def _base() -> mlc.ConfigDict:
     c.model.projector_depth = 2
     # "mrope": the image tokens take Qwen2-VL's (t, h, w) ids (needs overrides.mrope_section); "sequence": 1-D.
     c.model.image_positions = "sequence"
-    # True: a learned table adds each image slot's position to its projected token (models/mllm.py).
-    c.model.image_pos_embed = False
     # The frozen vision model's vectors of the training split, computed once (keyed by its weights).
     c.data.cache_dir = ""
     c.data.build_cache = False

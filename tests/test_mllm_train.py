@@ -2,7 +2,6 @@
 right for their scene, caption attribute scoring, padded prompts answer as alone, only the MLLM
 trains, and a tiny run trains, answers and loads back."""
 
-import dataclasses
 import json
 
 import jax
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 
 from jaxunified.data import shapes, shapes_chat
-from jaxunified.models import mllm as mllm_lib
 from jaxunified.sample.lm import cache_layout, left_pad, prefill_and_step
 from jaxunified.train import loop as looplib
 from jaxunified.train import mllm as M
@@ -120,30 +118,6 @@ def test_a_padded_prompt_answers_as_it_would_alone(task):
                                    {"vision": vision, "image_start": start})
     alone = t.model.apply({"params": params}, jnp.asarray([prompts[1]]), vision[1:])["logits"][0, -1]
     np.testing.assert_allclose(np.asarray(first[1]), np.asarray(alone), atol=2e-5)
-
-
-def test_image_position_table_puts_each_slot_in_its_token_and_decodes_as_the_forward():
-    t, params, colls = helpers.tiny_task(M.MLLMTask, tiny_config(**{"model.image_pos_embed": True}))
-    params = params["mllm"]
-    n, h = t.model_cfg.num_image_tokens, t.model_cfg.lm.hidden_size
-    assert params["image_pos"].shape == (n, h)
-    same = jnp.ones((1, n, t.model_cfg.vision_dim), jnp.float32)  # one vector in every slot
-    got = t.model.apply({"params": params}, same, method="project")
-    no_table = mllm_lib.MLLM(dataclasses.replace(t.model_cfg, image_pos_embed=False))
-    plain = no_table.apply({"params": {"projector": params["projector"]}}, same[:, :1], method="project")
-    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(plain[0] + params["image_pos"]), atol=1e-6)
-    assert len({tuple(np.round(np.asarray(r), 5)) for r in got[0]}) == n  # the slot now tells tokens apart
-    vocab = shapes_chat.ChatVocab()
-    prompts = [shapes_chat.understanding_ids(vocab, q, n) for q in ("what color is the circle", "how many objects are there")]
-    r = int(t.config.data.resolution)
-    vision = t.vision_vectors(colls["frozen"], jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, r, r, 3)), jnp.float32))
-    ids, valid = left_pad(prompts, shapes_chat.PAD, bucket=8)
-    _, pads, _ = cache_layout(jnp.asarray(valid), 1)
-    first, _, _ = prefill_and_step(t.model, params, jnp.asarray(ids), jnp.asarray(valid), 1,
-                                   {"vision": vision, "image_start": pads[:, 0] + shapes_chat.IMAGE_START})
-    for i in range(2):
-        alone = t.model.apply({"params": params}, jnp.asarray([prompts[i]]), vision[i:i + 1])["logits"][0, -1]
-        np.testing.assert_allclose(np.asarray(first[i]), np.asarray(alone), atol=2e-5)
 
 
 def test_step_trains_only_the_mllm_and_the_vision_model_stays_bit_identical(task):

@@ -152,9 +152,8 @@ def test_teacher_forcing_equals_the_samplers_cached_decode(task, shared_task, ed
 @pytest.mark.slow
 def test_edits_read_the_understanding_runs_vision_tokens(tmp_path):
     """With ``data.edit_understanding`` the source also enters as the mllm run's vision tokens
-    through its image path (projector and position table): they change the logits, and teacher
-    forcing still equals the sampler."""
-    helpers.untrained_run("mllm", tmp_path / "mllm", **{"model.image_pos_embed": True})
+    through its projector: they change the logits, and teacher forcing still equals the sampler."""
+    helpers.untrained_run("mllm", tmp_path / "mllm")
     probe = S.STARTask(tiny_config(**{"base.kind": "workdir", "base.workdir": str(tmp_path / "mllm"),
                                       "data.edit_understanding": True}), None)
     m = probe.num_understanding
@@ -162,8 +161,7 @@ def test_edits_read_the_understanding_runs_vision_tokens(tmp_path):
     config = tiny_config(**{"base.kind": "workdir", "base.workdir": str(tmp_path / "mllm"), "data.edit_understanding": True,
                             "data.max_prompt_len": 80 + m + 2, "model.edit_positions": "shared"})
     t, params, colls = helpers.tiny_task(S.STARTask, config)
-    assert set(colls["frozen"]["understanding"]) == {"vision", "image_path"}
-    assert set(colls["frozen"]["understanding"]["image_path"]) == {"projector", "image_pos"}
+    assert set(colls["frozen"]["understanding"]) == {"vision", "projector"}
     variables, batch, source, logits, codes = _check_cached_decode(t, params["star"], colls, edit=True, shared=True)
     blank = t.model.apply(variables, batch["prompt"], codes, positions=None, source_codes=source["source_codes"],
                           source_mask=batch["prompt"] == shapes_chat.IMAGE_PAD,

@@ -14,10 +14,6 @@ that plus its row / column on the height / width axes, and the text after it con
 largest of those + 1 (HF's ``get_rope_index`` for one still image). The output then carries
 ``"position_shift"`` [B], what that does to the positions of every later token (HF's
 ``rope_deltas`` of an unpadded row); ``sample.lm`` adds it to the positions of the tokens it generates.
-
-``image_pos_embed`` adds a learned table to the projected image tokens (their slot in the value
-vectors, which RoPE does not give); ``project`` is the whole image path (projector + table), so
-STAR's edit understanding reuses it from the run's non-LM parameters.
 """
 
 from __future__ import annotations
@@ -41,11 +37,6 @@ class MLLMConfig:
     image_start: int = 3
     projector_depth: int = 2
     image_grid: tuple[int, ...] = ()  # (rows, cols) of the image slots: 3-D mRoPE positions; () = 1-D
-    # A learned [N, H] table added to the projected image tokens. RoPE (1-D or mRoPE) only shapes
-    # attention scores, so a token read through attention tells the reader what it holds, not where
-    # it is; with this, a value carries its slot, so "which of the two objects is on the left" is one
-    # read per object (frozen towers' and code embeddings' vectors barely encode their slot).
-    image_pos_embed: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "image_grid", tuple(int(g) for g in self.image_grid))
@@ -64,14 +55,11 @@ class MLLM(nn.Module):
     def setup(self):
         c = self.config
         self.projector = MlpProjector(c.lm.hidden_size, c.projector_depth, jnp.dtype(c.lm.dtype))
-        if c.image_pos_embed:
-            self.image_pos = self.param("image_pos", nn.initializers.normal(0.02), (c.num_image_tokens, c.lm.hidden_size))
         self.lm = lm_lib.DecoderLM(c.lm, decode=self.decode)
 
     def project(self, vision: jax.Array) -> jax.Array:
         """Vision vectors [B, N, vision_dim] → the LM's input embeddings [B, N, H]."""
-        out = self.projector(vision)
-        return out + self.image_pos.astype(out.dtype) if self.config.image_pos_embed else out
+        return self.projector(vision)
 
     def __call__(self, input_ids: jax.Array, vision: jax.Array | None = None, *, image_start: jax.Array | None = None,
                  has_image: jax.Array | None = None, attention_mask: jax.Array | None = None, positions: jax.Array | None = None,

@@ -214,7 +214,7 @@ def _lm_shapes(bc, name: str):
 
 def load_lm(bc, name: str = "base"):
     """(LMConfig, LM params, STAR params or None, the understanding run's (vision block, MLLM
-    module, its image-path params: the projector and any image position table) or None) of a decoder-LM block (STAR's ``base``, a text encoder), named
+    module, projector params) or None) of a decoder-LM block (STAR's ``base``, a text encoder), named
     ``name`` in errors."""
     kind = bc.kind
     if is_shapes_only():
@@ -223,8 +223,7 @@ def load_lm(bc, name: str = "base"):
         run_cfg, module, variables = load_run(bc.workdir, bc.get("config") or None)
         lm_cfg = getattr(module.config, "lm", module.config)  # an MLLM run's LM, or an LM run
         params = variables["params"]
-        image_path = {k: v for k, v in params.items() if k != "lm"}
-        understanding = (run_cfg.vision, module, image_path) if "projector" in params else None
+        understanding = (run_cfg.vision, module, params["projector"]) if "projector" in params else None
         return lm_cfg, params.get("lm", params), None, understanding
     if kind == "hf_qwen2":
         module, variables = convert.load("hf_qwen2", bc.path, **kwargs(bc.get("overrides")))

@@ -107,8 +107,7 @@ class MLLMTask(Task):
             side = math.isqrt(num_image_tokens)
             grid = (side, side)
         return mllm_lib.MLLMConfig(lm, vision_dim, num_image_tokens, shapes_chat.IMAGE_START,
-                                   int(config.model.get("projector_depth", 2)), grid,
-                                   bool(config.model.get("image_pos_embed", False)))
+                                   int(config.model.get("projector_depth", 2)), grid)
 
     @classmethod
     def model_config(cls, config) -> mllm_lib.MLLMConfig:

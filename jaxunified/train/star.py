@@ -128,7 +128,7 @@ class STARTask(Task):
             if understanding is None:
                 raise ValueError("data.edit_understanding needs base.kind='workdir' naming an mllm run: its vision "
                                  "model and projector give the source image's understanding tokens")
-            vision_block, self.understanding_model, self._image_path_params = understanding
+            vision_block, self.understanding_model, self._projector_params = understanding
             if self.understanding_model.config.image_grid:
                 raise ValueError("data.edit_understanding reads an mllm run whose image tokens took 3-D mRoPE "
                                  "positions (model.image_positions='mrope'); STAR's edit prompt numbers them as a "
@@ -195,7 +195,7 @@ class STARTask(Task):
                   "vq": fill_boxes(vq_abs, self._vq_vars, "the frozen VQ tokenizer")}
         if self.understanding is not None:
             frozen["understanding"] = {"vision": self.understanding.frozen_variables(),
-                                       "image_path": jax.tree.map(jnp.asarray, self._image_path_params)}
+                                       "projector": jax.tree.map(jnp.asarray, self._projector_params)}
         return {"star": trained}, {"frozen": frozen}
 
     @property
@@ -238,7 +238,7 @@ class STARTask(Task):
             return None
         u = frozen["understanding"]
         vectors = self.understanding.vectors(u["vision"], images)
-        projected = self.understanding_model.apply({"params": u["image_path"]}, vectors,
+        projected = self.understanding_model.apply({"params": {"projector": u["projector"]}}, vectors,
                                                    method="project")
         return jax.lax.stop_gradient(projected)
 
