@@ -8,14 +8,14 @@ Presets (the argument after the colon):
       python train.py --config configs/siglip.py:shapes --workdir runs/siglip_shapes
       python train.py --config configs/mllm.py:shapes   --workdir runs/mllm_shapes
       python train.py --config configs/star.py:shapes   --workdir runs/star_shapes
-  Target: ≤ 20 minutes on 2 CPU cores; shapes-GenEval overall ≥ the ``ar`` preset's (0.35).
-  Measured: 21 min for the train command on 2 cores (1450 steps at 1.38 steps/s after a minute
-  building the cache of simplified codes; final eval 3 min; over the target). eval (1000 test
-  captions, CFG 2, top-k 3): val loss 1.04, token accuracy 67% (simplified codes, as ``ar``),
-  GenEval overall 0.21 — single object 0.41, colours 0.59, two objects 0.09, counting 0.10,
-  position 0.01, colour attribution 0.03 (below the target; the decoded targets, ``ceiling_*``,
+  Target: ≤ 20 minutes on 2 CPU cores; shapes-GenEval overall ≥ the ``ar`` preset's (0.40–0.41).
+  Measured: 22 min 10 s for the train command on 2 cores (1450 steps at 1.2–1.8 steps/s after a
+  minute building the cache of simplified codes; final eval 1.5 min; over the target). eval (1000
+  test captions, CFG 2, top-k 3): val loss 1.02, token accuracy 68% (simplified codes, as ``ar``),
+  GenEval overall 0.23 — single object 0.47, colours 0.61, two objects 0.10, counting 0.16,
+  position 0.02, colour attribution 0.03 (below the target; the decoded targets, ``ceiling_*``,
   score 0.91). Reasoning mode on 300 indirectly named objects ("a plus sign the color of grass"):
-  the frozen base rewrites all of them right, GenEval 0.45 with the rewrite vs 0.14 from the
+  the frozen base rewrites all of them right, GenEval 0.46 with the rewrite vs 0.13 from the
   indirect prompt.
 * ``shapes_edit`` — stage 3 from the ``shapes`` run: three rows in four are edits of the scene
   (recolour, remove, add, move, resize one object) with the source image as VQ tokens:
