@@ -9,11 +9,10 @@ Presets (the argument after the colon):
   Target: ≤ 20 minutes on 2 CPU cores; caption attribute accuracy ≥ 90%, for this and the TokLIP and
   DualToken presets (every shapes preset draws captions three times as often as each question kind,
   ``data.task_weights``).
-  Measured: 19 min 21 s for the train command on 2 cores (1800 steps at 1.6–1.7 steps/s, vision
-  computed per step; final eval included); the vision cache and ``remat="dots"`` now take about a
-  third and a sixth off the step. eval_test.json (500 test images, greedy): caption attribute
-  accuracy 0.91 (exact caption 0.58); QA count 0.99, colour 0.80, shape 0.82, relation 0.53, yes/no
-  0.49; rewrites of indirect names 1.00.
+  Measured: 16 min 34 s for the train command on 2 cores (1800 steps at 1.5–2.2 steps/s on cached
+  vision vectors, final eval included). eval_test.json (500 test images, greedy): caption
+  attribute accuracy 0.90–0.91 (two runs; exact caption 0.56–0.58); QA count 0.99, colour 0.79–0.80,
+  shape 0.73–0.82, relation 0.53, yes/no 0.49–0.72; rewrites of indirect names 1.00.
 * ``shapes_vq`` — the shapes VQ's codebook rows of the image's codes (discrete visual tokens):
       python train.py --config configs/vqgan.py:shapes8  --workdir runs/vqgan_shapes8
       python train.py --config configs/mllm.py:shapes_vq --workdir runs/mllm_shapes_vq
