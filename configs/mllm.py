@@ -11,8 +11,9 @@ Presets (the argument after the colon):
   ``data.task_weights``).
   Measured: 16 min 34 s for the train command on 2 cores (1800 steps at 1.5–2.2 steps/s after under
   a minute building the cache of vision vectors; final eval included). eval_test.json (500 test
-  images, greedy): caption attribute accuracy 0.90–0.91 (two runs; exact caption 0.56–0.58); QA count 0.99, colour 0.79–0.80,
-  shape 0.73–0.82, relation 0.53, yes/no 0.49–0.72; rewrites of indirect names 1.00.
+  images, greedy): caption attribute accuracy 0.90–0.91 (two runs; exact caption 0.56–0.58); QA
+  count 0.99, colour 0.79–0.80, shape 0.73–0.82, relation 0.53, yes/no 0.49–0.72; rewrites of
+  indirect names 1.00.
 * ``shapes_vq`` — the shapes VQ's codebook rows of the image's codes (discrete visual tokens):
       python train.py --config configs/vqgan.py:shapes8  --workdir runs/vqgan_shapes8
       python train.py --config configs/mllm.py:shapes_vq --workdir runs/mllm_shapes_vq
