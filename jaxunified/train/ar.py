@@ -138,7 +138,7 @@ class ARTask(Task):
     def train_batch_example(self):
         batch = self.dummy_batch()
         if self.config.data.get("cache_dir"):
-            batch = self.cached_fields_example(self._cache_fns(), self._frozen_host(), batch)
+            batch = self.cached_batch_example(batch)
         if self.negative_rows:  # HardNegativeCaptions' fields
             b, n = int(self.config.data.batch_size), self.text_tokenizer.max_len
             batch.update(neg_tokens=np.zeros((b, 1, n), np.int32), neg_valid=np.zeros((b, 1), bool))
@@ -292,7 +292,7 @@ class ARTask(Task):
                 raise ValueError("loss.negative_kinds needs the shapes caption grammar (data.name='shapes'), got "
                                  f"data.name={self.config.data.get('name')!r}")
             extra = (HardNegativeCaptions(self.text_tokenizer, 1, self.config.loss.negative_kinds, optional=True),)
-        return self.cached_train_dataset(split, "ar", self.cache_key, lambda path, _: self.precompute_cache(split, path),
+        return self.cached_train_dataset(split, "ar", self.cache_key,
                                          pixel_fields=("codes",), token_field="caption_states", extra_transforms=extra)
 
     def cache_key(self) -> str:
@@ -309,9 +309,6 @@ class ARTask(Task):
         """(frozen, batch) -> each cached field (CACHE_FIELDS)."""
         g = self.grid
         return {"codes": lambda fr, b: self.codes(fr, b).reshape(-1, g, g), "caption_states": self.caption_states}
-
-    def precompute_cache(self, split: str, path, batch_size: int = 256):
-        return self.write_cache_fields(self._cache_fns(), self._frozen_host(), split, path, batch_size=batch_size)
 
     # ---- evaluation ----
     def decode_images(self, frozen, codes) -> jax.Array:

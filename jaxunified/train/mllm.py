@@ -44,7 +44,7 @@ from jaxunified.train.task import Task, eval_params, kwargs
 from jaxunified.train.vision_input import VisionInput
 
 _SCENE_KEYS = ("obj_shape", "obj_color", "obj_size", "obj_center", "count")
-ANSWER_TOKENS = {"caption": 14, "rewrite": 5, **{k: 2 for k in shapes_chat.QA_TYPES}}
+ANSWER_TOKENS = {"caption": 14, "rewrite": 5, "read": 2, **{k: 2 for k in shapes_chat.QA_TYPES}}
 
 
 class ChatExamples(grain.transforms.RandomMap):
@@ -86,6 +86,8 @@ def task_probabilities(weights: dict | None) -> np.ndarray | None:
 
 
 class MLLMTask(Task):
+    cache_inputs = ("image",)  # the cache holds the vision vectors; conversations are drawn per step
+
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.vocab = shapes_chat.ChatVocab()
@@ -129,7 +131,7 @@ class MLLMTask(Task):
     def train_batch_example(self):
         batch = self.dummy_batch()
         if self.config.data.get("cache_dir"):  # build_dataset's cached form: vision vectors for pixels
-            batch.update(self.cached_fields_example(self._cache_fns(), self._frozen_host(), batch))
+            batch.update(self.cached_batch_example(batch))
             del batch["image"]
         return batch
 
@@ -173,15 +175,8 @@ class MLLMTask(Task):
         come from a cache built once (keyed by its weights) instead of a forward pass per step."""
         extra = (ChatExamples(self.model_cfg.num_image_tokens, self.max_len,
                                 dict(self.config.data.get("task_weights") or {})),) if split == "train" else ()
-        return self.cached_train_dataset(split, "mllm", self.cache_key,
-                                         lambda path, _: self.precompute_cache(split, path),
-                                         pixel_fields=("vision",), extra_transforms=extra)
-
-    def precompute_cache(self, split: str, path, batch_size: int = 256):
-        """Runs the frozen vision model once over ``split`` and writes its vectors (``vision`` [N, tokens,
-        dim] float32) to ``path``. Returns ``path``."""
-        return self.write_cache_fields(self._cache_fns(), self._frozen_host(), split, path, inputs=("image",),
-                                       batch_size=batch_size)
+        return self.cached_train_dataset(split, "mllm", self.cache_key, pixel_fields=("vision",),
+                                         extra_transforms=extra)
 
     def cache_key(self) -> str:
         """A digest of what the cached vectors depend on: the vision weights, its config and how it is read."""
@@ -250,6 +245,7 @@ class MLLMTask(Task):
         out = {f"qa_{k}": right[k] / max(asked[k], 1) for k in shapes_chat.QA_TYPES}
         out["qa_mean"] = float(np.mean([out[f"qa_{k}"] for k in shapes_chat.QA_TYPES]))
         out["rewrite_acc"] = right["rewrite"] / max(asked["rewrite"], 1)
+        out["read_acc"] = right["read"] / max(asked["read"], 1)
         out["caption_exact"] = right["caption"] / max(asked["caption"], 1)
         out["caption_attr_acc"] = attr_total / max(asked["caption"], 1)
         out["num_examples"] = seen

@@ -108,6 +108,8 @@ class GenerationPrompts(grain.transforms.RandomMap):
 
 
 class STARTask(Task):
+    cache_inputs = ("image",)  # the cache holds the (simplified) codes; prompts are drawn per step
+
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.vocab = shapes_chat.ChatVocab()
@@ -174,7 +176,7 @@ class STARTask(Task):
     def train_batch_example(self):
         batch = self.dummy_batch()
         if self.config.data.get("cache_dir") and self.edit_fraction == 0:  # build_dataset's cached form
-            cached = self.cached_fields_example(self._cache_fns(), self._frozen_host(), batch)
+            cached = self.cached_batch_example(batch)
             del batch["image"], batch["target_image"]
             batch.update(cached)
         return batch
@@ -336,7 +338,7 @@ class STARTask(Task):
                                     self.num_understanding)
         if self.edit_fraction > 0:  # edit targets are drawn per step: nothing to cache
             return pipeline.build_dataset(self.config.data, split, self.mesh, extra_transforms=(prompts,))
-        return self.cached_train_dataset(split, "star", self.cache_key, lambda path, _: self.precompute_cache(split, path),
+        return self.cached_train_dataset(split, "star", self.cache_key,
                                          pixel_fields=("codes",), token_field="", extra_transforms=(prompts,))
 
     def cache_key(self) -> str:
@@ -350,11 +352,6 @@ class STARTask(Task):
         """(frozen, batch) -> each cached field: the split's (simplified) codes [N, h, w]."""
         g = self.grid
         return {"codes": lambda fr, b: self.codes(fr, b["image"]).reshape(-1, g, g)}
-
-    def precompute_cache(self, split: str, path, batch_size: int = 256):
-        """Writes the cached fields to ``path``: training then reads no pixels."""
-        return self.write_cache_fields(self._cache_fns(), self._frozen_host(), split, path, inputs=("image",),
-                                       batch_size=batch_size)
 
     # ---- evaluation ----
     def decode_images(self, frozen, codes) -> jax.Array:

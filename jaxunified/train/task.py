@@ -70,6 +70,20 @@ class Task:
         -> array}``: what ``precompute_cache`` jits and ``cached_fields_example`` shapes."""
         return lambda frozen, batch: {k: f(frozen, batch) for k, f in fns.items()}
 
+    # Tasks that train on a cache of frozen outputs define ``_cache_fns()`` ({field: (frozen, batch) ->
+    # array}) and ``_frozen_host()`` (the frozen variables as host arrays), and read these batch fields.
+    cache_inputs: tuple[str, ...] = ("image", "tokens")
+
+    def precompute_cache(self, split: str, path, batch_size: int = 256):
+        """Runs the frozen parts once over ``split`` and writes the cached fields to ``path``: training
+        then reads them instead of running the frozen parts per step. Returns ``path``."""
+        return self.write_cache_fields(self._cache_fns(), self._frozen_host(), split, path, inputs=self.cache_inputs,
+                                       batch_size=batch_size)
+
+    def cached_batch_example(self, batch) -> dict[str, np.ndarray]:
+        """Zeros shaped like the cached fields of ``batch`` (``cached_fields_example`` of this task's cache)."""
+        return self.cached_fields_example(self._cache_fns(), self._frozen_host(), batch)
+
     def write_cache_fields(self, fns: dict, frozen, split: str, path, inputs: tuple[str, ...] = ("image", "tokens"),
                            batch_size: int = 256):
         """Runs ``cache_fields(fns)`` jitted over ``split`` in order and writes the fields to ``path``
@@ -107,11 +121,12 @@ class Task:
         """The run's host batches for ``split``; tasks with cached inputs (TokLIP codes) override it."""
         return build_dataset(self.config.data, split, self.mesh)
 
-    def cached_train_dataset(self, split: str, prefix: str, key_fn, build, **fields):
+    def cached_train_dataset(self, split: str, prefix: str, key_fn, build=None, **fields):
         """``split``'s batches from a cache of frozen outputs in ``data.cache_dir`` (training only;
         other splits, or no cache_dir, read the data). The cache is named by ``key_fn()`` (a digest
         of the frozen weights, so only computed here); a missing one is built by ``build(path, key)``
-        when ``data.build_cache``, else an error. ``fields`` go to ``cache.cached_dataset``."""
+        when ``data.build_cache`` (by default ``precompute_cache(split, path)``), else an error.
+        ``fields`` go to ``cache.cached_dataset``."""
         cache_dir = self.config.data.get("cache_dir") or ""
         if split != "train" or not cache_dir:
             return build_dataset(self.config.data, split, self.mesh, fields.get("extra_transforms", ()))
@@ -121,7 +136,10 @@ class Task:
             if not self.config.data.get("build_cache", False):
                 raise FileNotFoundError(f"no {prefix} cache at {path}; build it with {type(self).__name__}"
                                         ".precompute_cache or set data.build_cache=True")
-            build(path, key)
+            if build is None:
+                self.precompute_cache(split, path)
+            else:
+                build(path, key)
         return cache.cached_dataset(self.config.data, split, self.mesh, path, **fields)
 
     def evaluate(self, state, split: str, workdir, step: int) -> dict:
