@@ -25,10 +25,10 @@ Presets (the argument after the colon):
   Measured (TokLIP): 15 min 7 s for the train command on 2 cores (1800 steps at 2.1–2.5 steps/s, cache
   build and final eval included); caption attribute accuracy 0.87 (exact 0.48); QA count 0.99, colour
   0.76, shape 0.75, relation 0.48, yes/no 0.88; rewrites 1.00.
-  Measured (DualToken, after ``dualtoken:shapes``, 7 min 48 s): 20 min 9 s for the train command on
-  the same day (1800 steps at 1.5–1.9 steps/s, cached vectors, before ``remat="dots"``); caption
-  attribute accuracy 0.895 (exact 0.56); QA count 0.99, colour 0.80, shape 0.80, relation 0.57,
-  yes/no 0.87; rewrites 1.00.
+  Measured (DualToken, after ``dualtoken:shapes``, 7 min 48 s): 16 min 14 s for the train command on
+  2 cores (1800 steps at 1.3–2.4 steps/s, cached vectors; final eval included); caption attribute
+  accuracy 0.90 (exact 0.56); QA count 1.00, colour 0.79, shape 0.81, relation 0.57, yes/no 0.87;
+  rewrites 1.00.
 * ``7b`` — a LLaVA-style stage at released sizes (SigLIP So400m/14 at 384 px, frozen, into
   Qwen2.5-7B; bf16, remat), for planning a pod run:
       python -m jaxunified.bench aot --config configs/mllm.py:7b --topology v5p-128
