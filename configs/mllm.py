@@ -55,7 +55,6 @@ def _base() -> mlc.ConfigDict:
     # How often each conversation kind is drawn for a training image (relative; 0 = never).
     c.data.task_weights = mlc.ConfigDict({k: 1.0 for k in ("caption", "count", "color", "shape", "relation", "yes_no",
                                                            "rewrite")})
-    c.data.task_weights.read = 0.0  # text-only questions about a caption (data/shapes_chat.py)
 
     # The frozen visual input: kind "siglip" (source: a SigLIP block) or "vq" (source: a VQ block).
     c.vision = mlc.ConfigDict()

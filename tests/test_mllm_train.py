@@ -44,32 +44,11 @@ def test_task_weights_set_how_often_each_conversation_kind_is_drawn():
     assert set(answers({"caption": 1.0}, 20)) == {labels["caption"]}
     share = np.mean([a == labels["caption"] for a in answers({**dict.fromkeys(shapes_chat.TASKS, 1.0), "caption": 3.0},
                                                               600)])
-    assert 0.2 < share < 0.4  # 3 of 10 before redraws of kinds the scene cannot answer
+    assert 0.25 < share < 0.45  # 3 of 9 before redraws of kinds the scene cannot answer
     assert M.task_probabilities(dict.fromkeys(shapes_chat.TASKS, 2.0)) is None  # uniform: the old draws
     for bad in ({"bogus": 1.0}, {"color": 1.0}, {"caption": -1.0, "count": 2.0}):
         with pytest.raises(ValueError, match="task_weights"):
             M.task_probabilities(bad)
-
-
-_KIND_OF_QUESTION = {"how": "count", "what color": "color", "what shape": "shape", "where": "relation", "is": "yes_no"}
-
-
-def _assert_answer_fits_scene(lab, kind, q, a):
-    objs = [(shapes.SHAPES[lab["obj_shape"][j]], shapes.COLORS[lab["obj_color"][j]]) for j in range(lab["count"])]
-    shapes_chat.ChatVocab().encode(q + " " + a)  # every word is in the vocabulary
-    if kind == "count":
-        assert a == shapes_chat.COUNT_WORDS[len(objs) - 1]
-    elif kind == "color":
-        shape = q.split()[-1]
-        assert {c for s, c in objs if s == shape} == {a}
-    elif kind == "shape":
-        color = q.split()[-2]
-        assert {s for s, c in objs if c == color} == {a}
-    elif kind == "relation":
-        assert a == shapes_chat.RELATION_ANSWERS[lab["relation"]]
-    else:
-        words = q.split()
-        assert ((words[-1], words[-2]) in objs) == (a == "yes")
 
 
 def test_questions_are_unambiguous_and_answered_from_the_scene():
@@ -77,30 +56,28 @@ def test_questions_are_unambiguous_and_answered_from_the_scene():
     asked = {k: 0 for k in shapes_chat.QA_TYPES}
     for i in range(300):
         lab = shapes.render_example(i, "test", resolution=32)
+        objs = [(shapes.SHAPES[lab["obj_shape"][j]], shapes.COLORS[lab["obj_color"][j]]) for j in range(lab["count"])]
         for kind in shapes_chat.QA_TYPES:
             qa = shapes_chat.question_answer(lab, kind, rng)
             if qa is None:
                 continue
             asked[kind] += 1
-            _assert_answer_fits_scene(lab, kind, *qa)
+            q, a = qa
+            shapes_chat.ChatVocab().encode(q + " " + a)  # every word is in the vocabulary
+            if kind == "count":
+                assert a == shapes_chat.COUNT_WORDS[len(objs) - 1]
+            elif kind == "color":
+                shape = q.split()[-1]
+                assert {c for s, c in objs if s == shape} == {a}
+            elif kind == "shape":
+                color = q.split()[-2]
+                assert {s for s, c in objs if c == color} == {a}
+            elif kind == "relation":
+                assert a == shapes_chat.RELATION_ANSWERS[lab["relation"]]
+            else:
+                words = q.split()
+                assert ((words[-1], words[-2]) in objs) == (a == "yes")
     assert min(asked.values()) > 30, asked
-
-
-def test_read_asks_about_the_caption_with_no_image():
-    vocab, rng = shapes_chat.ChatVocab(), np.random.default_rng(0)
-    asked = {k: 0 for k in shapes_chat.QA_TYPES}
-    for i in range(200):
-        lab = shapes.render_example(i, "test", resolution=32)
-        q, a = shapes_chat.question_answer(lab, "read", rng)
-        assert q.startswith(lab["caption"] + " ")
-        question = q[len(lab["caption"]) + 1:]
-        kind = next(v for k, v in _KIND_OF_QUESTION.items() if question.startswith(k))
-        asked[kind] += 1
-        _assert_answer_fits_scene(lab, kind, question, a)
-    assert min(asked.values()) > 5, asked  # every question kind, the relation where the caption states it
-    ex = shapes_chat.understanding_example(vocab, lab, "read", 64, 96, rng)
-    assert not ex["has_image"] and shapes_chat.IMAGE_PAD not in ex["tokens"]
-    assert vocab.decode(ex["tokens"][2:]).startswith(lab["caption"])
 
 
 def test_caption_attribute_accuracy_judges_the_scene_not_the_wording():

@@ -14,9 +14,6 @@ of a relation scene is relative to the second), ``yes_no`` (is there a <colour> 
 time about an object that is absent). ``caption`` asks for the scene's caption. ``rewrite`` is
 text only: an object of the scene named indirectly ("a plus sign the color of grass") is to be
 rewritten as its plain caption ("a green cross") — the knowledge STAR's reasoning mode uses.
-``read`` is text only too: the scene's caption, then one of the questions, answered from the
-caption's words — the base must carry each word's identity through its states over a prompt with no
-image, which is how STAR's stacked layers read a text-to-image prompt.
 """
 
 from __future__ import annotations
@@ -30,9 +27,9 @@ from jaxunified.data import shapes, shapes_edit
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|fim_pad|>")
 PAD, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, FIM_PAD = range(len(SPECIALS))
-TASKS = ("caption", "count", "color", "shape", "relation", "yes_no", "rewrite", "read")
+TASKS = ("caption", "count", "color", "shape", "relation", "yes_no", "rewrite")
 QA_TYPES = ("count", "color", "shape", "relation", "yes_no")
-TEXT_ONLY = ("rewrite", "read")  # conversations without an image
+TEXT_ONLY = ("rewrite",)  # conversations without an image
 # Indirect names the understanding stage teaches ("rewrite" conversations) and STAR's reasoning
 # mode relies on: "a plus sign the color of grass" is "a green cross".
 COLOR_RIDDLES = {"red": "cherry", "green": "grass", "blue": "sky", "yellow": "lemon", "purple": "grape",
@@ -97,13 +94,6 @@ def question_answer(labels: Mapping, kind: str, rng: np.random.Generator) -> tup
     if kind == "rewrite":
         s, c = objs[int(rng.integers(n))]
         return f"rewrite {indirect_caption(s, c, rng)}", shapes.object_phrase(s, c)
-    if kind == "read":  # every caption names every object (and the relation where there is one)
-        caption = labels["caption"]
-        caption = caption.decode() if isinstance(caption, bytes) else str(caption)
-        for k in rng.permutation(QA_TYPES):
-            qa = question_answer(labels, str(k), rng)
-            if qa is not None:  # count always is
-                return f"{caption} {qa[0]}", qa[1]
     if kind == "color":
         by_shape = {s: {c for s2, c in objs if s2 == s} for s, _ in objs}
         ok = sorted(s for s, cs in by_shape.items() if len(cs) == 1)

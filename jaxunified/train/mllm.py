@@ -44,7 +44,7 @@ from jaxunified.train.task import Task, eval_params, kwargs
 from jaxunified.train.vision_input import VisionInput
 
 _SCENE_KEYS = ("obj_shape", "obj_color", "obj_size", "obj_center", "count")
-ANSWER_TOKENS = {"caption": 14, "rewrite": 5, "read": 2, **{k: 2 for k in shapes_chat.QA_TYPES}}
+ANSWER_TOKENS = {"caption": 14, "rewrite": 5, **{k: 2 for k in shapes_chat.QA_TYPES}}
 
 
 class ChatExamples(grain.transforms.RandomMap):
@@ -245,7 +245,6 @@ class MLLMTask(Task):
         out = {f"qa_{k}": right[k] / max(asked[k], 1) for k in shapes_chat.QA_TYPES}
         out["qa_mean"] = float(np.mean([out[f"qa_{k}"] for k in shapes_chat.QA_TYPES]))
         out["rewrite_acc"] = right["rewrite"] / max(asked["rewrite"], 1)
-        out["read_acc"] = right["read"] / max(asked["read"], 1)
         out["caption_exact"] = right["caption"] / max(asked["caption"], 1)
         out["caption_attr_acc"] = attr_total / max(asked["caption"], 1)
         out["num_examples"] = seen

@@ -71,7 +71,8 @@ class Task:
         return lambda frozen, batch: {k: f(frozen, batch) for k, f in fns.items()}
 
     # Tasks that train on a cache of frozen outputs define ``_cache_fns()`` ({field: (frozen, batch) ->
-    # array}) and ``_frozen_host()`` (the frozen variables as host arrays), and read these batch fields.
+    # array}) and ``_frozen_host()`` (the frozen variables as host arrays), and read these batch fields
+    # (TokLIP's cache, written per field from given weights, has its own precompute_cache).
     cache_inputs: tuple[str, ...] = ("image", "tokens")
 
     def precompute_cache(self, split: str, path, batch_size: int = 256):
