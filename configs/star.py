@@ -87,6 +87,9 @@ def _base() -> mlc.ConfigDict:
     # An edit's codes that differ from its source's weigh this many times the copied ones in the
     # loss: the copy is learned first and the instructed change is a small part of every row.
     c.model.edit_change_weight = 1.0
+    # > 0: that fraction of the teacher-forced input codes are swapped for other codes of the batch
+    # (targets unchanged), so training sees the mistakes sampling feeds back.
+    c.model.input_noise = 0.0
     c.model.lm_overrides = mlc.ConfigDict()  # LMConfig fields for both decoders, e.g. dtype
 
     c.optim.lr = 1e-3

@@ -222,6 +222,26 @@ def test_edit_change_weight_weighs_the_codes_that_differ_from_the_source(task):
         np.testing.assert_allclose(np.asarray(ce), want, rtol=1e-4)
 
 
+def test_input_noise_swaps_input_codes_from_the_batch_and_keeps_the_targets(task):
+    codes = jnp.arange(4 * 64).reshape(4, 64)
+    key = jax.random.key(1)
+    assert (S.noisy_inputs(codes, 0.0, key) == codes).all()
+    noisy = np.asarray(S.noisy_inputs(codes, 0.3, key))
+    assert 0.2 < (noisy != np.asarray(codes)).mean() < 0.4 and set(noisy.ravel()) <= set(range(4 * 64))
+
+    t, star, colls = task
+    batch = {k: jnp.asarray(v) for k, v in _batch(t, ["two green stars", "a red circle"]).items()}
+    clean_logits, clean_codes, _ = t.teacher_forced(star, colls, batch)
+    config = t.config.copy_and_resolve_references()
+    config.model.input_noise = 0.5
+    logits, codes, _ = S.STARTask(config, t.mesh).teacher_forced(star, colls, batch, noise_rng=key)
+    np.testing.assert_array_equal(codes, clean_codes)  # the targets are the true codes
+    np.testing.assert_allclose(logits[:, 0], clean_logits[:, 0], atol=1e-5)  # the first code sees the prompt only
+    assert float(jnp.abs(logits[:, 1:] - clean_logits[:, 1:]).max()) > 1e-3
+    same, _, _ = t.teacher_forced(star, colls, batch, noise_rng=key)  # input_noise 0: the plain loss
+    np.testing.assert_array_equal(same, clean_logits)
+
+
 def test_edit_rows_carry_the_source_block_and_the_edited_scene():
     from jaxunified.data import shapes, shapes_edit
 

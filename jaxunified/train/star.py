@@ -107,6 +107,18 @@ class GenerationPrompts(grain.transforms.RandomMap):
         return out
 
 
+def noisy_inputs(codes: jax.Array, fraction: float, rng) -> jax.Array:
+    """``codes`` [B, N] with about ``fraction`` of them swapped for codes drawn from elsewhere in the
+    batch (so they stay in the targets' distribution, simplified or not): the teacher-forced inputs
+    then contain the kind of mistakes sampling makes, while the targets stay the true codes."""
+    if fraction <= 0:
+        return codes
+    pick, where = jax.random.split(rng)
+    flat = codes.reshape(-1)
+    swapped = flat[jax.random.randint(pick, codes.shape, 0, flat.shape[0])]
+    return jnp.where(jax.random.bernoulli(where, fraction, codes.shape), swapped, codes)
+
+
 class STARTask(Task):
     cache_inputs = ("image",)  # the cache holds the (simplified) codes; prompts are drawn per step
 
@@ -281,10 +293,11 @@ class STARTask(Task):
         logits, codes, _ = self.teacher_forced(star_params, collections, batch, edits)
         return logits, codes
 
-    def teacher_forced(self, star_params, collections, batch, edits: bool | None = None):
+    def teacher_forced(self, star_params, collections, batch, edits: bool | None = None, noise_rng=None):
         """``logits``' (logits, codes) and ``changed`` [B, h·w]: an edit row's target codes that
         differ from the source's code at their cell (none in text-to-image rows; with simplified
-        targets the background differs too unless ``tokenizer.edit_copy_tol`` aligns it)."""
+        targets the background differs too unless ``tokenizer.edit_copy_tol`` aligns it). With
+        ``noise_rng``, ``model.input_noise`` of the input codes are swapped (``noisy_inputs``)."""
         frozen = collections["frozen"]
         if "codes" in batch:  # cached
             codes = batch["codes"].reshape(batch["codes"].shape[0], -1).astype(jnp.int32)
@@ -303,15 +316,16 @@ class STARTask(Task):
         b, n = codes.shape
         attention = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)
         positions = star_lib.sequence_positions(batch["prompt"], prompt_positions(valid), n, self.edit_source_id)
-        out = self.model.apply(self.variables(star_params, collections), batch["prompt"], codes,
+        inputs = codes if noise_rng is None else noisy_inputs(codes, float(self.config.model.get("input_noise", 0.0)), noise_rng)
+        out = self.model.apply(self.variables(star_params, collections), batch["prompt"], inputs,
                                attention_mask=attention, positions=positions, pixel_logits=False, **source)
         changed = (codes != source["source_codes"]) & has_source if edits else jnp.zeros(codes.shape, bool)
         return out["image_logits"], codes, changed
 
-    def loss_and_metrics(self, star_params, collections, batch, edits: bool | None = None):
+    def loss_and_metrics(self, star_params, collections, batch, edits: bool | None = None, noise_rng=None):
         """Per row: the image codes' cross-entropy — an edit's changed codes weigh
         ``model.edit_change_weight`` times the copied ones — and the token accuracy."""
-        logits, codes, changed = self.teacher_forced(star_params, collections, batch, edits)
+        logits, codes, changed = self.teacher_forced(star_params, collections, batch, edits, noise_rng)
         w = 1.0 + (float(self.config.model.get("edit_change_weight", 1.0)) - 1.0) * changed
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes)
         ce = (ce * w).sum(axis=-1) / w.sum(axis=-1)
@@ -323,7 +337,7 @@ class STARTask(Task):
             # A part that does not train is a constant: with the adapter fixed nothing trained feeds
             # the base, so the step runs no backward pass through it.
             p = {k: v if k in self.trained_parts else jax.lax.stop_gradient(v) for k, v in p.items()}
-            ce, acc = self.loss_and_metrics(p, collections, batch)
+            ce, acc = self.loss_and_metrics(p, collections, batch, noise_rng=rng)
             loss = ce.mean()
             return loss, {"loss": loss, "token_acc": acc.mean()}
 
