@@ -77,6 +77,9 @@ def _base() -> mlc.ConfigDict:
     c.model = mlc.ConfigDict()
     c.model.variant = "GPT-B"
     c.model.overrides = mlc.ConfigDict()
+    # > 0: that fraction of the teacher-forced input codes are swapped for other codes of the batch
+    # (targets unchanged), so training sees the mistakes sampling feeds back.
+    c.model.input_noise = 0.0
 
     c.loss = mlc.ConfigDict()
     c.loss.label_smoothing = 0.0

@@ -45,6 +45,24 @@ def test_cached_batch_gives_the_image_batch_loss(task, tmp_path):
     np.testing.assert_array_equal(acc_b, acc_a)
 
 
+def test_input_noise_feeds_noisy_codes_in_training_only(task):
+    from jaxunified.losses.teacher_forcing import noisy_inputs
+
+    t, gpt, colls = task
+    config = t.config.copy_and_resolve_references()
+    config.model.input_noise = 0.5
+    noisy_task = A.ARTask(config, t.mesh)
+    b, n, key = 3, t.grid ** 2, jax.random.key(2)
+    codes = jax.random.randint(jax.random.key(0), (b, n), 0, t.vq.cfg.vq.codebook_size)
+    states = jax.random.normal(jax.random.key(1), (b, 16, t.text_cfg.width))
+    plain = t.logits(gpt, colls, states, codes, train=False)
+    np.testing.assert_array_equal(noisy_task.logits(gpt, colls, states, codes, train=False), plain)  # eval: clean
+    dropout, noise = jax.random.split(key)
+    want = t.model.apply(t._gpt_vars(gpt, colls), states, noisy_inputs(codes[:, :-1], 0.5, noise), train=True,
+                         rngs={"dropout": dropout})[:, t.model_cfg.cls_token_num - 1:]
+    np.testing.assert_allclose(noisy_task.logits(gpt, colls, states, codes, train=True, rng=key), want, atol=1e-6)
+
+
 def test_train_batch_example_has_the_cached_batches_fields(tmp_path):
     config = tiny_config(**{"data.cache_dir": str(tmp_path), "data.build_cache": True})
     t, _, _ = helpers.tiny_task(A.ARTask, config)

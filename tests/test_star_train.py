@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxunified.data import shapes_chat
+from jaxunified.losses.teacher_forcing import noisy_inputs
 from jaxunified.models.star import STAR
 from jaxunified.sample import star as star_sample
 from jaxunified.train import loop as looplib
@@ -225,8 +226,8 @@ def test_edit_change_weight_weighs_the_codes_that_differ_from_the_source(task):
 def test_input_noise_swaps_input_codes_from_the_batch_and_keeps_the_targets(task):
     codes = jnp.arange(4 * 64).reshape(4, 64)
     key = jax.random.key(1)
-    assert (S.noisy_inputs(codes, 0.0, key) == codes).all()
-    noisy = np.asarray(S.noisy_inputs(codes, 0.3, key))
+    assert (noisy_inputs(codes, 0.0, key) == codes).all()
+    noisy = np.asarray(noisy_inputs(codes, 0.3, key))
     assert 0.2 < (noisy != np.asarray(codes)).mean() < 0.4 and set(noisy.ravel()) <= set(range(4 * 64))
 
     t, star, colls = task

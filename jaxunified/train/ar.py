@@ -54,6 +54,7 @@ from jaxunified.data.pipeline import as_float_images, to_global
 from jaxunified.data.shapes_text import HardNegativeCaptions
 from jaxunified.eval import shapes_geneval
 from jaxunified.eval import t2i_report
+from jaxunified.losses.teacher_forcing import noisy_inputs
 from jaxunified.models import llamagen_gpt as gpt_lib
 from jaxunified.models import lm as lm_lib
 from jaxunified.models import siglip as siglip_lib
@@ -223,10 +224,15 @@ class ARTask(Task):
         return {"params": gpt_params, **collections.get("gpt", {})}
 
     def logits(self, gpt_params, collections, states, codes, *, train: bool, rng=None):
-        """Teacher-forced logits [B, h·w, V]: ``[:, i]`` predicts ``codes[:, i]``."""
+        """Teacher-forced logits [B, h·w, V]: ``[:, i]`` predicts ``codes[:, i]``; in training with
+        ``model.input_noise`` > 0, that fraction of the input codes are swapped (``noisy_inputs``)."""
+        inputs = codes[:, :-1]
+        noise = float(self.config.model.get("input_noise", 0.0))
+        if train and rng is not None and noise > 0:
+            rng, noise_rng = jax.random.split(rng)
+            inputs = noisy_inputs(inputs, noise, noise_rng)
         rngs = {"dropout": rng} if rng is not None else None
-        out = self.model.apply(self._gpt_vars(gpt_params, collections), states, codes[:, :-1], train=train,
-                               rngs=rngs)
+        out = self.model.apply(self._gpt_vars(gpt_params, collections), states, inputs, train=train, rngs=rngs)
         return out[:, self.model_cfg.cls_token_num - 1:]
 
     def token_losses(self, gpt_params, collections, states, codes, *, train: bool, rng=None):

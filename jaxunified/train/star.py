@@ -50,6 +50,7 @@ from jaxunified.data.pipeline import as_float_images, to_global
 from jaxunified.eval import shapes_geneval, t2i_report
 from jaxunified.eval.chat import text_answers
 from jaxunified.eval.images import image_grid, save_png
+from jaxunified.losses.teacher_forcing import noisy_inputs
 from jaxunified.models import lm as lm_lib
 from jaxunified.models import star as star_lib
 from jaxunified.models import vqgan as vqgan_lib
@@ -105,18 +106,6 @@ class GenerationPrompts(grain.transforms.RandomMap):
         if target is not None:
             out["target_image"] = target
         return out
-
-
-def noisy_inputs(codes: jax.Array, fraction: float, rng) -> jax.Array:
-    """``codes`` [B, N] with about ``fraction`` of them swapped for codes drawn from elsewhere in the
-    batch (so they stay in the targets' distribution, simplified or not): the teacher-forced inputs
-    then contain the kind of mistakes sampling makes, while the targets stay the true codes."""
-    if fraction <= 0:
-        return codes
-    pick, where = jax.random.split(rng)
-    flat = codes.reshape(-1)
-    swapped = flat[jax.random.randint(pick, codes.shape, 0, flat.shape[0])]
-    return jnp.where(jax.random.bernoulli(where, fraction, codes.shape), swapped, codes)
 
 
 class STARTask(Task):
