@@ -13,6 +13,8 @@ linear probe reads a noun's own colour from its state 0.98 vs 0.83) yet conditio
 0.27 vs 0.41, swap preference 0.53 (0.54 with identity condition rows). Caption dropout (the model's
 ``class_dropout_prob``) swaps a row's states for the model's fixed ``uncond_embedding``, which is
 then the unconditional half of classifier-free guidance at sampling time.
+``model.input_noise`` swaps that fraction of the teacher-forced input codes for other codes of the
+batch in training (``losses.teacher_forcing``; the targets stay the true codes).
 
 Parameters: only the GPT (``params["gpt"]``). The VQ (whose decoder turns sampled codes into
 images) and the text tower live in ``collections["frozen"]``; the GPT's non-trained

@@ -17,6 +17,9 @@ Prompts are STAR's chat layout (``data.shapes_chat.generation_ids``), left-padde
 codes follow every prompt directly. Prompt dropout (``model.prompt_dropout``) trains STAR's
 unconditional row — the prompt between its first and last three tokens replaced by
 ``<|fim_pad|>`` — which is the guidance row at sampling time (``sample.star``).
+``model.input_noise`` swaps that fraction of the teacher-forced input codes for other codes of the
+batch (``losses.teacher_forcing``; the targets stay the true codes): training then sees the kind
+of mistakes its sampling feeds back.
 
 Stage 2 can train on simplified codes (``tokenizer.simplify_tol``, ``quant.simplify``, as the
 ``ar`` preset does) read from a cache built once per dataset (``data.cache_dir``); stage 3 draws
