@@ -308,7 +308,8 @@ class STARTask(Task):
         b, n = codes.shape
         attention = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)
         positions = star_lib.sequence_positions(batch["prompt"], prompt_positions(valid), n, self.edit_source_id)
-        inputs = codes if noise_rng is None else noisy_inputs(codes, float(self.config.model.get("input_noise", 0.0)), noise_rng)
+        noise = float(self.config.model.get("input_noise", 0.0))
+        inputs = codes if noise_rng is None else noisy_inputs(codes, noise, noise_rng)
         out = self.model.apply(self.variables(star_params, collections), batch["prompt"], inputs,
                                attention_mask=attention, positions=positions, pixel_logits=False, **source)
         changed = (codes != source["source_codes"]) & has_source if edits else jnp.zeros(codes.shape, bool)
