@@ -223,6 +223,21 @@ def test_edit_change_weight_weighs_the_codes_that_differ_from_the_source(task):
         np.testing.assert_allclose(np.asarray(ce), want, rtol=1e-4)
 
 
+def test_an_edit_source_is_tokenized_as_its_target():
+    """With simplified targets the source is simplified too: an unedited scene copies code for code."""
+    config = tiny_config(**{"tokenizer.simplify_tol": 10.0})  # every image within tolerance of all-fill codes
+    t, params, colls = helpers.tiny_task(S.STARTask, config)
+    vocab = shapes_chat.ChatVocab()
+    b = _batch(t, ["a red circle"])
+    row = S.left_padded_prompt(shapes_chat.edit_ids(vocab, "remove the red circle", t.grid ** 2), t.prompt_len)
+    b["prompt"], b["prompt_valid"] = row[0][None], row[1][None]
+    b["target_image"] = b["image"]
+    _, codes, changed = t.teacher_forced(params["star"], colls, {k: jnp.asarray(v) for k, v in b.items()})
+    raw = t.codes(colls["frozen"], jnp.asarray(b["image"]), simplified=False)
+    assert bool((codes != raw).any())  # the simplification changed codes: the check below means something
+    assert not bool(changed.any())
+
+
 def test_input_noise_swaps_input_codes_from_the_batch_and_keeps_the_targets(task):
     codes = jnp.arange(4 * 64).reshape(4, 64)
     key = jax.random.key(1)
@@ -319,7 +334,7 @@ def test_tiny_run_trains_samples_scores_and_loads_back(tmp_path):
     assert train[-1]["loss"] < train[0]["loss"]
     evals = [x for x in lines if x["split"] == "eval"]
     assert {"val_loss", "val_token_acc", "geneval_overall", "ceiling_overall", "geneval_colors", "edit_success",
-            "edit_token_acc", "edit_row_exact"} <= set(evals[-1])
+            "edit_token_acc", "edit_row_exact", "edit_copy_acc", "edit_change_acc"} <= set(evals[-1])
     assert list(tmp_path.glob("samples_test_*_colors.png"))
 
     _, model, variables = load_run(tmp_path)

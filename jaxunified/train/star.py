@@ -220,7 +220,9 @@ class STARTask(Task):
     # ---- the step ----
     def codes(self, frozen, images, simplified: bool = True) -> jax.Array:
         """[B, h·w] raster codes of ``images``; simplified (``quant.simplify``) when
-        ``tokenizer.simplify_tol`` > 0 — the generation targets, not an edit's source."""
+        ``tokenizer.simplify_tol`` > 0 — the generation targets and an edit's source alike: the copy
+        an edit learns is then code for code wherever the decoder allows (on the shapes tokenizer 30%
+        of an edit's codes differ from its source's, 38% against the raw source codes)."""
         _, codes, _ = self.vq.apply(frozen["vq"], as_float_images(images), method=vqgan_lib.VQGAN.encode)
         codes = codes.astype(jnp.int32)  # [B, h, w]
         if simplified and self.simplify_tol > 0:
@@ -287,8 +289,9 @@ class STARTask(Task):
 
     def teacher_forced(self, star_params, collections, batch, edits: bool | None = None, noise_rng=None):
         """``logits``' (logits, codes) and ``changed`` [B, h·w]: an edit row's target codes that
-        differ from the source's code at their cell (none in text-to-image rows; with simplified
-        targets the background differs too unless ``tokenizer.edit_copy_tol`` aligns it). With
+        differ from the source's code at their cell (none in text-to-image rows; the VQ's codes are
+        not local, so cells the edit left alone differ too unless ``tokenizer.edit_copy_tol`` aligns
+        them). With
         ``noise_rng``, ``model.input_noise`` of the input codes are swapped (``noisy_inputs``)."""
         frozen = collections["frozen"]
         if "codes" in batch:  # cached
@@ -299,7 +302,7 @@ class STARTask(Task):
             edits = self.edit_fraction > 0
         source = {}
         if edits:
-            source = {"source_codes": self.codes(frozen, batch["image"], simplified=False),
+            source = {"source_codes": self.codes(frozen, batch["image"]),
                       "source_mask": batch["prompt"] == shapes_chat.IMAGE_PAD,
                       "source_embeds": self.understanding_embeds(frozen, batch["image"])}
             has_source = source["source_mask"].any(axis=1)[:, None]  # edit rows, not the t2i rows among them
@@ -375,8 +378,8 @@ class STARTask(Task):
         frozen = collections["frozen"]
         variables = self.variables(star_params, collections)
         bs = batch_size or int(self.config.data.get("eval_batch_size", 64))
-        # an edit's source enters as the VQ's own codes, as in training (``logits``), never simplified
-        decode, encode = jax.jit(self.decode_images), jax.jit(lambda f, x: self.codes(f, x, simplified=False))
+        # an edit's source enters tokenized as in training (``teacher_forced``)
+        decode, encode = jax.jit(self.decode_images), jax.jit(self.codes)
         understand = jax.jit(self.understanding_embeds)
         images, codes = [], []
         for i in range(0, len(prompts), bs):
@@ -504,7 +507,7 @@ class STARTask(Task):
 
         @jax.jit
         def rec(frozen, src, tgt):
-            codes = self.copy_aligned(frozen, self.codes(frozen, tgt), self.codes(frozen, src, simplified=False))
+            codes = self.copy_aligned(frozen, self.codes(frozen, tgt), self.codes(frozen, src))
             return self.decode_images(frozen, codes)
 
         images = np.concatenate([np.asarray(rec(colls["frozen"], jnp.asarray(np.stack(sources[i:i + bs])),
@@ -513,17 +516,19 @@ class STARTask(Task):
         return float(np.mean([shapes_edit.check_edit(im, e).passed for im, e in zip(images, edits)]))
 
     def edit_teacher_forced(self, star_params, colls, prompts, sources, targets) -> dict:
-        """Teacher-forced accuracy on edit rows: per code (``edit_token_acc``) and the fraction of rows
-        whose every code is the argmax (``edit_row_exact``: what greedy decoding would copy exactly)."""
+        """Teacher-forced accuracy on edit rows: per code (``edit_token_acc``), on the codes equal to
+        the source's (``edit_copy_acc``) and on those that differ (``edit_change_acc``), and the
+        fraction of rows whose every code is the argmax (``edit_row_exact``: what greedy decoding
+        would copy exactly)."""
         bs = int(self.config.data.get("eval_batch_size", 64))
 
         @jax.jit
         def step(p, c, batch):
-            logits, codes = self.logits(p, c, batch, edits=True)
+            logits, codes, changed = self.teacher_forced(p, c, batch, edits=True)
             hit = jnp.argmax(logits, -1) == codes
-            return hit.mean(axis=-1), hit.all(axis=-1)
+            return hit, changed
 
-        acc, exact = [], []
+        hits, changes = [], []
         with jax.set_mesh(self.mesh):
             for i in range(0, len(prompts), bs):
                 n = len(prompts[i:i + bs])
@@ -533,10 +538,13 @@ class STARTask(Task):
                 batch = to_global({"image": take(sources), "target_image": take(targets),
                                    "prompt": np.stack([r[0] for r in rows]),
                                    "prompt_valid": np.stack([r[1] for r in rows])}, self.mesh)
-                a, e = jax.device_get(step(star_params, colls, batch))
-                acc.append(np.asarray(a)[:n])
-                exact.append(np.asarray(e)[:n])
-        return {"edit_token_acc": float(np.concatenate(acc).mean()), "edit_row_exact": float(np.concatenate(exact).mean())}
+                h, c = jax.device_get(step(star_params, colls, batch))
+                hits.append(np.asarray(h)[:n])
+                changes.append(np.asarray(c)[:n])
+        hit, changed = np.concatenate(hits), np.concatenate(changes)
+        rate = lambda m: float(hit[m].mean()) if m.any() else 0.0  # noqa: E731
+        return {"edit_token_acc": float(hit.mean()), "edit_row_exact": float(hit.all(axis=1).mean()),
+                "edit_copy_acc": rate(~changed), "edit_change_acc": rate(changed)}
 
     def evaluate_reasoning(self, star_params, colls, scenes, key, workdir, split, step) -> dict:
         """Reasoning mode on prompts that name an object indirectly ("a plus sign the color of
