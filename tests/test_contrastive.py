@@ -159,10 +159,10 @@ def test_global_and_per_device_agree(kind, negatives):
         (gl, gm), (ggp, gge) = _global(kind, negatives)(*args)
         (pl, pm), (pgp, pge) = _per_device(kind, negatives)(*args)
     np.testing.assert_allclose(pl, gl, atol=ATOL, rtol=0)
-    chex.assert_trees_all_close(pm, gm, atol=ATOL, rtol=0)
+    chex.assert_trees_all_close(pm, gm, atol=ATOL, rtol=1e-6)
     assert 0.0 < float(gm["i2t_acc"]) < 1.0 and 0.0 < float(gm["t2i_acc"]) < 1.0
     # Tower weights and the learnable scale/bias: pmean of per-device grads == global grad.
-    chex.assert_trees_all_close(pgp, ggp, atol=ATOL, rtol=0)
+    chex.assert_trees_all_close(pgp, ggp, atol=ATOL, rtol=1e-6)  # the scale grad ~80: float rounding
     for leaf in jax.tree.leaves(ggp):
         assert float(jnp.max(jnp.abs(leaf))) > 1e-3  # every gradient is non-trivial
     # Embedding cotangents: all_gather/ppermute transpose to psum_scatter/reverse ring, so each
