@@ -291,8 +291,8 @@ class STARTask(Task):
         """``logits``' (logits, codes) and ``changed`` [B, h·w]: an edit row's target codes that
         differ from the source's code at their cell (none in text-to-image rows; the VQ's codes are
         not local, so cells the edit left alone differ too unless ``tokenizer.edit_copy_tol`` aligns
-        them). With
-        ``noise_rng``, ``model.input_noise`` of the input codes are swapped (``noisy_inputs``)."""
+        them). With ``noise_rng``, ``model.input_noise`` of the input codes are swapped
+        (``noisy_inputs``)."""
         frozen = collections["frozen"]
         if "codes" in batch:  # cached
             codes = batch["codes"].reshape(batch["codes"].shape[0], -1).astype(jnp.int32)
