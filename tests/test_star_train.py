@@ -310,6 +310,51 @@ def test_cached_simplified_codes_give_the_image_batch_loss(task, tmp_path):
         assert (v.shape[1:], v.dtype) == (first[k].shape[1:], first[k].dtype), k
 
 
+def test_edit_batches_take_the_scenes_codes_from_the_cache(tmp_path):
+    """Edits read each scene's (source's) simplified codes from the stage-2 cache and encode only the
+    edited targets: the same rows give the pixel batch's loss, text-to-image rows included."""
+    from jaxunified.data import cache
+    from jaxunified.data.pipeline import normalize_images
+
+    config = tiny_config(**{"tokenizer.simplify_tol": 0.3, "data.edit_fraction": 0.5,
+                            "data.cache_dir": str(tmp_path), "data.build_cache": True})
+    t, params, colls = helpers.tiny_task(S.STARTask, config)
+    _, data = cache.in_order_batches(config.data, "train", 16)
+    host = next(data)
+    path = t.precompute_cache("train", tmp_path / "star.npz")
+    with np.load(path) as z:
+        cached = z["codes"][:16]
+    r = int(config.data.resolution)
+    pixels = np.rint((np.asarray(host["image"]) + 1.0) * 127.5).astype(np.uint8)  # the records' uint8
+    prompts = S.GenerationPrompts(t.prompt_len, 0.0, 0.5, t.grid ** 2, resolution=r)
+    labels = ("caption", "obj_shape", "obj_color", "obj_size", "obj_center", "count")
+    rows = {"pixels": [], "cache": []}
+    for i in range(16):
+        element = {k: host[k][i] for k in labels}
+        element["caption"] = str(element["caption"]).encode()
+        rows["pixels"].append(prompts.random_map({**element, "image": pixels[i]}, np.random.default_rng(i)))
+        rows["cache"].append(prompts.random_map({**element, "codes": cached[i]}, np.random.default_rng(i)))
+    def stack(rs, k):  # images as the cache saw its inputs: normalised like in_order_batches'
+        out = np.stack([x[k] for x in rs])
+        return jnp.asarray(normalize_images({"image": out})["image"] if k == "target_image" else out)
+
+    edits = [bool((x["prompt"] == shapes_chat.IMAGE_PAD).any()) for x in rows["pixels"]]
+    assert 0 < sum(edits) < 16
+    for x, edit in zip(rows["cache"], edits):  # a text-to-image row carries a blank target
+        assert edit or not x["target_image"].any()
+    keys = ("prompt", "prompt_valid", "target_image")
+    from_pixels = {**{k: stack(rows["pixels"], k) for k in keys}, "image": jnp.asarray(host["image"])}
+    from_cache = {**{k: stack(rows["cache"], k) for k in keys}, "codes": jnp.asarray(cached)}
+    loss = jax.jit(lambda p, bb: t.loss_and_metrics(p, colls, bb))
+    np.testing.assert_allclose(loss(params["star"], from_cache)[0], loss(params["star"], from_pixels)[0], rtol=1e-6)
+    first = next(iter(t.build_dataset("train")))  # the cache again: no pixels read
+    assert "image" not in first and {"codes", "target_image", "prompt", "prompt_valid"} <= set(first)
+    example = t.train_batch_example()  # what bench and AOT plans compile the step for
+    assert set(example) == set(first) & set(example) and {"codes", "target_image"} <= set(example)
+    for k, v in example.items():
+        assert (v.shape[1:], v.dtype) == (first[k].shape[1:], first[k].dtype), k
+
+
 def test_prompt_dropout_trains_the_samplers_unconditional_row():
     vocab = shapes_chat.ChatVocab()
     ids = shapes_chat.generation_ids(vocab, "four purple crosses")

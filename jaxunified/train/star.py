@@ -23,7 +23,8 @@ of mistakes its sampling feeds back.
 
 Stage 2 can train on simplified codes (``tokenizer.simplify_tol``, ``quant.simplify``, as the
 ``ar`` preset does) read from a cache built once per dataset (``data.cache_dir``); stage 3 draws
-edits per step and encodes on the fly. Edit options: ``data.edit_understanding`` (the source also
+edits per step and encodes their targets on the fly, the scenes' own codes (an edit's source) coming
+from the same cache. Edit options: ``data.edit_understanding`` (the source also
 as the base's own vision tokens, STAR's ViT block), ``model.edit_positions`` ("shared": the output
 image at the source block's RoPE positions), ``tokenizer.edit_copy_tol`` (targets take the
 source's code wherever that decodes the same), ``model.edit_change_weight`` (the loss weight of
@@ -48,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxunified.data import cache, pipeline, shapes, shapes_chat, shapes_edit
+from jaxunified.data import cache, shapes, shapes_chat, shapes_edit
 from jaxunified.data.pipeline import as_float_images, to_global
 from jaxunified.eval import shapes_geneval, t2i_report
 from jaxunified.eval.chat import text_answers
@@ -83,13 +84,15 @@ class GenerationPrompts(grain.transforms.RandomMap):
     """Adds ``prompt``/``prompt_valid`` [max_prompt_len] (left-padded) and ``target_image``: the
     caption's t2i prompt and the image itself, or with probability ``edit_fraction`` an edit of the
     scene (``data.shapes_edit``): its instruction after the source image's block, and the edited
-    scene rendered. With probability ``dropout`` the prompt becomes STAR's unconditional row."""
+    scene rendered at ``resolution``. With probability ``dropout`` the prompt becomes STAR's
+    unconditional row. When the image's codes come from a cache and pixels are not read, a
+    text-to-image row's ``target_image`` is blank: the step takes its codes from the cache."""
 
     def __init__(self, max_len: int, dropout: float, edit_fraction: float = 0.0, num_image_tokens: int = 0,
-                 num_understanding: int = 0):
+                 num_understanding: int = 0, resolution: int = 0):
         self.vocab, self.max_len, self.dropout = shapes_chat.ChatVocab(), max_len, dropout
         self.edit_fraction, self.num_image_tokens = edit_fraction, num_image_tokens
-        self.num_understanding = num_understanding
+        self.num_understanding, self.resolution = num_understanding, resolution
 
     def random_map(self, element, rng: np.random.Generator):
         caption = element["caption"]
@@ -98,10 +101,13 @@ class GenerationPrompts(grain.transforms.RandomMap):
         edit = None
         if self.edit_fraction and rng.random() < self.edit_fraction:
             edit = shapes_edit.random_edit(shapes.scene_objects(element), rng)
+        resolution = self.resolution or element["image"].shape[0]
         if edit is not None:
             ids = shapes_chat.edit_ids(self.vocab, edit.instruction, self.num_image_tokens,
                                        num_understanding=self.num_understanding)
-            target = shapes.render_objects(edit.target, element["image"].shape[0])
+            target = shapes.render_objects(edit.target, resolution)
+        elif self.edit_fraction and target is None:  # every row of an edit batch carries a target image
+            target = np.zeros((resolution, resolution, 3), np.uint8)
         if self.dropout and rng.random() < self.dropout:
             ids = star_sample.uncond_ids(ids, shapes_chat.FIM_PAD, shapes_chat.GENERATION_TAIL, shapes_chat.IMAGE_BLOCK)
         prompt, valid = left_padded_prompt(ids, self.max_len)
@@ -179,9 +185,12 @@ class STARTask(Task):
 
     def train_batch_example(self):
         batch = self.dummy_batch()
-        if self.config.data.get("cache_dir") and self.edit_fraction == 0:  # build_dataset's cached form
+        if self.config.data.get("cache_dir"):  # build_dataset's cached form
             cached = self.cached_batch_example(batch)
-            del batch["image"], batch["target_image"]
+            if self.understanding is None:
+                del batch["image"]
+            if self.edit_fraction == 0:
+                del batch["target_image"]
             batch.update(cached)
         return batch
 
@@ -292,21 +301,25 @@ class STARTask(Task):
         differ from the source's code at their cell (none in text-to-image rows; the VQ's codes are
         not local, so cells the edit left alone differ too unless ``tokenizer.edit_copy_tol`` aligns
         them). With ``noise_rng``, ``model.input_noise`` of the input codes are swapped
-        (``noisy_inputs``)."""
+        (``noisy_inputs``). ``batch["codes"]``, when there, are the image's cached codes."""
         frozen = collections["frozen"]
-        if "codes" in batch:  # cached
-            codes = batch["codes"].reshape(batch["codes"].shape[0], -1).astype(jnp.int32)
-        else:
-            codes = self.codes(frozen, batch.get("target_image", batch["image"]))
         if edits is None:
             edits = self.edit_fraction > 0
-        source = {}
-        if edits:
-            source = {"source_codes": self.codes(frozen, batch["image"]),
+        if not edits and "target_image" in batch:
+            image_codes = self.codes(frozen, batch["target_image"])
+        elif "codes" in batch:  # the image's codes, cached
+            image_codes = batch["codes"].reshape(batch["codes"].shape[0], -1).astype(jnp.int32)
+        else:
+            image_codes = self.codes(frozen, batch["image"])
+        codes, source = image_codes, {}
+        if edits:  # the image is the source; the target's codes are new only in edit rows
+            source = {"source_codes": image_codes,
                       "source_mask": batch["prompt"] == shapes_chat.IMAGE_PAD,
-                      "source_embeds": self.understanding_embeds(frozen, batch["image"])}
+                      "source_embeds": self.understanding_embeds(frozen, batch.get("image"))}
             has_source = source["source_mask"].any(axis=1)[:, None]  # edit rows, not the t2i rows among them
-            codes = jnp.where(has_source, self.copy_aligned(frozen, codes, source["source_codes"]), codes)
+            if "target_image" in batch:  # (a text-to-image batch has none)
+                target = self.copy_aligned(frozen, self.codes(frozen, batch["target_image"]), image_codes)
+                codes = jnp.where(has_source, target, image_codes)
         valid = batch["prompt_valid"].astype(bool)
         b, n = codes.shape
         attention = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)
@@ -345,11 +358,13 @@ class STARTask(Task):
         train = split == "train"
         drop = float(self.config.model.prompt_dropout) if train else 0.0
         prompts = GenerationPrompts(self.prompt_len, drop, self.edit_fraction if train else 0.0, self.grid ** 2,
-                                    self.num_understanding)
-        if self.edit_fraction > 0:  # edit targets are drawn per step: nothing to cache
-            return pipeline.build_dataset(self.config.data, split, self.mesh, extra_transforms=(prompts,))
-        return self.cached_train_dataset(split, "star", self.cache_key,
-                                         pixel_fields=("codes",), token_field="", extra_transforms=(prompts,))
+                                    self.num_understanding, int(self.config.data.resolution))
+        # Edit targets are drawn per step and encoded there; the scene's own codes (an edit's source,
+        # a text-to-image row's target) come from the cache. Pixels are read only for the source's
+        # understanding tokens.
+        pixels = ("image",) if self.understanding is not None else ()
+        return self.cached_train_dataset(split, "star", self.cache_key, pixel_fields=("codes", *pixels),
+                                         token_field="", extra_transforms=(prompts,))
 
     def cache_key(self) -> str:
         simplified = ("simplify_tol", self.simplify_tol) if self.simplify_tol > 0 else ()
