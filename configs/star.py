@@ -21,11 +21,12 @@ Presets (the argument after the colon):
   (recolour, remove, add, move, resize one object) with the source image as VQ tokens:
       python train.py --config configs/star.py:shapes_edit --workdir runs/star_shapes_edit
   Target: ≤ 20 minutes on 2 CPU cores; edit success ≥ 60%.
-  Measured: 24 min for the train command on 2 cores (650 steps at 0.54 steps/s; final eval 3 min;
-  over the target). 490 test edits, greedy: edit success 0.07 (remove 0.38, add 0.01, the other
-  kinds 0), below the target; the edited scenes' decoded targets pass 0.81 (``edit_ceiling``).
-  Teacher-forced, 75% of the edited codes are right and 6% of rows entirely; GenEval after the
-  stage 0.17.
+  Measured: 24 to 31 min for the train command on 2 cores (650 steps at 0.54 to 0.42 steps/s, the
+  machine's speed on two days; final eval 3 to 4.5 min; over the target). 490 test edits, greedy:
+  edit success 0.07 (remove 0.33–0.38, recolour 0–0.03, add 0.01, move and resize 0), below the
+  target; the edited scenes' decoded targets pass 0.79–0.81 (``edit_ceiling``). Teacher-forced,
+  75–78% of the edited codes are right (94% of the codes equal to the source's, 42% of those the
+  edit changes) and 5–6% of rows entirely; GenEval after the stage 0.17–0.24.
 * ``7b`` — STAR-7B stage 2 at its released sizes (14 stacked layers on the frozen Qwen2.5-VL-7B text
   base, STAR-VQ at 384 px: 576 codes, adapter depth 4; bf16, remat), for planning a pod run:
       python -m jaxunified.bench aot --config configs/star.py:7b --topology v5p-128
