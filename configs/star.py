@@ -21,8 +21,8 @@ Presets (the argument after the colon):
   (recolour, remove, add, move, resize one object) with the source image as VQ tokens:
       python train.py --config configs/star.py:shapes_edit --workdir runs/star_shapes_edit
   Target: ≤ 20 minutes on 2 CPU cores; edit success ≥ 60%.
-  Measured: 24 to 31 min for the train command on 2 cores (650 steps at 0.54 to 0.42 steps/s, the
-  machine's speed on two days; final eval 3 to 4.5 min; over the target). 490 test edits, greedy:
+  Measured: 24 to 31 min for the train command on 2 cores (650 steps at 0.54 to 0.42 steps/s on
+  two machines; final eval 3 to 4.5 min; over the target). 490 test edits, greedy:
   edit success 0.07 (remove 0.33–0.38, recolour 0–0.03, add 0.01, move and resize 0), below the
   target; the edited scenes' decoded targets pass 0.79–0.81 (``edit_ceiling``). Teacher-forced,
   75–78% of the edited codes are right (94% of the codes equal to the source's, 42% of those the

@@ -321,8 +321,8 @@ def test_edit_batches_take_the_scenes_codes_from_the_cache(tmp_path):
     t, params, colls = helpers.tiny_task(S.STARTask, config)
     _, data = cache.in_order_batches(config.data, "train", 16)
     host = next(data)
-    path = t.precompute_cache("train", tmp_path / "star.npz")
-    with np.load(path) as z:
+    path = t.precompute_cache("train", cache.cache_path(tmp_path, "train", t.cache_key(), prefix="star"))
+    with np.load(path) as z:  # the file build_dataset reads below
         cached = z["codes"][:16]
     r = int(config.data.resolution)
     pixels = np.rint((np.asarray(host["image"]) + 1.0) * 127.5).astype(np.uint8)  # the records' uint8

@@ -101,13 +101,14 @@ class GenerationPrompts(grain.transforms.RandomMap):
         edit = None
         if self.edit_fraction and rng.random() < self.edit_fraction:
             edit = shapes_edit.random_edit(shapes.scene_objects(element), rng)
-        resolution = self.resolution or element["image"].shape[0]
         if edit is not None:
             ids = shapes_chat.edit_ids(self.vocab, edit.instruction, self.num_image_tokens,
                                        num_understanding=self.num_understanding)
-            target = shapes.render_objects(edit.target, resolution)
+            target = shapes.render_objects(edit.target, self.resolution or element["image"].shape[0])
         elif self.edit_fraction and target is None:  # every row of an edit batch carries a target image
-            target = np.zeros((resolution, resolution, 3), np.uint8)
+            if not self.resolution:
+                raise ValueError("GenerationPrompts: records without pixels need resolution=")
+            target = np.zeros((self.resolution, self.resolution, 3), np.uint8)
         if self.dropout and rng.random() < self.dropout:
             ids = star_sample.uncond_ids(ids, shapes_chat.FIM_PAD, shapes_chat.GENERATION_TAIL, shapes_chat.IMAGE_BLOCK)
         prompt, valid = left_padded_prompt(ids, self.max_len)
@@ -187,7 +188,7 @@ class STARTask(Task):
         batch = self.dummy_batch()
         if self.config.data.get("cache_dir"):  # build_dataset's cached form
             cached = self.cached_batch_example(batch)
-            if self.understanding is None:
+            if self.understanding is None or self.edit_fraction == 0:
                 del batch["image"]
             if self.edit_fraction == 0:
                 del batch["target_image"]
@@ -292,7 +293,7 @@ class STARTask(Task):
     def logits(self, star_params, collections, batch, edits: bool | None = None):
         """Teacher-forced image logits [B, h·w, K] and the codes they predict (the target image's;
         with editing on — ``edits``, by default when the run trains edits — ``image`` is the source
-        whose codes fill the prompt's ``IMAGE_PAD`` slots)."""
+        whose codes, or the cached ``codes``, fill the prompt's ``IMAGE_PAD`` slots)."""
         logits, codes, _ = self.teacher_forced(star_params, collections, batch, edits)
         return logits, codes
 
@@ -362,7 +363,7 @@ class STARTask(Task):
         # Edit targets are drawn per step and encoded there; the scene's own codes (an edit's source,
         # a text-to-image row's target) come from the cache. Pixels are read only for the source's
         # understanding tokens.
-        pixels = ("image",) if self.understanding is not None else ()
+        pixels = ("image",) if self.understanding is not None and self.edit_fraction > 0 else ()
         return self.cached_train_dataset(split, "star", self.cache_key, pixel_fields=("codes", *pixels),
                                          token_field="", extra_transforms=(prompts,))
 
