@@ -279,6 +279,14 @@ def test_edit_rows_carry_the_source_block_and_the_edited_scene():
         shapes.scene_objects(ex), np.random.default_rng(0))).passed in (True, False)
 
 
+def _assert_example_matches(example, batch):
+    """``train_batch_example`` (what bench and AOT plans compile the step for) has the fields, per-row
+    shapes and dtypes of the batches training reads."""
+    assert set(example) <= set(batch)
+    for k, v in example.items():
+        assert (v.shape[1:], v.dtype) == (batch[k].shape[1:], batch[k].dtype), k
+
+
 def test_cached_simplified_codes_give_the_image_batch_loss(task, tmp_path):
     from jaxunified.data import cache
 
@@ -304,10 +312,7 @@ def test_cached_simplified_codes_give_the_image_batch_loss(task, tmp_path):
     it = t.build_dataset("train")  # reads the cache: no pixels, prompts added
     first = next(iter(it))
     assert "image" not in first and {"codes", "prompt", "prompt_valid"} <= set(first)
-    example = t.train_batch_example()  # what bench and AOT plans compile the step for
-    assert set(example) <= set(first)
-    for k, v in example.items():
-        assert (v.shape[1:], v.dtype) == (first[k].shape[1:], first[k].dtype), k
+    _assert_example_matches(t.train_batch_example(), first)
 
 
 def test_edit_batches_take_the_scenes_codes_from_the_cache(tmp_path):
@@ -334,6 +339,7 @@ def test_edit_batches_take_the_scenes_codes_from_the_cache(tmp_path):
         element["caption"] = str(element["caption"]).encode()
         rows["pixels"].append(prompts.random_map({**element, "image": pixels[i]}, np.random.default_rng(i)))
         rows["cache"].append(prompts.random_map({**element, "codes": cached[i]}, np.random.default_rng(i)))
+
     def stack(rs, k):  # images as the cache saw its inputs: normalised like in_order_batches'
         out = np.stack([x[k] for x in rs])
         return jnp.asarray(normalize_images({"image": out})["image"] if k == "target_image" else out)
@@ -349,10 +355,9 @@ def test_edit_batches_take_the_scenes_codes_from_the_cache(tmp_path):
     np.testing.assert_allclose(loss(params["star"], from_cache)[0], loss(params["star"], from_pixels)[0], rtol=1e-6)
     first = next(iter(t.build_dataset("train")))  # the cache again: no pixels read
     assert "image" not in first and {"codes", "target_image", "prompt", "prompt_valid"} <= set(first)
-    example = t.train_batch_example()  # what bench and AOT plans compile the step for
-    assert set(example) == set(first) & set(example) and {"codes", "target_image"} <= set(example)
-    for k, v in example.items():
-        assert (v.shape[1:], v.dtype) == (first[k].shape[1:], first[k].dtype), k
+    example = t.train_batch_example()
+    _assert_example_matches(example, first)
+    assert {"codes", "target_image"} <= set(example)
 
 
 def test_prompt_dropout_trains_the_samplers_unconditional_row():

@@ -188,7 +188,7 @@ class STARTask(Task):
         batch = self.dummy_batch()
         if self.config.data.get("cache_dir"):  # build_dataset's cached form
             cached = self.cached_batch_example(batch)
-            if self.understanding is None or self.edit_fraction == 0:
+            if not self.cached_batches_keep_pixels:
                 del batch["image"]
             if self.edit_fraction == 0:
                 del batch["target_image"]
@@ -361,11 +361,15 @@ class STARTask(Task):
         prompts = GenerationPrompts(self.prompt_len, drop, self.edit_fraction if train else 0.0, self.grid ** 2,
                                     self.num_understanding, int(self.config.data.resolution))
         # Edit targets are drawn per step and encoded there; the scene's own codes (an edit's source,
-        # a text-to-image row's target) come from the cache. Pixels are read only for the source's
-        # understanding tokens.
-        pixels = ("image",) if self.understanding is not None and self.edit_fraction > 0 else ()
+        # a text-to-image row's target) come from the cache.
+        pixels = ("image",) if self.cached_batches_keep_pixels else ()
         return self.cached_train_dataset(split, "star", self.cache_key, pixel_fields=("codes", *pixels),
                                          token_field="", extra_transforms=(prompts,))
+
+    @property
+    def cached_batches_keep_pixels(self) -> bool:
+        """Cached training batches still read the image: for an edit source's understanding tokens."""
+        return self.understanding is not None and self.edit_fraction > 0
 
     def cache_key(self) -> str:
         simplified = ("simplify_tol", self.simplify_tol) if self.simplify_tol > 0 else ()
