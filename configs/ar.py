@@ -15,12 +15,10 @@ Presets (the argument after the colon):
   simplified codes and caption states; final eval included), 60 s for eval. eval_test.json (1000
   test captions, CFG 2, top-k 3): val loss 0.88, token accuracy 72%, GenEval overall 0.40–0.41 —
   single object 0.79–0.80, two objects 0.20, counting 0.42–0.49, colours 0.87–0.88, position
-  0.04–0.05, colour attribution 0.07–0.10 (the single-object and overall targets are not met: the
-  GPT draws the named shapes and colours but binds them to the wrong objects; ``ceiling_*``, the
-  decoded training targets, score 0.91 overall, 0.97 single object). Its likelihood prefers the
-  true caption to one with a changed colour 0.98, shape 0.95, count 0.90, relation 0.69, and to
-  the two objects' shapes swapped 0.50: the caption states carry no binding (the shapes SigLIP
-  itself tells a swapped caption 0.59).
+  0.04–0.05, colour attribution 0.07–0.10 (the single-object and overall targets are not met;
+  ``ceiling_*``, the decoded training targets, score 0.89 overall, 0.95 single object). Its
+  likelihood prefers the true caption to one with a changed colour 0.98, shape 0.95, count 0.90,
+  relation 0.69, and to the two objects' shapes swapped 0.50.
 * ``xl`` — LlamaGen's t2i GPT-XL (775M) over VQ-16's 16×16 codes at 256 px, conditioned on a SigLIP2
   So400m/16 text tower's 64 caption states (where LlamaGen reads Flan-T5-XL's 120); bf16, remat, for
   planning a pod run:

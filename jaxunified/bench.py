@@ -14,6 +14,12 @@ r"""Benchmarks that print figures: plan a TPU run from a laptop, and time the re
     # the measured matmul peak of this device (the MFU denominator):
     python -m jaxunified.bench peak --dtype bfloat16
 
+    # side by side with the PyTorch reference on this CPU (needs torch; LlamaGen's checkout for VQ
+    # configs, transformers for SigLIP ones): train step and inference pass, both sides, and the ratios
+    python -m jaxunified.bench torch --config configs/vqgan.py:imagenet --batch_size 2 --steps 3 \
+        --warmup 1 --reference <FoundationVision/LlamaGen checkout>
+    python -m jaxunified.bench torch --config configs/siglip.py:B16 --steps 5
+
 Each command prints human-readable lines and, last, one JSON line with the same figures.
 The same functions are importable: :func:`bench_step`, :func:`measure_matmul_peak`, and
 ``jaxunified.train.compile.compile_train_step``.
@@ -404,10 +410,11 @@ def _define_flags():
         flags.DEFINE_float("cfg_scale", 4.0, "sample: classifier-free guidance scale (1 = off)")
         flags.DEFINE_integer("windows", None, "sample: growing KV-cache prefixes (default: sample.decode.auto_windows)")
         flags.DEFINE_integer("recompute_points", 6, "sample: lengths timed for the recompute estimate (0: skip it)")
+        flags.DEFINE_string("reference", "", "torch: the reference code's checkout (LlamaGen for vqgan configs)")
     return F
 
 
-_USAGE = "usage: python -m jaxunified.bench {aot,step,peak,sample} [flags]; see the module docstring"
+_USAGE = "usage: python -m jaxunified.bench {aot,step,peak,sample,torch} [flags]; see the module docstring"
 
 
 def _config_name() -> str:
@@ -425,7 +432,7 @@ def _main(argv):
     from absl import app
 
     F = _define_flags()
-    if len(argv) != 2 or argv[1] not in ("aot", "step", "peak", "sample"):
+    if len(argv) != 2 or argv[1] not in ("aot", "step", "peak", "sample", "torch"):
         raise app.UsageError(_USAGE)
     cmd = argv[1]
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -469,16 +476,36 @@ def _main(argv):
         print(_json_line({"command": "aot", "config": name, **report.to_dict()}))
         return
 
-    # step
+    # step (and torch: the same step beside the reference's)
     from jaxunified.train.compile import with_batch_size
 
     cfg = with_batch_size(config, F.batch_size)
+    ref = None
+    if cmd == "torch":
+        from jaxunified import bench_torch
+
+        try:
+            cfg = bench_torch.matched_config(cfg)
+            ref = bench_torch.bench(cfg, F.reference, steps=F.steps, warmup=F.warmup)
+        except (ImportError, FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
     peak = None
     if F.dtype:
         peak = measure_matmul_peak(F.dtype)
     r = bench_step(cfg, steps=F.steps, warmup=F.warmup, peak=peak, name=name)
     print(r.summary())
-    print(_json_line({"command": "step", **dataclasses.asdict(r)}))
+    if ref is None:
+        print(_json_line({"command": "step", **dataclasses.asdict(r)}))
+        return
+    ours = {"step_seconds": r.seconds / r.steps, "forward_seconds": r.forward_seconds}
+    ratios = {k: ref[k] / ours[k] for k in ours if ours[k]}
+    print(f"reference       {ref['reference']} ({ref['params'] / 1e6:.1f}M params, torch {ref['torch']}, "
+          f"{ref['threads']} threads)")
+    for k, label in (("step_seconds", "train step"), ("forward_seconds", "forward")):
+        if k in ratios:
+            print(f"{label:15s} torch {ref[k]:.3f} s, ours {ours[k]:.3f} s → ours {ratios[k]:.2f}× torch's speed")
+    print(_json_line({"command": "torch", **dataclasses.asdict(r), "reference": ref,
+                      "speedup": ratios}))
 
 
 def main():
