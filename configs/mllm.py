@@ -22,9 +22,9 @@ Presets (the argument after the colon):
       python train.py --config configs/toklip.py:shapes8        --workdir runs/toklip_shapes8
       python train.py --config configs/mllm.py:shapes_toklip    --workdir runs/mllm_shapes_toklip
       python train.py --config configs/mllm.py:shapes_dualtoken --workdir runs/mllm_shapes_dualtoken
-  Measured (TokLIP): 15 min 7 s for the train command on 2 cores (1800 steps at 2.1–2.5 steps/s, cache
-  build and final eval included); caption attribute accuracy 0.87 (exact 0.48); QA count 0.99, colour
-  0.76, shape 0.75, relation 0.48, yes/no 0.88; rewrites 1.00.
+  Measured (TokLIP): 15 min 7 s for the train command on 2 cores at 2.1–2.5 steps/s, 24 min 25 s on a
+  slow day at 1.1–1.9 (1800 steps, cache build and final eval included); caption attribute accuracy
+  0.91 (exact 0.56); QA count 0.98, colour 0.75, shape 0.85, relation 0.55, yes/no 0.85; rewrites 1.00.
   Measured (DualToken, after ``dualtoken:shapes``, 7 min 48 s): 16 min 14 s for the train command on
   2 cores (1800 steps at 1.3–2.4 steps/s, cached vectors; final eval included); caption attribute
   accuracy 0.90 (exact 0.56); QA count 1.00, colour 0.79, shape 0.81, relation 0.57, yes/no 0.87;
