@@ -11,7 +11,7 @@ Presets (the argument after the colon):
 * ``tiny`` (also ``runlocal``) — seconds-long smoke run used by the tests.
 * ``B16`` — SigLIP-B/16 at 224 px with 64 text tokens (byte tokenizer), batch 8, sigmoid loss,
   from scratch: the CPU train-step benchmark against the PyTorch towers:
-      python -m jaxunified.bench step --config configs/siglip.py:B16 --steps 5
+      python -m jaxunified.bench torch --config configs/siglip.py:B16 --steps 5
 * ``finetune`` — continue training a converted HF checkpoint on image–caption shards:
       python train.py --config configs/siglip.py:finetune --workdir runs/siglip_finetune \
           --config.model.init_from=<folder with config.json + model.safetensors> \

@@ -15,7 +15,7 @@ Presets (the argument after the colon):
 * ``shapes8`` — the same over the 8×8 codes of ``vqgan.py:shapes8``: 64 tokens an image, the teacher's
   own patch grid (the visual input of ``configs/mllm.py:shapes_toklip``):
       python train.py --config configs/toklip.py:shapes8 --workdir runs/toklip_shapes8
-  Target: ≤ 20 minutes on 2 CPU cores (a stage of the ``mllm`` chain).
+  Target: ≤ 20 minutes on 2 CPU cores.
   Measured: 14 min 21 s for the train command on 2 cores (14000 steps at 18–23 steps/s, a slow day;
   cache build included); eval_test.json: zero-shot colour 99.6% (teacher 100%), shape 91.5% (teacher
   97.6%), count 84.3% (teacher 83.5%), t2i / i2t R@1 67.5 / 61.5%.
@@ -131,8 +131,8 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         if arg == "shapes8":  # 8×8 codes: the teacher's own 64-patch grid, the mllm's visual-token budget
             c.tokenizer.update(workdir="runs/vqgan_shapes8", preset=common.SHAPES_RUNS["runs/vqgan_shapes8"],
                                variant="shapes-S8")
-            # a quarter of the tokens per step: zero-shot shape 0.54 at 2000 steps, 0.86 at 8000, 0.915 at
-            # 14000 — and the mllm reading these tokens follows it (caption attributes 0.87 → 0.91)
+            # a quarter of the tokens per step: zero-shot shape 0.54 at 2000 steps; the mllm reading these
+            # tokens is capped by their shape information (caption attributes 0.87 at 8000 steps, 0.91 at 14000)
             c.total_steps = 14000
             c.checkpoint_every = 7000
     elif arg in ("tiny", "runlocal"):

@@ -398,9 +398,9 @@ def _define_flags():
     if "topology" not in F:
         flags.DEFINE_string("topology", None, "aot: TPU topology, e.g. v5e:4x4, v5p:2x2x2, v6e:2x4, v5e-64")
         flags.DEFINE_integer("num_slices", 1, "aot: number of slices (multi-slice over DCN)")
-        flags.DEFINE_integer("batch_size", None, "aot/step: global batch size (default: config.data.batch_size)")
-        flags.DEFINE_integer("steps", 20, "step: timed steps")
-        flags.DEFINE_integer("warmup", 2, "step: untimed steps after compilation")
+        flags.DEFINE_integer("batch_size", None, "aot/step/torch: global batch size (default: config.data.batch_size)")
+        flags.DEFINE_integer("steps", 20, "step/torch: timed steps")
+        flags.DEFINE_integer("warmup", 2, "step/torch: untimed steps after compilation")
         flags.DEFINE_string("dtype", None,
                             "peak/step: matmul dtype for the peak (default: the config's compute dtype, else float32); "
                             "sample: weight and matmul dtype (default float32)")
@@ -486,9 +486,10 @@ def _main(argv):
 
         try:
             cfg = bench_torch.matched_config(cfg)
-            ref = bench_torch.bench(cfg, F.reference, steps=F.steps, warmup=F.warmup)
+            built = bench_torch.build(cfg, F.reference)
         except (ImportError, FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
+        ref = bench_torch.bench(cfg, steps=F.steps, warmup=F.warmup, built=built)
     peak = None
     if F.dtype:
         peak = measure_matmul_peak(F.dtype)
@@ -500,7 +501,7 @@ def _main(argv):
     ours = {"step_seconds": r.seconds / r.steps, "forward_seconds": r.forward_seconds}
     ratios = {k: ref[k] / ours[k] for k in ours if ours[k]}
     print(f"reference       {ref['reference']} ({ref['params'] / 1e6:.1f}M params, torch {ref['torch']}, "
-          f"{ref['threads']} threads)")
+          f"{ref['threads']} threads); {bench_torch.matched_changes(cfg)}")
     for k, label in (("step_seconds", "train step"), ("forward_seconds", "forward")):
         if k in ratios:
             print(f"{label:15s} torch {ref[k]:.3f} s, ours {ours[k]:.3f} s → ours {ratios[k]:.2f}× torch's speed")

@@ -1,6 +1,6 @@
 """``bench torch``: the PyTorch reference side of the CPU comparison (config mapping, loading the
-reference code from a checkout, the timed step) — with a stand-in checkout, since the tests have
-no LlamaGen or transformers."""
+reference code from a checkout, the timed step) — with a stand-in LlamaGen checkout (the tests do
+not download the reference code)."""
 
 import os
 import pathlib
@@ -28,6 +28,8 @@ FAKE_VQ_MODEL = textwrap.dedent('''
         codebook_size: int = 16384
         codebook_embed_dim: int = 8
         codebook_l2_norm: bool = True
+        commit_loss_beta: float = 0.25
+        entropy_loss_ratio: float = 0.0
         encoder_ch_mult: list = None
         decoder_ch_mult: list = None
         z_channels: int = 256
@@ -35,20 +37,22 @@ FAKE_VQ_MODEL = textwrap.dedent('''
     class Quantizer(nn.Module):
         def __init__(self):
             super().__init__()
-            self.codebook_used = nn.Parameter(torch.zeros(4))
+            self.register_buffer("codebook_used", nn.Parameter(torch.zeros(4)))  # as LlamaGen does
 
     class VQModel(nn.Module):
         def __init__(self, args):
             super().__init__()
             # what bench_torch.llamagen_args gives for VQ-16
             assert (args.encoder_ch_mult, args.z_channels, args.codebook_embed_dim) == ([1, 1, 2, 2, 4], 256, 8)
+            assert (args.commit_loss_beta, args.entropy_loss_ratio) == (0.25, 0.0)
             self.conv = nn.Conv2d(3, 3, 3, padding=1)
             self.quantize = Quantizer()
 
         def forward(self, x):
-            self.quantize.codebook_used[:-1] = self.quantize.codebook_used[1:].clone()
+            if self.training:
+                self.quantize.codebook_used[:-1] = self.quantize.codebook_used[1:].clone()
             dec = self.conv(x)
-            return dec, (dec.square().mean(), 0.25 * dec.abs().mean(), None, 0.0)
+            return dec, (dec.square().mean(), 0.25 * dec.abs().mean(), 0.0 * dec.mean(), 0.0)
 ''')
 
 
@@ -68,11 +72,17 @@ def _checkout(tmp_path) -> pathlib.Path:
 
 def test_llamagen_args_are_vq16s_and_other_shapes_are_refused():
     args = bench_torch.llamagen_args(VQGANTask.model_config(_vq16()))
-    assert args == dict(codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True,
-                        encoder_ch_mult=[1, 1, 2, 2, 4], decoder_ch_mult=[1, 1, 2, 2, 4], z_channels=256)
+    assert args == dict(codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True, commit_loss_beta=0.25,
+                        entropy_loss_ratio=0.0, encoder_ch_mult=[1, 1, 2, 2, 4], decoder_ch_mult=[1, 1, 2, 2, 4],
+                        z_channels=256)
     tiny = load_config(str(ROOT / "configs/vqgan.py:tiny"))
     with pytest.raises(ValueError, match="LlamaGen's VQModel builds"):
         bench_torch.llamagen_args(VQGANTask.model_config(tiny))
+    bf16 = _vq16()
+    with bf16.unlocked():
+        bf16.model.overrides = {"dtype": "bfloat16"}
+    with pytest.raises(ValueError, match="'dtype': 'bfloat16'"):
+        bench_torch.llamagen_args(VQGANTask.model_config(bf16))
 
 
 def test_hf_siglip_config_has_our_tower_shapes():
@@ -81,16 +91,38 @@ def test_hf_siglip_config_has_our_tower_shapes():
     assert (v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"], v["num_attention_heads"]) == (768, 3072, 12, 12)
     assert (v["image_size"], v["patch_size"]) == (224, 16)
     assert (t["hidden_size"], t["num_hidden_layers"], t["max_position_embeddings"], t["vocab_size"]) == (768, 12, 64, 32000)
+    assert v["hidden_act"] == t["hidden_act"] == "gelu_pytorch_tanh" and hf["attn_implementation"] == "sdpa"
+
+
+def test_siglip_runs_the_reference_cannot_match_are_refused(tmp_path):
+    for key, value in (("loss.kind", "softmax"), ("model.freeze", ("text",))):
+        c = load_config(str(ROOT / "configs/siglip.py:B16"))
+        with c.unlocked():
+            node, leaf = c, key.split(".")
+            for k in leaf[:-1]:
+                node = node[k]
+            node[leaf[-1]] = value
+        with pytest.raises(ValueError, match=key):
+            bench_torch.build(c)
 
 
 def test_reference_step_and_forward_are_timed_from_the_checkout(tmp_path):
     pytest.importorskip("torch")
-    cfg = _vq16(resolution=8, batch_size=2)
+    torch = pytest.importorskip("torch")
+    cfg = bench_torch.matched_config(_vq16(resolution=8, batch_size=2))
+    threads = torch.get_num_threads()
     r = bench_torch.bench(cfg, _checkout(tmp_path), steps=2, warmup=1, threads=1)
     assert r["step_seconds"] > 0 and r["forward_seconds"] > 0 and r["threads"] == 1
-    assert r["params"] == 3 * 3 * 9 + 3 + 4  # the stand-in's conv and usage buffer
+    assert r["params"] == 3 * 3 * 9 + 3  # the stand-in's conv: the usage buffer is not a weight
+    assert torch.get_num_threads() == threads  # restored for the rest of the process
+
+
+def test_our_side_drops_the_terms_the_reference_lacks():
+    cfg = _vq16()
     ours = bench_torch.matched_config(cfg)
-    assert (ours.loss.perceptual_weight, ours.loss.disc_weight) == (0.0, 0.0) and cfg.loss.disc_weight > 0
+    assert (ours.loss.perceptual_weight, ours.loss.disc_weight, ours.optim.ema_decay) == (0.0, 0.0, None)
+    assert cfg.loss.disc_weight > 0 and cfg.optim.ema_decay == 0.9999  # the caller's config is left alone
+    assert "LPIPS and PatchGAN off" in bench_torch.matched_changes(cfg)
 
 
 def test_a_missing_checkout_or_an_uncovered_task_is_a_clear_error(tmp_path):
