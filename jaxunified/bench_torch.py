@@ -98,7 +98,7 @@ def hf_siglip_config(cfg, image_size: int | None = None) -> dict[str, Any]:
     tower's: ours resizes its position table to the data's resolution, HF's is built at it)."""
     import numpy as np
 
-    from jaxunified.convert.siglip import _ACTS
+    from jaxunified.convert.siglip import hf_act
 
     v, t = cfg.vision, cfg.text
     if t is None:
@@ -107,24 +107,23 @@ def hf_siglip_config(cfg, image_size: int | None = None) -> dict[str, Any]:
         raise ValueError("HF SiglipModel has a MAP head, a plain patch conv, bidirectional attention and no "
                          f"padding mask; this config has pool={v.pool!r}, stem={v.stem!r}, causal={v.causal}, "
                          f"mask_padding={t.mask_padding}")
-    odd = {f"{n}.{k}": getattr(tower, k) for n, tower in (("vision", v), ("text", t)) for k in ("remat",)
-           if getattr(tower, k)}
-    odd.update({f"{n}.dtype": str(np.dtype(tower.dtype)) for n, tower in (("vision", v), ("text", t))
-                if np.dtype(tower.dtype) != np.float32})
+    odd = {}
+    for name, tower in (("vision", v), ("text", t)):
+        if tower.remat:
+            odd[f"{name}.remat"] = tower.remat
+        if np.dtype(tower.dtype) != np.float32:
+            odd[f"{name}.dtype"] = str(np.dtype(tower.dtype))
     if odd:
         raise ValueError(f"the HF towers run float32 without remat; this config has {odd}")
-    acts: dict[str, str] = {}
-    for hf_name, ours in _ACTS.items():  # the first HF name of an activation is its native kernel
-        acts.setdefault(ours, hf_name)
     return dict(
         vision_config=dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
                            num_attention_heads=v.num_heads, image_size=int(image_size or v.image_size),
                            patch_size=v.patch_size, num_channels=v.num_channels, layer_norm_eps=v.ln_eps,
-                           hidden_act=acts[v.act]),
+                           hidden_act=hf_act(v.act)),
         text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_dim,
                          num_hidden_layers=t.depth, num_attention_heads=t.num_heads,
                          max_position_embeddings=t.max_len, projection_size=t.proj_dim, layer_norm_eps=t.ln_eps,
-                         pad_token_id=t.pad_id, hidden_act=acts[t.act]),
+                         pad_token_id=t.pad_id, hidden_act=hf_act(t.act)),
         attn_implementation="sdpa")
 
 

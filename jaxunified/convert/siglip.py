@@ -54,6 +54,11 @@ def _act(name: str) -> str:
     return _ACTS[name]
 
 
+def hf_act(ours: str) -> str:
+    """The HF ``hidden_act`` for our activation name: the first of ``_ACTS`` (the native kernel)."""
+    return next(hf for hf, name in _ACTS.items() if name == ours)
+
+
 def config_from_hf(hf: Mapping[str, Any], **vision_text_overrides) -> SigLIPConfig:
     """A ``SigLIPConfig`` from an HF ``config.json`` dict (``SiglipConfig`` or a vision-only one)."""
     vc = hf.get("vision_config", hf if hf.get("model_type") == "siglip_vision_model" else None)
@@ -205,4 +210,4 @@ def load_hf_siglip(path, config: Mapping | str | None = None, **overrides) -> tu
     return SigLIP(cfg), variables
 
 
-__all__ = ["config_from_hf", "convert_state_dict", "load_hf_siglip"]
+__all__ = ["config_from_hf", "convert_state_dict", "hf_act", "load_hf_siglip"]
