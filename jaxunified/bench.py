@@ -15,13 +15,15 @@ r"""Benchmarks that print figures: plan a TPU run from a laptop, and time the re
     python -m jaxunified.bench peak --dtype bfloat16
 
     # side by side with the PyTorch reference on this CPU (needs torch; LlamaGen's checkout for VQ
-    # configs, transformers for SigLIP ones): train step and inference pass, both sides, and the ratios
+    # configs, transformers for SigLIP ones): train step and inference pass, both sides in alternating
+    # rounds (--rounds, medians), and the ratios
     python -m jaxunified.bench torch --config configs/vqgan.py:imagenet --batch_size 2 --steps 3 \
         --warmup 1 --reference <FoundationVision/LlamaGen checkout>
     python -m jaxunified.bench torch --config configs/siglip.py:B16 --steps 5
 
 Each command prints human-readable lines and, last, one JSON line with the same figures.
-The same functions are importable: :func:`bench_step`, :func:`measure_matmul_peak`, and
+The same functions are importable: :func:`bench_step` (:class:`StepTimer` to time in rounds),
+:func:`measure_matmul_peak`, and
 ``jaxunified.train.compile.compile_train_step``.
 """
 
@@ -31,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -199,98 +202,126 @@ def _flops(compiled, num_devices: int) -> float:
     return float((ca or {}).get("flops", 0.0)) * num_devices
 
 
-def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = None, name: str = "",
-               devices=None) -> StepBench:
-    """Times ``config``'s jitted train step on ``devices`` (default: all local devices), fed random
-    images of the real batch shape. Frozen sub-models (VQ, teacher, base LM) are random weights of their
-    real shapes (``train.planning.shapes_only``): throughput needs no checkpoint or earlier run.
+class StepTimer:
+    """``config``'s jitted train step and inference pass, compiled once on ``devices`` (default: all
+    local devices) and fed random inputs of the real batch shape, to be timed in as many rounds as
+    wanted (``bench torch`` alternates its rounds with the reference's, so a machine whose speed
+    drifts within the minute slows both sides alike). Frozen sub-models (VQ, teacher, base LM) are
+    random weights of their real shapes (``train.planning.shapes_only``): throughput needs no
+    checkpoint or earlier run. Close it (or use it as a context manager) to drop its work folder."""
 
-    ``warmup`` steps (after compilation) are excluded; the timed steps are dispatched back to back and
-    timed to ``block_until_ready`` of the final state, like the training loop runs them.
-    ``peak`` is a :func:`measure_matmul_peak` result to reuse (measured here when omitted).
-    """
-    import jax
+    def __init__(self, config, devices=None):
+        import jax
 
-    from jaxunified.train import planning
-    from jaxunified.train.loop import Trainer
+        from jaxunified.train import planning
+        from jaxunified.train.loop import Trainer
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    with tempfile.TemporaryDirectory(prefix="jaxunified_bench_") as tmp:
+        self._tmp = tempfile.TemporaryDirectory(prefix="jaxunified_bench_")
         with planning.shapes_only(fill="random"):
-            trainer = Trainer(config, workdir=tmp, devices=devices)
-            state = trainer.init_state()
-        n = trainer.mesh.devices.size
-        host = _random_batch(trainer.task.train_batch_example(), int(config.get("seed", 0)))
-        batch = jax.device_put(host, trainer.batch_shardings(host))
-        step = trainer.make_step(batch)
+            self.trainer = Trainer(config, workdir=self._tmp.name, devices=devices)
+            self.state = self.trainer.init_state()
+        self.num_devices = self.trainer.mesh.devices.size
+        host = _random_batch(self.trainer.task.train_batch_example(), int(config.get("seed", 0)))
+        self.global_batch = int(next(iter(host.values())).shape[0])
+        self.batch = jax.device_put(host, self.trainer.batch_shardings(host))
+        step = self.trainer.make_step(self.batch)
         t0 = time.perf_counter()
-        with jax.set_mesh(trainer.mesh):
-            compiled = step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
-        flops = _flops(compiled, n)
+        with jax.set_mesh(self.trainer.mesh):
+            self.compiled = step.lower(self.state, self.batch).compile()
+        self.compile_seconds = time.perf_counter() - t0
+        self.flops = _flops(self.compiled, self.num_devices)
+        self.compute_dtype = compute_dtype(self.trainer)
+        self.metrics, self._forward = None, False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._tmp.cleanup()
+
+    def step(self, steps: int, warmup: int = 0) -> float:
+        """Seconds per train step: ``warmup`` untimed steps, then ``steps`` dispatched back to back and
+        timed to ``block_until_ready`` of the final state, like the training loop runs them."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         for _ in range(max(0, int(warmup))):
-            state, metrics = compiled(state, batch)
-        _sync((state, metrics) if warmup else state)
+            self.state, self.metrics = self.compiled(self.state, self.batch)
+        _sync((self.state, self.metrics) if warmup else self.state)
         t0 = time.perf_counter()
         for _ in range(int(steps)):
-            state, metrics = compiled(state, batch)
-        _sync((state, metrics))
-        seconds = time.perf_counter() - t0
-        loss = float(jax.device_get(metrics.get("loss", float("nan"))))
-        dtype = compute_dtype(trainer)
-        fwd = _time_forward(trainer, state, batch, steps)
-    if peak is None:
-        peak = measure_matmul_peak(dtype, device=trainer.mesh.devices.flat[0])
-    sps = steps / seconds
-    gb = int(next(iter(host.values())).shape[0])
-    achieved = flops * sps
-    peak_all = n * peak["flops_per_sec"]
-    if fwd is not None:
-        fwd_s, fwd_flops = fwd
-        fwd = dict(forward_seconds=fwd_s, forward_images_per_sec=gb / fwd_s, forward_flops=fwd_flops,
-                   forward_mfu=fwd_flops / fwd_s / peak_all if peak_all else float("nan"))
-    return StepBench(
-        config=name,
-        num_devices=n,
-        device_kind=trainer.mesh.devices.flat[0].device_kind,
-        global_batch=gb,
-        steps=int(steps),
-        seconds=seconds,
-        steps_per_sec=sps,
-        images_per_sec=gb * sps,
-        flops_per_step=flops,
-        achieved_tflops=achieved / 1e12,
-        peak_tflops=peak["tflops"],
-        mfu=achieved / peak_all if peak_all else float("nan"),
-        compute_dtype=dtype,
-        compile_seconds=compile_s,
-        loss=loss,
-        **(fwd or {}),
-    )
+            self.state, self.metrics = self.compiled(self.state, self.batch)
+        _sync((self.state, self.metrics))
+        return (time.perf_counter() - t0) / int(steps)
 
+    @property
+    def loss(self) -> float:
+        import jax
 
-def _time_forward(trainer, state, batch, steps: int):
-    """(seconds per call, FLOPs) of the task's inference pass with the state's current weights, or
-    None when the task defines none. Timed like the step: one warm-up, then back-to-back calls."""
-    import jax
+        return float(jax.device_get((self.metrics or {}).get("loss", float("nan"))))
 
-    from jaxunified.train.loop import with_axis_rules
+    def forward(self, steps: int) -> float | None:
+        """Seconds per call of the task's inference pass with the state's current weights (compiled
+        and warmed up on the first call), or None when the task defines none."""
+        import jax
 
-    def fwd(params, collections, b):
-        return trainer.task.forward(params, collections, b)
+        from jaxunified.train.loop import with_axis_rules
 
-    with jax.set_mesh(trainer.mesh):
-        if jax.eval_shape(fwd, state.params, state.collections, batch) is None:
+        trainer, state = self.trainer, self.state
+        if self._forward is False:
+            def fwd(params, collections, b):
+                return trainer.task.forward(params, collections, b)
+
+            with jax.set_mesh(trainer.mesh):
+                if jax.eval_shape(fwd, state.params, state.collections, self.batch) is None:
+                    self._forward = None
+                else:
+                    self._forward = jax.jit(with_axis_rules(fwd, trainer.rules)).lower(
+                        state.params, state.collections, self.batch).compile()
+                    self.forward_flops = _flops(self._forward, self.num_devices)
+                    _sync(self._forward(state.params, state.collections, self.batch))
+        if self._forward is None:
             return None
-        compiled = jax.jit(with_axis_rules(fwd, trainer.rules)).lower(state.params, state.collections, batch).compile()
-    flops = _flops(compiled, trainer.mesh.devices.size)
-    _sync(compiled(state.params, state.collections, batch))
-    t0 = time.perf_counter()
-    for _ in range(int(steps)):
-        out = compiled(state.params, state.collections, batch)
-    _sync(out)
-    return (time.perf_counter() - t0) / int(steps), flops
+        t0 = time.perf_counter()
+        for _ in range(int(steps)):
+            out = self._forward(state.params, state.collections, self.batch)
+        _sync(out)
+        return (time.perf_counter() - t0) / int(steps)
+
+    def result(self, step_seconds: float, steps: int, forward_seconds: float | None, peak: dict | None = None,
+               name: str = "") -> "StepBench":
+        """The figures of a step timed at ``step_seconds`` (over ``steps`` steps) and an inference pass
+        at ``forward_seconds``; ``peak`` as in :func:`bench_step`."""
+        if peak is None:
+            peak = measure_matmul_peak(self.compute_dtype, device=self.trainer.mesh.devices.flat[0])
+        sps, gb = 1.0 / step_seconds, self.global_batch
+        achieved = self.flops * sps
+        peak_all = self.num_devices * peak["flops_per_sec"]
+        fwd = {}
+        if forward_seconds is not None:
+            fwd = dict(forward_seconds=forward_seconds, forward_images_per_sec=gb / forward_seconds,
+                       forward_flops=self.forward_flops,
+                       forward_mfu=self.forward_flops / forward_seconds / peak_all if peak_all else float("nan"))
+        return StepBench(config=name, num_devices=self.num_devices,
+                         device_kind=self.trainer.mesh.devices.flat[0].device_kind, global_batch=gb,
+                         steps=int(steps), seconds=step_seconds * steps, steps_per_sec=sps, images_per_sec=gb * sps,
+                         flops_per_step=self.flops, achieved_tflops=achieved / 1e12, peak_tflops=peak["tflops"],
+                         mfu=achieved / peak_all if peak_all else float("nan"), compute_dtype=self.compute_dtype,
+                         compile_seconds=self.compile_seconds, loss=self.loss, **fwd)
+
+
+def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = None, name: str = "",
+               devices=None) -> StepBench:
+    """Times ``config``'s jitted train step (:class:`StepTimer`): ``warmup`` steps after compilation
+    excluded, then ``steps`` timed back to back; then the inference pass (one warm-up call, ``steps``
+    timed). ``peak`` is a :func:`measure_matmul_peak` result to reuse (measured here when omitted).
+    """
+    with StepTimer(config, devices) as timer:
+        step_s = timer.step(steps, warmup)
+        fwd_s = timer.forward(steps)
+        return timer.result(step_s, steps, fwd_s, peak, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +432,7 @@ def _define_flags():
         flags.DEFINE_integer("batch_size", None, "aot/step/torch: global batch size (default: config.data.batch_size)")
         flags.DEFINE_integer("steps", 20, "step/torch: timed steps")
         flags.DEFINE_integer("warmup", 2, "step/torch: untimed steps after compilation")
+        flags.DEFINE_integer("rounds", 3, "torch: alternating rounds of our step and the reference's (medians)")
         flags.DEFINE_string("dtype", None,
                             "peak/step: matmul dtype for the peak (default: the config's compute dtype, else float32); "
                             "sample: weight and matmul dtype (default float32)")
@@ -480,33 +512,57 @@ def _main(argv):
     from jaxunified.train.compile import with_batch_size
 
     cfg = with_batch_size(config, F.batch_size)
-    ref = None
-    if cmd == "torch":
-        from jaxunified import bench_torch
-
-        try:
-            cfg = bench_torch.matched_config(cfg)
-            built = bench_torch.build(cfg, F.reference)
-        except (ImportError, FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
-        ref = bench_torch.bench(cfg, steps=F.steps, warmup=F.warmup, built=built)
-    peak = None
-    if F.dtype:
-        peak = measure_matmul_peak(F.dtype)
-    r = bench_step(cfg, steps=F.steps, warmup=F.warmup, peak=peak, name=name)
-    print(r.summary())
-    if ref is None:
+    peak = measure_matmul_peak(F.dtype) if F.dtype else None
+    if cmd == "step":
+        r = bench_step(cfg, steps=F.steps, warmup=F.warmup, peak=peak, name=name)
+        print(r.summary())
         print(_json_line({"command": "step", **dataclasses.asdict(r)}))
         return
-    ours = {"step_seconds": r.seconds / r.steps, "forward_seconds": r.forward_seconds}
-    ratios = {k: ref[k] / ours[k] for k in ours if ours[k]}
-    print(f"reference       {ref['reference']} ({ref['params'] / 1e6:.1f}M params, torch {ref['torch']}, "
-          f"{ref['threads']} threads); {bench_torch.matched_changes(cfg)}")
-    for k, label in (("step_seconds", "train step"), ("forward_seconds", "forward")):
-        if k in ratios:
-            print(f"{label:15s} torch {ref[k]:.3f} s, ours {ours[k]:.3f} s → ours {ratios[k]:.2f}× torch's speed")
-    print(_json_line({"command": "torch", **dataclasses.asdict(r), "reference": ref,
-                      "speedup": ratios}))
+    from jaxunified import bench_torch
+
+    try:
+        cfg = bench_torch.matched_config(cfg)
+        ref = bench_torch.ReferenceTimer(cfg, F.reference)
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if F.rounds < 1:
+        raise app.UsageError("--rounds must be >= 1")
+    with StepTimer(cfg) as ours:
+        r, rounds = torch_rounds(ours, ref, F.rounds, F.steps, F.warmup, peak, name)
+    print(r.summary())
+    info = ref.info()
+    print(f"reference       {info['reference']} ({info['params'] / 1e6:.1f}M params, torch {info['torch']}, "
+          f"{info['threads']} threads); {bench_torch.matched_changes(cfg)}")
+    med = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
+    for part, label in (("step", "train step"), ("forward", "forward")):
+        if med.get(f"ratio_{part}") is not None:
+            print(f"{label:15s} torch {med['torch_' + part]:.3f} s, ours {med['ours_' + part]:.3f} s → ours "
+                  f"{med['ratio_' + part]:.2f}× torch's speed (median of {len(rounds)} alternating rounds: "
+                  + ", ".join(f"{x['ratio_' + part]:.2f}×" for x in rounds) + ")")
+    print(_json_line({"command": "torch", **dataclasses.asdict(r), "reference": info, "rounds": rounds,
+                      "speedup": {f"{p}_seconds": med[f"ratio_{p}"] for p in ("step", "forward")
+                                  if med.get(f"ratio_{p}") is not None}}))
+
+
+def torch_rounds(ours: StepTimer, ref, rounds: int, steps: int, warmup: int, peak: dict | None = None, name: str = ""):
+    """Our step and the reference's (``bench_torch.ReferenceTimer``) timed in ``rounds`` alternating
+    rounds — step ours, step torch, forward ours, forward torch — after ``warmup`` untimed steps of
+    each. Returns (our :class:`StepBench` at the median round, the rounds' seconds and ratios)."""
+    if warmup:
+        ours.step(warmup)
+        ref.step(warmup)
+        ref.forward(warmup)
+    out = []
+    for _ in range(int(rounds)):
+        x = {"ours_step": ours.step(steps), "torch_step": ref.step(steps)}
+        x.update(ours_forward=ours.forward(steps), torch_forward=ref.forward(steps))
+        for part in ("step", "forward"):
+            x[f"ratio_{part}"] = x[f"torch_{part}"] / x[f"ours_{part}"] if x[f"ours_{part}"] else None
+        out.append(x)
+    fwd = [x["ours_forward"] for x in out]
+    r = ours.result(statistics.median(x["ours_step"] for x in out), steps,
+                    None if fwd[0] is None else statistics.median(fwd), peak, name)
+    return r, out
 
 
 def main():

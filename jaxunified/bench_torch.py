@@ -1,5 +1,6 @@
 """The PyTorch side of ``python -m jaxunified.bench torch``: the reference implementation of a
-config's model, timed the way :func:`jaxunified.bench.bench_step` times ours, on the same CPU.
+config's model, timed the way :class:`jaxunified.bench.StepTimer` times ours, on the same CPU, in
+rounds that alternate with ours (``bench.torch_rounds``).
 
 * ``vqgan`` configs: LlamaGen's own ``tokenizer/tokenizer_image/vq_model.py`` (``VQModel``), imported
   from a LlamaGen checkout given as ``reference``; loss = L2 + its codebook terms (the LPIPS and
@@ -127,7 +128,9 @@ def hf_siglip_config(cfg, image_size: int | None = None) -> dict[str, Any]:
         attn_implementation="sdpa")
 
 
-def _time(fn, steps: int, warmup: int) -> float:
+def _time(fn, steps: int, warmup: int = 0) -> float:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     for _ in range(warmup):
         fn()
     t0 = time.perf_counter()
@@ -193,43 +196,65 @@ def _check_siglip_run(config) -> None:
                          f"loss; this config has {odd}")
 
 
+class ReferenceTimer:
+    """The reference model of ``config`` (``built`` by :func:`build` when given) with its Adam(W)
+    step, to be timed in rounds like :class:`jaxunified.bench.StepTimer`. Each call runs on
+    ``threads`` torch threads (default: the cores of this process's CPU affinity, the pool XLA:CPU
+    sizes itself by) and restores torch's thread count afterwards."""
+
+    def __init__(self, config, reference: str = "", threads: int | None = None, seed: int = 0,
+                 built: dict[str, Any] | None = None):
+        parts = built or build(config, reference, seed)
+        self.torch = torch = _torch()
+        self.model, (args, kwargs), loss_fn = parts["model"], parts["inputs"], parts["loss_fn"]
+        self.name = parts["name"]
+        self.threads = int(threads or len(os.sched_getaffinity(0)))
+        clip = config.optim.get("clip_norm")
+        opt = (torch.optim.Adam if family(config) == "vqgan" else torch.optim.AdamW)(self.model.parameters(), lr=1e-4)
+        model = self.model
+
+        def step():
+            loss = loss_fn(model(*args, **kwargs))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
+            opt.step()
+
+        def forward():
+            with torch.no_grad():
+                return model(*args, **kwargs)
+
+        self._step, self._forward = step, forward
+
+    def _timed(self, fn, train: bool, steps: int, warmup: int) -> float:
+        before = self.torch.get_num_threads()
+        self.torch.set_num_threads(self.threads)
+        try:
+            self.model.train(train)
+            return _time(fn, steps, warmup)
+        finally:
+            self.torch.set_num_threads(before)
+
+    def step(self, steps: int, warmup: int = 0) -> float:
+        """Seconds per train step after ``warmup`` untimed ones."""
+        return self._timed(self._step, True, steps, warmup)
+
+    def forward(self, steps: int, warmup: int = 0) -> float:
+        """Seconds per inference pass (``no_grad``, eval mode) after ``warmup`` untimed ones."""
+        return self._timed(self._forward, False, steps, warmup)
+
+    def info(self) -> dict[str, Any]:
+        return {"reference": self.name, "threads": self.threads, "torch": self.torch.__version__,
+                "params": int(sum(p.numel() for p in self.model.parameters())), "python": sys.version.split()[0]}
+
+
 def bench(config, reference: str = "", steps: int = 3, warmup: int = 1, threads: int | None = None,
           seed: int = 0, built: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Seconds per train step and per inference pass of the reference model of ``config`` (``built``
-    by :func:`build` when given): ``{"step_seconds", "forward_seconds", "params", "reference", "threads"}``.
-    torch's thread count is restored afterwards."""
-    parts = built or build(config, reference, seed)
-    torch = _torch()
-    model, (args, kwargs), loss_fn = parts["model"], parts["inputs"], parts["loss_fn"]
-    threads = int(threads or len(os.sched_getaffinity(0)))  # the cores XLA:CPU's pool is sized by
-    clip = config.optim.get("clip_norm")
-    opt_cls = torch.optim.Adam if family(config) == "vqgan" else torch.optim.AdamW
-    opt = opt_cls(model.parameters(), lr=1e-4)
-
-    def step():
-        loss = loss_fn(model(*args, **kwargs))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
-        opt.step()
-
-    def forward():
-        with torch.no_grad():
-            return model(*args, **kwargs)
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        model.train()
-        step_s = _time(step, steps, warmup)
-        model.eval()
-        forward_s = _time(forward, steps, warmup)
-    finally:
-        torch.set_num_threads(before)
-    return {"reference": parts["name"], "step_seconds": step_s, "forward_seconds": forward_s, "threads": threads,
-            "params": int(sum(p.numel() for p in model.parameters())), "torch": torch.__version__,
-            "python": sys.version.split()[0]}
+    """Seconds per train step and per inference pass of the reference model of ``config`` (one round
+    of :class:`ReferenceTimer`): ``{"step_seconds", "forward_seconds", "params", "reference", "threads"}``."""
+    ref = ReferenceTimer(config, reference, threads, seed, built)
+    return {**ref.info(), "step_seconds": ref.step(steps, warmup), "forward_seconds": ref.forward(steps, warmup)}
 
 
-__all__ = ["bench", "build", "family", "hf_siglip_config", "llamagen_args", "load_llamagen_vq", "matched_changes", "matched_config"]
+__all__ = ["ReferenceTimer", "bench", "build", "family", "hf_siglip_config", "llamagen_args", "load_llamagen_vq", "matched_changes", "matched_config"]

@@ -139,3 +139,33 @@ def test_cli_reports_a_missing_checkout(tmp_path):
                        text=True, timeout=300)
     assert p.returncode != 0
     assert "error:" in p.stderr and "vq_model.py not found" in p.stderr, p.stderr[-2000:]
+
+
+def test_rounds_alternate_the_two_sides_and_report_medians():
+    from jaxunified import bench
+
+    calls = []
+
+    class Side:
+        def __init__(self, name, step_s, forward_s):
+            self.name, self.step_s, self.forward_s = name, iter(step_s), iter(forward_s)
+
+        def step(self, steps, warmup=0):
+            calls.append((self.name, "step", steps))
+            return next(self.step_s)
+
+        def forward(self, steps, warmup=0):
+            calls.append((self.name, "forward", steps))
+            return next(self.forward_s)
+
+        def result(self, step_s, steps, forward_s, peak=None, name=""):
+            return step_s, steps, forward_s
+
+    ours = Side("ours", [None, 1.0, 3.0, 2.0], [0.5, 0.25, 1.0])  # its forward warms itself up
+    ref = Side("torch", [None, 2.0, 9.0, 4.0], [None, 1.0, 1.0, 1.0])  # first values: the warm-up calls
+    r, rounds = bench.torch_rounds(ours, ref, rounds=3, steps=2, warmup=1)
+    assert calls[:3] == [("ours", "step", 1), ("torch", "step", 1), ("torch", "forward", 1)]
+    assert calls[3:] == [("ours", "step", 2), ("torch", "step", 2), ("ours", "forward", 2), ("torch", "forward", 2)] * 3
+    assert r == (2.0, 2, 0.5)  # our medians
+    assert [x["ratio_step"] for x in rounds] == [2.0, 3.0, 2.0]
+    assert [x["ratio_forward"] for x in rounds] == [2.0, 4.0, 1.0]

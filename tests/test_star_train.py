@@ -360,6 +360,50 @@ def test_edit_batches_take_the_scenes_codes_from_the_cache(tmp_path):
     assert {"codes", "target_image"} <= set(example)
 
 
+def test_cached_edits_give_the_loss_of_the_same_edits_encoded_in_the_step(tmp_path):
+    """``data.edits_per_scene``: each scene's edits are drawn once (seeded by its index) and their
+    targets tokenized into a cache; a cached edit row gives the loss of the same edit rendered and
+    encoded in the step, and training batches then carry target codes, no pixels."""
+    from jaxunified.data import cache, shapes, shapes_edit
+
+    config = tiny_config(**{"tokenizer.simplify_tol": 0.3, "data.edit_fraction": 1.0, "data.edits_per_scene": 1,
+                            "data.cache_dir": str(tmp_path), "data.build_cache": True})
+    t, params, colls = helpers.tiny_task(S.STARTask, config)
+    _, data = cache.in_order_batches(config.data, "train", 16)
+    host = next(data)
+    t.precompute_cache("train", cache.cache_path(tmp_path, "train", t.cache_key(), prefix="star"))
+    with np.load(cache.cache_path(tmp_path, "train", t.cache_key(), prefix="star")) as z:
+        scene_codes = z["codes"][:16]
+    with np.load(t.edit_cache("train")) as z:
+        instructions, edit_codes = z[S.EDIT_INSTRUCTION][:16], z[S.EDIT_CODES][:16]
+    assert edit_codes.shape == (16, 1, t.grid, t.grid)
+    r, vocab = int(config.data.resolution), shapes_chat.ChatVocab()
+    labels = ("caption", "obj_shape", "obj_color", "obj_size", "obj_center", "count")
+    prompts = S.GenerationPrompts(t.prompt_len, 0.0, 1.0, t.grid ** 2, resolution=r)
+    rows, targets = [], []
+    for i in range(16):
+        element = {k: host[k][i] for k in labels}
+        edit = shapes_edit.random_edit(shapes.scene_objects(element), np.random.default_rng([0, i]))
+        assert edit is not None and instructions[i, 0] == edit.instruction  # the same edit, redrawn
+        targets.append(shapes.render_objects(edit.target, r))
+        element["caption"] = str(element["caption"]).encode()
+        rows.append(prompts.random_map({**element, "codes": scene_codes[i], S.EDIT_INSTRUCTION: instructions[i],
+                                        S.EDIT_CODES: edit_codes[i]}, np.random.default_rng(i)))
+        want = shapes_chat.edit_ids(vocab, edit.instruction, t.grid ** 2)
+        assert rows[-1]["prompt"][rows[-1]["prompt_valid"]].tolist() == [x for x in want if x != shapes_chat.PAD]
+        assert "target_image" not in rows[-1] and S.EDIT_CODES not in rows[-1]
+    batch = {k: jnp.asarray(np.stack([x[k] for x in rows])) for k in ("prompt", "prompt_valid", "codes")}
+    loss = jax.jit(lambda p, bb: t.loss_and_metrics(p, colls, bb))
+    from_cache = loss(params["star"], {**batch, "target_codes": jnp.asarray(np.stack([x["target_codes"] for x in rows]))})
+    in_step = loss(params["star"], {**batch, "target_image": jnp.asarray(np.stack(targets))})
+    np.testing.assert_allclose(from_cache[0], in_step[0], rtol=1e-6)
+    first = next(iter(t.build_dataset("train")))
+    assert not {"image", "target_image", S.EDIT_INSTRUCTION} & set(first) and "target_codes" in first
+    _assert_example_matches(t.train_batch_example(), first)
+    with pytest.raises(ValueError, match="edits_per_scene"):
+        S.STARTask(tiny_config(**{"data.edit_fraction": 1.0, "data.edits_per_scene": 1}), None).edits_per_scene
+
+
 def test_prompt_dropout_trains_the_samplers_unconditional_row():
     vocab = shapes_chat.ChatVocab()
     ids = shapes_chat.generation_ids(vocab, "four purple crosses")

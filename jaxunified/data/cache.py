@@ -107,26 +107,35 @@ def write_cache(compute: Callable[[dict], Mapping[str, jax.Array]], data_cfg, sp
         for k, v in out.items():
             parts.setdefault(k, []).append(np.asarray(v)[keep])
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    save_arrays(path, arrays)
+    return arrays
+
+
+def save_arrays(path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Writes ``arrays`` to the ``.npz`` at ``path`` atomically: an interrupted build never leaves a
+    truncated cache behind."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
     log.info("wrote %s (%s)", path, {k: v.shape for k, v in arrays.items()})
-    return arrays
 
 
 def cached_dataset(data_cfg, split: str, mesh, path, pixel_fields: tuple[str, ...] = ("codes", "teacher_embeds"),
-                   token_field: str = "text_embeds", extra_transforms: tuple = ()):
-    """Training batches whose records come from the cache at ``path`` instead of pixels, in the same
-    shuffled order ``pipeline.build_dataset`` would give. Pixels are still read unless every field
-    in ``pixel_fields`` is cached; captions are tokenized unless ``token_field`` is; a task's
+                   token_field: str = "text_embeds", extra_transforms: tuple = (), extra_paths: tuple = ()):
+    """Training batches whose records come from the cache at ``path`` (and the per-record fields of
+    the caches at ``extra_paths``) instead of pixels, in the same shuffled order
+    ``pipeline.build_dataset`` would give. Pixels are still read unless every field in
+    ``pixel_fields`` is cached; captions are tokenized unless ``token_field`` is; a task's
     ``extra_transforms`` run after that."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no cache at {path}; build it first (data.build_cache=True builds it on start)")
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays = {}
+    for p in (path, *extra_paths):
+        p = pathlib.Path(p)
+        if not p.exists():
+            raise FileNotFoundError(f"no cache at {p}; build it first (data.build_cache=True builds it on start)")
+        with np.load(p) as z:
+            arrays.update({k: z[k] for k in z.files})
     pixels_needed = not set(pixel_fields) <= set(arrays)
     source = CachedSource(pipeline.make_source(data_cfg, split), arrays, drop=() if pixels_needed else ("image",))
     transforms = pipeline.text_transforms(data_cfg, split, tokens=token_field not in arrays) + tuple(extra_transforms)

@@ -22,13 +22,14 @@ batch (``losses.teacher_forcing``; the targets stay the true codes): training th
 of mistakes its sampling feeds back.
 
 Stage 2 can train on simplified codes (``tokenizer.simplify_tol``, ``quant.simplify``, as the
-``ar`` preset does) read from a cache built once per dataset (``data.cache_dir``); stage 3 draws
-edits per step and encodes their targets on the fly, the scenes' own codes (an edit's source) coming
-from the same cache. Edit options: ``data.edit_understanding`` (the source also
-as the base's own vision tokens, STAR's ViT block), ``model.edit_positions`` ("shared": the output
-image at the source block's RoPE positions), ``tokenizer.edit_copy_tol`` (targets take the
-source's code wherever that decodes the same), ``model.edit_change_weight`` (the loss weight of
-the codes an edit changes).
+``ar`` preset does) read from a cache built once per dataset (``data.cache_dir``); stage 3 takes
+the scenes' own codes (an edit's source) from the same cache and either draws a new edit per row
+and encodes its target in the step, or (``data.edits_per_scene`` > 0) draws that many edits of
+each scene once and reads their instructions and target codes from a second cache. Edit options:
+``data.edit_understanding`` (the source also as the base's own vision tokens, STAR's ViT block),
+``model.edit_positions`` ("shared": the output image at the source block's RoPE positions),
+``tokenizer.edit_copy_tol`` (targets take the source's code wherever that decodes the same),
+``model.edit_change_weight`` (the loss weight of the codes an edit changes).
 
 Evaluation: teacher-forced loss and token accuracy over the split, then CFG samples for the
 split's captions scored by shapes-GenEval per category, with PNG grids (``eval.t2i_report``);
@@ -70,6 +71,8 @@ from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 from jaxunified.train.vision_input import VisionInput
 
 TRAINED = ("stacked", "adapter", "head")
+# The edit cache's fields (STARTask.precompute_edit_cache).
+EDIT_INSTRUCTION, EDIT_CODES = "edit_instruction", "edit_codes"
 
 
 def left_padded_prompt(ids, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,16 +98,28 @@ class GenerationPrompts(grain.transforms.RandomMap):
         self.num_understanding, self.resolution = num_understanding, resolution
 
     def random_map(self, element, rng: np.random.Generator):
+        element = dict(element)
+        # edits drawn once per scene (STARTask.precompute_edit_cache): instructions and target codes
+        instructions, edit_codes = element.pop(EDIT_INSTRUCTION, None), element.pop(EDIT_CODES, None)
         caption = element["caption"]
         ids = shapes_chat.generation_ids(self.vocab, caption.decode() if isinstance(caption, bytes) else str(caption))
         target = element.get("image")  # absent when the codes come from a cache
-        edit = None
+        instruction, target_codes = "", None
         if self.edit_fraction and rng.random() < self.edit_fraction:
-            edit = shapes_edit.random_edit(shapes.scene_objects(element), rng)
-        if edit is not None:
-            ids = shapes_chat.edit_ids(self.vocab, edit.instruction, self.num_image_tokens,
+            if edit_codes is not None:
+                j = int(rng.integers(len(instructions)))
+                instruction, target_codes = str(instructions[j]), edit_codes[j]  # "": the scene admits no edit
+            else:
+                edit = shapes_edit.random_edit(shapes.scene_objects(element), rng)
+                if edit is not None:
+                    instruction = edit.instruction
+                    target = shapes.render_objects(edit.target, self.resolution or element["image"].shape[0])
+        if instruction:
+            ids = shapes_chat.edit_ids(self.vocab, instruction, self.num_image_tokens,
                                        num_understanding=self.num_understanding)
-            target = shapes.render_objects(edit.target, self.resolution or element["image"].shape[0])
+        if edit_codes is not None:  # a text-to-image row's target is the scene itself
+            target_codes = target_codes if instruction else element["codes"]
+            target = None
         elif self.edit_fraction and target is None:  # every row of an edit batch carries a target image
             if not self.resolution:
                 raise ValueError("GenerationPrompts: records without pixels need resolution=")
@@ -115,6 +130,8 @@ class GenerationPrompts(grain.transforms.RandomMap):
         out = {**element, "prompt": prompt, "prompt_valid": valid}
         if target is not None:
             out["target_image"] = target
+        if target_codes is not None:
+            out["target_codes"] = target_codes
         return out
 
 
@@ -190,9 +207,11 @@ class STARTask(Task):
             cached = self.cached_batch_example(batch)
             if not self.cached_batches_keep_pixels:
                 del batch["image"]
-            if self.edit_fraction == 0:
+            if self.edit_fraction == 0 or self.edits_per_scene:
                 del batch["target_image"]
             batch.update(cached)
+            if self.edit_fraction and self.edits_per_scene:
+                batch["target_codes"] = np.zeros_like(cached["codes"])
         return batch
 
     def init_variables(self, rng, batch):
@@ -318,7 +337,10 @@ class STARTask(Task):
                       "source_mask": batch["prompt"] == shapes_chat.IMAGE_PAD,
                       "source_embeds": self.understanding_embeds(frozen, batch.get("image"))}
             has_source = source["source_mask"].any(axis=1)[:, None]  # edit rows, not the t2i rows among them
-            if "target_image" in batch:  # (a text-to-image batch has none)
+            if "target_codes" in batch:  # the edited scenes' codes, cached (``data.edits_per_scene``)
+                target = batch["target_codes"].reshape(image_codes.shape).astype(jnp.int32)
+                codes = jnp.where(has_source, target, image_codes)
+            elif "target_image" in batch:  # (a text-to-image batch has none)
                 target = self.copy_aligned(frozen, self.codes(frozen, batch["target_image"]), image_codes)
                 codes = jnp.where(has_source, target, image_codes)
         valid = batch["prompt_valid"].astype(bool)
@@ -360,11 +382,12 @@ class STARTask(Task):
         drop = float(self.config.model.prompt_dropout) if train else 0.0
         prompts = GenerationPrompts(self.prompt_len, drop, self.edit_fraction if train else 0.0, self.grid ** 2,
                                     self.num_understanding, int(self.config.data.resolution))
-        # Edit targets are drawn per step and encoded there; the scene's own codes (an edit's source,
-        # a text-to-image row's target) come from the cache.
+        # The scene's own codes (an edit's source, a text-to-image row's target) come from the cache;
+        # edit targets from the edit cache, or drawn per row and encoded in the step.
         pixels = ("image",) if self.cached_batches_keep_pixels else ()
+        edits = (self.edit_cache(split),) if train and self.edit_fraction and self.edits_per_scene else ()
         return self.cached_train_dataset(split, "star", self.cache_key, pixel_fields=("codes", *pixels),
-                                         token_field="", extra_transforms=(prompts,))
+                                         token_field="", extra_transforms=(prompts,), extra_paths=edits)
 
     @property
     def cached_batches_keep_pixels(self) -> bool:
@@ -374,6 +397,64 @@ class STARTask(Task):
     def cache_key(self) -> str:
         simplified = ("simplify_tol", self.simplify_tol) if self.simplify_tol > 0 else ()
         return cache.dataset_key(self.config.data, [nn.meta.unbox(self._vq_vars)], (self.vq.cfg, *simplified))
+
+    @property
+    def edits_per_scene(self) -> int:
+        """``data.edits_per_scene``: > 0, stage 3's training edits are drawn once, that many per scene,
+        and their target codes cached (``precompute_edit_cache``; encoding and simplifying every row's
+        target was a fifth of the shapes edit step); 0 draws a new edit per row and encodes it in the step."""
+        k = int(self.config.data.get("edits_per_scene", 0))
+        if k < 0 or (k and not self.config.data.get("cache_dir")):
+            raise ValueError(f"data.edits_per_scene={k}: use 0, or a count with data.cache_dir set")
+        return k
+
+    def edit_cache_key(self) -> str:
+        seed = int(self.config.data.get("seed", 0))
+        return cache.dataset_key(self.config.data, [nn.meta.unbox(self._vq_vars)],
+                                 (self.vq.cfg, self.simplify_tol, self.edit_copy_tol, "edits", self.edits_per_scene, seed))
+
+    def edit_cache(self, split: str) -> pathlib.Path:
+        """The path of ``split``'s edit cache, built first when missing and ``data.build_cache``."""
+        path = cache.cache_path(self.config.data.cache_dir, split, self.edit_cache_key(), prefix="star_edits")
+        return self.ensure_cache(path, lambda: self.precompute_edit_cache(split, path), "precompute_edit_cache")
+
+    def precompute_edit_cache(self, split: str, path, batch_size: int = 256) -> pathlib.Path:
+        """Draws ``edits_per_scene`` edits of every scene of ``split`` (seeded by ``data.seed`` and the
+        scene's index: a rebuild draws the same ones), renders their targets and tokenizes them as the
+        step would (``codes``, then ``copy_aligned`` against the scene's codes), and writes
+        ``edit_instruction`` [N, k] ("" where the scene admits no edit) and ``edit_codes`` [N, k, h, w]."""
+        k, r, g = self.edits_per_scene, int(self.config.data.resolution), self.grid
+        seed = int(self.config.data.get("seed", 0))
+
+        def tokenize(frozen, targets, sources):
+            codes = self.codes(frozen, targets)
+            if self.edit_copy_tol > 0:
+                codes = self.copy_aligned(frozen, codes, jnp.repeat(self.codes(frozen, sources), k, axis=0))
+            return codes.reshape(-1, k, g, g)
+
+        tokenize, frozen = jax.jit(tokenize), self._frozen_host()
+        _, data = cache.in_order_batches(self.config.data, split, batch_size)
+        instructions, codes, index = [], [], 0
+        for host in data:
+            keep = np.asarray(host["mask"], bool)
+            rows = [[""] * k for _ in keep]
+            targets = np.zeros((len(keep), k, r, r, 3), np.uint8)
+            for i in np.flatnonzero(keep):
+                rng = np.random.default_rng([seed, index + i])
+                objects = shapes.scene_objects({f: host[f][i] for f in ("obj_shape", "obj_color", "obj_size",
+                                                                        "obj_center", "count")})
+                for j in range(k):
+                    edit = shapes_edit.random_edit(objects, rng)
+                    if edit is not None:
+                        rows[i][j] = edit.instruction
+                        targets[i, j] = shapes.render_objects(edit.target, r)
+            out = tokenize(frozen, jnp.asarray(targets.reshape(-1, r, r, 3)), jnp.asarray(host["image"]))
+            codes.append(np.asarray(out)[keep])
+            instructions += [x for x, kept in zip(rows, keep) if kept]
+            index += int(keep.sum())
+        cache.save_arrays(path, {EDIT_INSTRUCTION: np.array(instructions, dtype=str),
+                                 EDIT_CODES: np.concatenate(codes)})
+        return pathlib.Path(path)
 
     def _frozen_host(self) -> dict:
         return {"vq": nn.meta.unbox(self._vq_vars)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import pathlib
 from typing import Any
 
 import flax.linen as nn
@@ -133,15 +134,19 @@ class Task:
             return build_dataset(self.config.data, split, self.mesh, fields.get("extra_transforms", ()))
         key = key_fn()
         path = cache.cache_path(cache_dir, split, key, prefix=prefix)
-        if not path.exists():
-            if not self.config.data.get("build_cache", False):
-                raise FileNotFoundError(f"no {prefix} cache at {path}; build it with {type(self).__name__}"
-                                        ".precompute_cache or set data.build_cache=True")
-            if build is None:
-                self.precompute_cache(split, path)
-            else:
-                build(path, key)
+        self.ensure_cache(path, (lambda: self.precompute_cache(split, path)) if build is None else
+                          (lambda: build(path, key)), "precompute_cache")
         return cache.cached_dataset(self.config.data, split, self.mesh, path, **fields)
+
+    def ensure_cache(self, path, build, builder: str):
+        """Runs ``build()`` when the cache at ``path`` is missing and ``data.build_cache``; a missing
+        cache without it is an error naming the task's ``builder`` method. Returns ``path``."""
+        if not pathlib.Path(path).exists():
+            if not self.config.data.get("build_cache", False):
+                raise FileNotFoundError(f"no cache at {path}; build it with {type(self).__name__}.{builder} "
+                                        "or set data.build_cache=True")
+            build()
+        return path
 
     def evaluate(self, state, split: str, workdir, step: int) -> dict:
         raise NotImplementedError
