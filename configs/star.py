@@ -61,7 +61,8 @@ def _base() -> mlc.ConfigDict:
     # codes cached; 0 draws a new edit per row and encodes its target in the step.
     c.data.edits_per_scene = 0
     c.data.eval_batch_size = 250
-    # Precomputed (simplified) codes of the training split, keyed by the frozen VQ (stage 2 only).
+    # Precomputed (simplified) codes of the training split, keyed by the frozen VQ (and with
+    # edits_per_scene the training edits' instructions and target codes).
     c.data.cache_dir = ""
     c.data.build_cache = False
 
@@ -137,7 +138,6 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
             c.data.edit_fraction = 0.75
             c.data.max_prompt_len = 80  # + the source image's 64 codes and its delimiters
             c.total_steps = 650
-            c.optim.lr = 1e-3
             c.eval.num_edits = 500
             c.eval.edit_sample.temperature = 0.0  # greedy: an edit copies most of its source exactly
             c.model.input_noise = 0.0  # measured without; an edit copies most of its source

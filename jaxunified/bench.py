@@ -318,6 +318,8 @@ def bench_step(config, steps: int = 20, warmup: int = 2, peak: dict | None = Non
     excluded, then ``steps`` timed back to back; then the inference pass (one warm-up call, ``steps``
     timed). ``peak`` is a :func:`measure_matmul_peak` result to reuse (measured here when omitted).
     """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     with StepTimer(config, devices) as timer:
         step_s = timer.step(steps, warmup)
         fwd_s = timer.forward(steps)
@@ -520,42 +522,44 @@ def _main(argv):
         return
     from jaxunified import bench_torch
 
+    if F.rounds < 1:
+        raise app.UsageError("--rounds must be >= 1")
     try:
         cfg = bench_torch.matched_config(cfg)
         ref = bench_torch.ReferenceTimer(cfg, F.reference)
     except (ImportError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if F.rounds < 1:
-        raise app.UsageError("--rounds must be >= 1")
     with StepTimer(cfg) as ours:
         r, rounds = torch_rounds(ours, ref, F.rounds, F.steps, F.warmup, peak, name)
     print(r.summary())
     info = ref.info()
     print(f"reference       {info['reference']} ({info['params'] / 1e6:.1f}M params, torch {info['torch']}, "
           f"{info['threads']} threads); {bench_torch.matched_changes(cfg)}")
-    med = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
+    med = {k: statistics.median(v) for k in rounds[0] if None not in (v := [x[k] for x in rounds])}
     for part, label in (("step", "train step"), ("forward", "forward")):
-        if med.get(f"ratio_{part}") is not None:
+        if f"ratio_{part}" in med:
             print(f"{label:15s} torch {med['torch_' + part]:.3f} s, ours {med['ours_' + part]:.3f} s → ours "
                   f"{med['ratio_' + part]:.2f}× torch's speed (median of {len(rounds)} alternating rounds: "
                   + ", ".join(f"{x['ratio_' + part]:.2f}×" for x in rounds) + ")")
     print(_json_line({"command": "torch", **dataclasses.asdict(r), "reference": info, "rounds": rounds,
-                      "speedup": {f"{p}_seconds": med[f"ratio_{p}"] for p in ("step", "forward")
-                                  if med.get(f"ratio_{p}") is not None}}))
+                      "medians": med, "speedup": {f"{p}_seconds": med[f"ratio_{p}"] for p in ("step", "forward")
+                                                  if f"ratio_{p}" in med}}))
 
 
 def torch_rounds(ours: StepTimer, ref, rounds: int, steps: int, warmup: int, peak: dict | None = None, name: str = ""):
     """Our step and the reference's (``bench_torch.ReferenceTimer``) timed in ``rounds`` alternating
-    rounds — step ours, step torch, forward ours, forward torch — after ``warmup`` untimed steps of
-    each. Returns (our :class:`StepBench` at the median round, the rounds' seconds and ratios)."""
+    rounds — each round times both steps, then both inference passes, the side that goes first
+    swapping every round — after ``warmup`` untimed steps of each. Returns (our :class:`StepBench`
+    at the median seconds, each round's seconds and ratios)."""
     if warmup:
         ours.step(warmup)
         ref.step(warmup)
         ref.forward(warmup)
     out = []
-    for _ in range(int(rounds)):
-        x = {"ours_step": ours.step(steps), "torch_step": ref.step(steps)}
-        x.update(ours_forward=ours.forward(steps), torch_forward=ref.forward(steps))
+    for i in range(int(rounds)):
+        sides = (("ours", ours), ("torch", ref))[::1 if i % 2 == 0 else -1]
+        x = {f"{name}_step": side.step(steps) for name, side in sides}
+        x.update({f"{name}_forward": side.forward(steps) for name, side in sides})
         for part in ("step", "forward"):
             x[f"ratio_{part}"] = x[f"torch_{part}"] / x[f"ours_{part}"] if x[f"ours_{part}"] else None
         out.append(x)

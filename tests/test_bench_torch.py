@@ -164,8 +164,11 @@ def test_rounds_alternate_the_two_sides_and_report_medians():
     ours = Side("ours", [None, 1.0, 3.0, 2.0], [0.5, 0.25, 1.0])  # its forward warms itself up
     ref = Side("torch", [None, 2.0, 9.0, 4.0], [None, 1.0, 1.0, 1.0])  # first values: the warm-up calls
     r, rounds = bench.torch_rounds(ours, ref, rounds=3, steps=2, warmup=1)
+    assert [sorted(x) for x in rounds] == [sorted(rounds[0])] * 3
     assert calls[:3] == [("ours", "step", 1), ("torch", "step", 1), ("torch", "forward", 1)]
-    assert calls[3:] == [("ours", "step", 2), ("torch", "step", 2), ("ours", "forward", 2), ("torch", "forward", 2)] * 3
+    ab = [("ours", "step", 2), ("torch", "step", 2), ("ours", "forward", 2), ("torch", "forward", 2)]
+    ba = [ab[1], ab[0], ab[3], ab[2]]  # the side that goes first swaps every round
+    assert calls[3:] == ab + ba + ab
     assert r == (2.0, 2, 0.5)  # our medians
     assert [x["ratio_step"] for x in rounds] == [2.0, 3.0, 2.0]
     assert [x["ratio_forward"] for x in rounds] == [2.0, 4.0, 1.0]

@@ -360,38 +360,49 @@ def test_edit_batches_take_the_scenes_codes_from_the_cache(tmp_path):
     assert {"codes", "target_image"} <= set(example)
 
 
-def test_cached_edits_give_the_loss_of_the_same_edits_encoded_in_the_step(tmp_path):
+@pytest.mark.parametrize("per_scene,copy_tol,fraction", [(1, 0.0, 1.0), (2, 0.2, 0.5)])
+def test_cached_edits_give_the_loss_of_the_same_edits_encoded_in_the_step(tmp_path, per_scene, copy_tol, fraction):
     """``data.edits_per_scene``: each scene's edits are drawn once (seeded by its index) and their
-    targets tokenized into a cache; a cached edit row gives the loss of the same edit rendered and
-    encoded in the step, and training batches then carry target codes, no pixels."""
-    from jaxunified.data import cache, shapes, shapes_edit
+    targets tokenized (and copy-aligned) into a cache; a batch of cached edit rows, text-to-image
+    rows among them, gives the loss of the same edits rendered and encoded in the step, and
+    training batches then carry target codes, no pixels."""
+    from jaxunified.data import cache
 
-    config = tiny_config(**{"tokenizer.simplify_tol": 0.3, "data.edit_fraction": 1.0, "data.edits_per_scene": 1,
+    config = tiny_config(**{"tokenizer.simplify_tol": 0.3, "tokenizer.edit_copy_tol": copy_tol,
+                            "data.edit_fraction": fraction, "data.edits_per_scene": per_scene,
                             "data.cache_dir": str(tmp_path), "data.build_cache": True})
     t, params, colls = helpers.tiny_task(S.STARTask, config)
     _, data = cache.in_order_batches(config.data, "train", 16)
     host = next(data)
-    t.precompute_cache("train", cache.cache_path(tmp_path, "train", t.cache_key(), prefix="star"))
-    with np.load(cache.cache_path(tmp_path, "train", t.cache_key(), prefix="star")) as z:
+    scene_cache = t.precompute_cache("train", cache.cache_path(tmp_path, "train", t.cache_key(), prefix="star"))
+    with np.load(scene_cache) as z:
         scene_codes = z["codes"][:16]
     with np.load(t.edit_cache("train")) as z:
         instructions, edit_codes = z[S.EDIT_INSTRUCTION][:16], z[S.EDIT_CODES][:16]
-    assert edit_codes.shape == (16, 1, t.grid, t.grid)
+    assert edit_codes.shape == (16, per_scene, t.grid, t.grid)
     r, vocab = int(config.data.resolution), shapes_chat.ChatVocab()
     labels = ("caption", "obj_shape", "obj_color", "obj_size", "obj_center", "count")
-    prompts = S.GenerationPrompts(t.prompt_len, 0.0, 1.0, t.grid ** 2, resolution=r)
+    prompts = S.GenerationPrompts(t.prompt_len, 0.0, fraction, t.grid ** 2, resolution=r)
     rows, targets = [], []
     for i in range(16):
         element = {k: host[k][i] for k in labels}
-        edit = shapes_edit.random_edit(shapes.scene_objects(element), np.random.default_rng([0, i]))
-        assert edit is not None and instructions[i, 0] == edit.instruction  # the same edit, redrawn
-        targets.append(shapes.render_objects(edit.target, r))
+        rng = np.random.default_rng([0, i])
+        drawn = [S.draw_edit(element, rng, r) for _ in range(per_scene)]  # the same edits, redrawn
+        assert [d[0] for d in drawn] == instructions[i].tolist() and all(d[1] is not None for d in drawn)
         element["caption"] = str(element["caption"]).encode()
-        rows.append(prompts.random_map({**element, "codes": scene_codes[i], S.EDIT_INSTRUCTION: instructions[i],
-                                        S.EDIT_CODES: edit_codes[i]}, np.random.default_rng(i)))
-        want = shapes_chat.edit_ids(vocab, edit.instruction, t.grid ** 2)
-        assert rows[-1]["prompt"][rows[-1]["prompt_valid"]].tolist() == [x for x in want if x != shapes_chat.PAD]
-        assert "target_image" not in rows[-1] and S.EDIT_CODES not in rows[-1]
+        row = prompts.random_map({**element, "codes": scene_codes[i], S.EDIT_INSTRUCTION: instructions[i],
+                                  S.EDIT_CODES: edit_codes[i]}, np.random.default_rng(i))
+        assert "target_image" not in row and S.EDIT_CODES not in row
+        ids = row["prompt"][row["prompt_valid"]].tolist()
+        image = np.zeros((r, r, 3), np.uint8)  # a text-to-image row: the step takes the scene's codes
+        for instruction, rendered in drawn:
+            if ids == [x for x in shapes_chat.edit_ids(vocab, instruction, t.grid ** 2) if x != shapes_chat.PAD]:
+                image = rendered
+        assert (shapes_chat.IMAGE_PAD in ids) == bool(image.any())
+        rows.append(row)
+        targets.append(image)
+    edits = sum(shapes_chat.IMAGE_PAD in x["prompt"] for x in rows)
+    assert edits == 16 if fraction == 1.0 else 0 < edits < 16
     batch = {k: jnp.asarray(np.stack([x[k] for x in rows])) for k in ("prompt", "prompt_valid", "codes")}
     loss = jax.jit(lambda p, bb: t.loss_and_metrics(p, colls, bb))
     from_cache = loss(params["star"], {**batch, "target_codes": jnp.asarray(np.stack([x["target_codes"] for x in rows]))})

@@ -135,6 +135,8 @@ def cached_dataset(data_cfg, split: str, mesh, path, pixel_fields: tuple[str, ..
         if not p.exists():
             raise FileNotFoundError(f"no cache at {p}; build it first (data.build_cache=True builds it on start)")
         with np.load(p) as z:
+            if set(z.files) & set(arrays):
+                raise ValueError(f"cache {p} repeats the fields {sorted(set(z.files) & set(arrays))}")
             arrays.update({k: z[k] for k in z.files})
     pixels_needed = not set(pixel_fields) <= set(arrays)
     source = CachedSource(pipeline.make_source(data_cfg, split), arrays, drop=() if pixels_needed else ("image",))

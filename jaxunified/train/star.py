@@ -71,8 +71,10 @@ from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 from jaxunified.train.vision_input import VisionInput
 
 TRAINED = ("stacked", "adapter", "head")
-# The edit cache's fields (STARTask.precompute_edit_cache).
+# The edit cache's fields (STARTask.precompute_edit_cache), and its version: bump it when the edits
+# drawn for a scene change (data/shapes_edit.py's proposals or wording, the renderer).
 EDIT_INSTRUCTION, EDIT_CODES = "edit_instruction", "edit_codes"
+EDIT_CACHE_VERSION = 1
 
 
 def left_padded_prompt(ids, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,13 +85,22 @@ def left_padded_prompt(ids, length: int) -> tuple[np.ndarray, np.ndarray]:
     return out, out != shapes_chat.PAD  # PAD inside a prompt (edit_ids' instruction slots): masked
 
 
+def draw_edit(labels, rng: np.random.Generator, resolution: int) -> tuple[str, np.ndarray | None]:
+    """A random edit of the scene in ``labels`` (``data.shapes_edit``): its instruction and the edited
+    scene rendered at ``resolution``, or ("", None) when the scene admits none."""
+    edit = shapes_edit.random_edit(shapes.scene_objects(labels), rng)
+    return ("", None) if edit is None else (edit.instruction, shapes.render_objects(edit.target, resolution))
+
+
 class GenerationPrompts(grain.transforms.RandomMap):
     """Adds ``prompt``/``prompt_valid`` [max_prompt_len] (left-padded) and ``target_image``: the
     caption's t2i prompt and the image itself, or with probability ``edit_fraction`` an edit of the
     scene (``data.shapes_edit``): its instruction after the source image's block, and the edited
     scene rendered at ``resolution``. With probability ``dropout`` the prompt becomes STAR's
     unconditional row. When the image's codes come from a cache and pixels are not read, a
-    text-to-image row's ``target_image`` is blank: the step takes its codes from the cache."""
+    text-to-image row's ``target_image`` is blank: the step takes its codes from the cache. Records
+    carrying the edit cache's fields (``data.edits_per_scene``) get ``target_codes`` instead of
+    ``target_image``: one of the scene's cached edits' codes, or the scene's own codes."""
 
     def __init__(self, max_len: int, dropout: float, edit_fraction: float = 0.0, num_image_tokens: int = 0,
                  num_understanding: int = 0, resolution: int = 0):
@@ -110,10 +121,8 @@ class GenerationPrompts(grain.transforms.RandomMap):
                 j = int(rng.integers(len(instructions)))
                 instruction, target_codes = str(instructions[j]), edit_codes[j]  # "": the scene admits no edit
             else:
-                edit = shapes_edit.random_edit(shapes.scene_objects(element), rng)
-                if edit is not None:
-                    instruction = edit.instruction
-                    target = shapes.render_objects(edit.target, self.resolution or element["image"].shape[0])
+                instruction, image = draw_edit(element, rng, self.resolution or element["image"].shape[0])
+                target = target if image is None else image
         if instruction:
             ids = shapes_chat.edit_ids(self.vocab, instruction, self.num_image_tokens,
                                        num_understanding=self.num_understanding)
@@ -287,6 +296,11 @@ class STARTask(Task):
     def edit_copy_tol(self) -> float:
         return float(self.config.tokenizer.get("edit_copy_tol", 0.0))
 
+    def edit_targets(self, frozen, images, source_codes) -> jax.Array:
+        """An edit's target codes [B, h·w]: the edited ``images`` tokenized as ``codes`` does, then
+        ``copy_aligned`` against the source's ``source_codes``."""
+        return self.copy_aligned(frozen, self.codes(frozen, images), source_codes)
+
     def copy_aligned(self, frozen, codes, source_codes) -> jax.Array:
         """Edit targets [B, h·w] that take the source's code wherever the edited image still decodes
         within ``tokenizer.edit_copy_tol`` of its own codes (``quant.simplify`` with the source as
@@ -310,9 +324,10 @@ class STARTask(Task):
         return shapes_chat.IMAGE_PAD if layout == "shared" else None
 
     def logits(self, star_params, collections, batch, edits: bool | None = None):
-        """Teacher-forced image logits [B, h·w, K] and the codes they predict (the target image's;
-        with editing on — ``edits``, by default when the run trains edits — ``image`` is the source
-        whose codes, or the cached ``codes``, fill the prompt's ``IMAGE_PAD`` slots)."""
+        """Teacher-forced image logits [B, h·w, K] and the codes they predict (the target image's, or
+        the cached ``target_codes``; with editing on — ``edits``, by default when the run trains
+        edits — ``image`` is the source whose codes, or the cached ``codes``, fill the prompt's
+        ``IMAGE_PAD`` slots)."""
         logits, codes, _ = self.teacher_forced(star_params, collections, batch, edits)
         return logits, codes
 
@@ -341,8 +356,8 @@ class STARTask(Task):
                 target = batch["target_codes"].reshape(image_codes.shape).astype(jnp.int32)
                 codes = jnp.where(has_source, target, image_codes)
             elif "target_image" in batch:  # (a text-to-image batch has none)
-                target = self.copy_aligned(frozen, self.codes(frozen, batch["target_image"]), image_codes)
-                codes = jnp.where(has_source, target, image_codes)
+                codes = jnp.where(has_source, self.edit_targets(frozen, batch["target_image"], image_codes),
+                                  image_codes)
         valid = batch["prompt_valid"].astype(bool)
         b, n = codes.shape
         attention = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)
@@ -409,9 +424,15 @@ class STARTask(Task):
         return k
 
     def edit_cache_key(self) -> str:
-        seed = int(self.config.data.get("seed", 0))
+        # The edits themselves are the generator's output: a change to it (EDIT_CACHE_VERSION) or to its
+        # kinds never reads a stale cache.
         return cache.dataset_key(self.config.data, [nn.meta.unbox(self._vq_vars)],
-                                 (self.vq.cfg, self.simplify_tol, self.edit_copy_tol, "edits", self.edits_per_scene, seed))
+                                 (self.vq.cfg, self.simplify_tol, self.edit_copy_tol, "edits", EDIT_CACHE_VERSION,
+                                  shapes_edit.EDIT_KINDS, self.edits_per_scene, self.edit_seed))
+
+    @property
+    def edit_seed(self) -> int:
+        return int(self.config.data.get("seed", 0))
 
     def edit_cache(self, split: str) -> pathlib.Path:
         """The path of ``split``'s edit cache, built first when missing and ``data.build_cache``."""
@@ -423,14 +444,11 @@ class STARTask(Task):
         scene's index: a rebuild draws the same ones), renders their targets and tokenizes them as the
         step would (``codes``, then ``copy_aligned`` against the scene's codes), and writes
         ``edit_instruction`` [N, k] ("" where the scene admits no edit) and ``edit_codes`` [N, k, h, w]."""
-        k, r, g = self.edits_per_scene, int(self.config.data.resolution), self.grid
-        seed = int(self.config.data.get("seed", 0))
+        k, r, g, seed = self.edits_per_scene, int(self.config.data.resolution), self.grid, self.edit_seed
 
         def tokenize(frozen, targets, sources):
-            codes = self.codes(frozen, targets)
-            if self.edit_copy_tol > 0:
-                codes = self.copy_aligned(frozen, codes, jnp.repeat(self.codes(frozen, sources), k, axis=0))
-            return codes.reshape(-1, k, g, g)
+            source_codes = jnp.repeat(self.codes(frozen, sources), k, axis=0) if self.edit_copy_tol > 0 else None
+            return self.edit_targets(frozen, targets, source_codes).reshape(-1, k, g, g)
 
         tokenize, frozen = jax.jit(tokenize), self._frozen_host()
         _, data = cache.in_order_batches(self.config.data, split, batch_size)
@@ -441,13 +459,11 @@ class STARTask(Task):
             targets = np.zeros((len(keep), k, r, r, 3), np.uint8)
             for i in np.flatnonzero(keep):
                 rng = np.random.default_rng([seed, index + i])
-                objects = shapes.scene_objects({f: host[f][i] for f in ("obj_shape", "obj_color", "obj_size",
-                                                                        "obj_center", "count")})
+                labels = {f: v[i] for f, v in host.items()}
                 for j in range(k):
-                    edit = shapes_edit.random_edit(objects, rng)
-                    if edit is not None:
-                        rows[i][j] = edit.instruction
-                        targets[i, j] = shapes.render_objects(edit.target, r)
+                    instruction, image = draw_edit(labels, rng, r)
+                    if image is not None:
+                        rows[i][j], targets[i, j] = instruction, image
             out = tokenize(frozen, jnp.asarray(targets.reshape(-1, r, r, 3)), jnp.asarray(host["image"]))
             codes.append(np.asarray(out)[keep])
             instructions += [x for x, kept in zip(rows, keep) if kept]
@@ -608,7 +624,7 @@ class STARTask(Task):
 
         @jax.jit
         def rec(frozen, src, tgt):
-            codes = self.copy_aligned(frozen, self.codes(frozen, tgt), self.codes(frozen, src))
+            codes = self.edit_targets(frozen, tgt, self.codes(frozen, src))
             return self.decode_images(frozen, codes)
 
         images = np.concatenate([np.asarray(rec(colls["frozen"], jnp.asarray(np.stack(sources[i:i + bs])),
