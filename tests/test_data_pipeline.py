@@ -229,3 +229,28 @@ def test_worker_processes_read_the_same_stream(shapes_dir):
     inline = _take(iter(pipeline.make_loader(src, 8, seed=4)), 3)
     it = iter(pipeline.make_loader(src, 8, seed=4, worker_count=1))
     _assert_same_batches(_take(it, 3), inline)
+
+
+def test_write_cache_prepare_gives_host_fields_in_record_order(shapes_dir, tmp_path):
+    """``prepare`` sees each padded batch with the index of its first record; fields it names in
+    ``inputs`` reach ``compute``, the others are cached as they are, padding rows dropped."""
+    from jaxunified.data import cache
+
+    cfg = ml_collections.ConfigDict(_shapes_cfg(shapes_dir, captions_file=""))
+    firsts = []
+
+    def prepare(host, first):
+        firsts.append(first)
+        index = first + np.arange(len(host["mask"]))
+        return {"index": index.astype(np.int32), "name": np.array([f"r{i}" for i in index])}
+
+    arrays = cache.write_cache(lambda b: {"twice": b["index"] * 2}, cfg, "test", tmp_path / "c.npz",
+                               inputs=("index",), batch_size=8, prepare=prepare)
+    assert firsts == [0, 8, 16]  # 20 records in batches of 8
+    np.testing.assert_array_equal(arrays["twice"], 2 * np.arange(NUM_TEST))
+    assert list(arrays["name"]) == [f"r{i}" for i in range(NUM_TEST)] and "index" not in arrays
+    with np.load(tmp_path / "c.npz") as z:
+        assert sorted(z.files) == ["name", "twice"]
+    with pytest.raises(ValueError, match="both give"):
+        cache.write_cache(lambda b: {"name": b["index"]}, cfg, "test", tmp_path / "d.npz", inputs=("index",),
+                          batch_size=8, prepare=prepare)

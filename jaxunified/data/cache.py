@@ -95,17 +95,29 @@ def in_order_batches(data_cfg, split: str, batch_size: int, source=None):
 
 
 def write_cache(compute: Callable[[dict], Mapping[str, jax.Array]], data_cfg, split: str, path,
-                inputs: tuple[str, ...] = ("image", "tokens"), batch_size: int = 256) -> dict[str, np.ndarray]:
+                inputs: tuple[str, ...] = ("image", "tokens"), batch_size: int = 256,
+                prepare: Callable[[dict, int], Mapping[str, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
     """Runs the jitted ``compute(batch of inputs) -> {field: [B, ...]}`` once over ``split`` in order
     and writes the fields to ``path`` atomically (an interrupted build never leaves a truncated
-    cache behind). Single-process. Returns the arrays."""
+    cache behind). Single-process. Returns the arrays.
+
+    ``prepare(host batch, index of its first record)`` is the host-side work ``compute`` cannot
+    express (drawing from a per-record seed, rendering, strings): it returns more [B, ...] fields;
+    those named in ``inputs`` go to ``compute``, the others are cached as they are."""
     _, data = in_order_batches(data_cfg, split, batch_size)
     parts: dict[str, list[np.ndarray]] = {}
+    first = 0
     for host in data:
-        out = jax.device_get(compute({k: jnp.asarray(host[k]) for k in inputs}))
         keep = np.asarray(host["mask"], bool)
-        for k, v in out.items():
+        extra = dict(prepare(host, first)) if prepare is not None else {}
+        batch = {**host, **extra}
+        out = dict(jax.device_get(compute({k: jnp.asarray(batch[k]) for k in inputs})))
+        kept_as_is = {k: v for k, v in extra.items() if k not in inputs}
+        if set(out) & set(kept_as_is):
+            raise ValueError(f"compute and prepare both give the fields {sorted(set(out) & set(kept_as_is))}")
+        for k, v in {**out, **kept_as_is}.items():
             parts.setdefault(k, []).append(np.asarray(v)[keep])
+        first += int(keep.sum())
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
     save_arrays(path, arrays)
     return arrays

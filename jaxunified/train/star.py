@@ -451,25 +451,25 @@ class STARTask(Task):
             return self.edit_targets(frozen, targets, source_codes).reshape(-1, k, g, g)
 
         tokenize, frozen = jax.jit(tokenize), self._frozen_host()
-        _, data = cache.in_order_batches(self.config.data, split, batch_size)
-        instructions, codes, index = [], [], 0
-        for host in data:
+
+        def draw(host, first):
             keep = np.asarray(host["mask"], bool)
-            rows = [[""] * k for _ in keep]
+            instructions = np.full((len(keep), k), "", dtype=object)
             targets = np.zeros((len(keep), k, r, r, 3), np.uint8)
             for i in np.flatnonzero(keep):
-                rng = np.random.default_rng([seed, index + i])
+                rng = np.random.default_rng([seed, first + i])
                 labels = {f: v[i] for f, v in host.items()}
                 for j in range(k):
                     instruction, image = draw_edit(labels, rng, r)
                     if image is not None:
-                        rows[i][j], targets[i, j] = instruction, image
-            out = tokenize(frozen, jnp.asarray(targets.reshape(-1, r, r, 3)), jnp.asarray(host["image"]))
-            codes.append(np.asarray(out)[keep])
-            instructions += [x for x, kept in zip(rows, keep) if kept]
-            index += int(keep.sum())
-        cache.save_arrays(path, {EDIT_INSTRUCTION: np.array(instructions, dtype=str),
-                                 EDIT_CODES: np.concatenate(codes)})
+                        instructions[i, j], targets[i, j] = instruction, image
+            return {EDIT_INSTRUCTION: instructions.astype(str), "edit_targets": targets}
+
+        def compute(batch):
+            return {EDIT_CODES: tokenize(frozen, batch["edit_targets"].reshape(-1, r, r, 3), batch["image"])}
+
+        cache.write_cache(compute, self.config.data, split, path, inputs=("image", "edit_targets"),
+                          batch_size=batch_size, prepare=draw)
         return pathlib.Path(path)
 
     def _frozen_host(self) -> dict:
