@@ -58,6 +58,9 @@ def _base() -> mlc.ConfigDict:
     # Edits also give the base the source as its understanding tokens (the base's mllm run's vision
     # model and projector; STAR's ViT block after the VQ block): + that many tokens + 2 delimiters.
     c.data.edit_understanding = False
+    # "image_first" (STAR's: source blocks, then the instruction) or "instruction_first": the causal
+    # model then reads the source knowing the edit (data/shapes_chat.py: edit_ids).
+    c.data.edit_order = "image_first"
     # > 0 (with cache_dir): the training edits are drawn once, that many per scene, and their target
     # codes cached; 0 draws a new edit per row and encodes its target in the step.
     c.data.edits_per_scene = 0

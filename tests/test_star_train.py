@@ -106,14 +106,15 @@ def shared_task(task):
     return S.STARTask(config, t.mesh), star, colls
 
 
-def _check_cached_decode(t, star, colls, edit, shared=False):
+def _check_cached_decode(t, star, colls, edit, shared=False, instruction_first=False):
     """Teacher-forced image logits of two prompts equal the sampler's prefill + cached steps."""
     vocab = shapes_chat.ChatVocab()
     captions = ["a red circle to the left of a blue square", "two green stars"]
     b = _batch(t, captions)
     if edit:
         n = t.grid ** 2
-        prompts = [shapes_chat.edit_ids(vocab, i, n, num_understanding=t.num_understanding)
+        prompts = [shapes_chat.edit_ids(vocab, i, n, num_understanding=t.num_understanding,
+                                        instruction_first=instruction_first)
                    for i in ("remove the red circle", "make the green star blue")]
         rows = [S.left_padded_prompt(p, t.prompt_len) for p in prompts]
         b["prompt"], b["prompt_valid"] = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
@@ -144,10 +145,12 @@ def _check_cached_decode(t, star, colls, edit, shared=False):
     return variables, batch, source, logits, codes
 
 
-@pytest.mark.parametrize("edit,layout", [(False, "sequential"), (True, "sequential"), (True, "shared")])
-def test_teacher_forcing_equals_the_samplers_cached_decode(task, shared_task, edit, layout):
+@pytest.mark.parametrize("edit,layout,first", [(False, "sequential", False), (True, "sequential", False),
+                                               (True, "shared", False), (True, "sequential", True),
+                                               (True, "shared", True)])
+def test_teacher_forcing_equals_the_samplers_cached_decode(task, shared_task, edit, layout, first):
     t, star, colls = shared_task if layout == "shared" else task
-    _check_cached_decode(t, star, colls, edit, shared=layout == "shared")
+    _check_cached_decode(t, star, colls, edit, shared=layout == "shared", instruction_first=first)
 
 
 @pytest.mark.slow
@@ -277,6 +280,12 @@ def test_edit_rows_carry_the_source_block_and_the_edited_scene():
     assert unc.count(shapes_chat.IMAGE_PAD) == 64 and shapes_chat.ChatVocab().decode(unc) == "assistant"
     assert shapes_edit.check_edit(out["target_image"], shapes_edit.random_edit(
         shapes.scene_objects(ex), np.random.default_rng(0))).passed in (True, False)
+    # data.edit_order="instruction_first": the same words, then the source block
+    first = S.GenerationPrompts(80, dropout=0.0, edit_fraction=1.0, num_image_tokens=64,
+                                instruction_first=True).random_map(element, np.random.default_rng(0))
+    ids_first = first["prompt"][first["prompt_valid"]].tolist()
+    assert sorted(ids_first) == sorted(ids) and ids_first[2:2 + len(instruction.split())] == ids[3 + 64 + 1:-4]
+    assert ids_first[-4 - 66:-4] == [shapes_chat.VISION_START] + [shapes_chat.IMAGE_PAD] * 64 + [shapes_chat.VISION_END]
 
 
 def _assert_example_matches(example, batch):
@@ -413,6 +422,8 @@ def test_cached_edits_give_the_loss_of_the_same_edits_encoded_in_the_step(tmp_pa
     _assert_example_matches(t.train_batch_example(), first)
     with pytest.raises(ValueError, match="edits_per_scene"):
         S.STARTask(tiny_config(**{"data.edit_fraction": 1.0, "data.edits_per_scene": 1}), None).edits_per_scene
+    with pytest.raises(ValueError, match="edit_order"):
+        S.STARTask(tiny_config(**{"data.edit_order": "after"}), None).edit_instruction_first
 
 
 def test_prompt_dropout_trains_the_samplers_unconditional_row():

@@ -158,11 +158,14 @@ EDIT_INSTRUCTION_SLOTS = 6  # the longest instruction is 5 words
 
 
 def edit_ids(vocab: ChatVocab, instruction: str, num_image_tokens: int,
-             instruction_slots: int = EDIT_INSTRUCTION_SLOTS, num_understanding: int = 0) -> list[int]:
+             instruction_slots: int = EDIT_INSTRUCTION_SLOTS, num_understanding: int = 0,
+             instruction_first: bool = False) -> list[int]:
     """STAR's edit prompt: the source image's VQ block, its understanding block (``num_understanding``
     > 0: the vision tokens the base learned to read, as the reference's ViT block), the
     instruction, then the assistant's ``<|vision_start|>``. Both blocks' slots hold ``IMAGE_PAD``:
     the source's codes fill the first ``num_image_tokens``, its understanding vectors the rest.
+    ``instruction_first`` puts the instruction before the blocks: a causal model then reads the
+    source already knowing the edit, so each source token's state can say whether the edit touches it.
 
     The instruction is followed by ``PAD`` up to ``instruction_slots`` words: those slots are
     masked out of attention but keep their positions, so every edit prompt has one length and a
@@ -172,8 +175,9 @@ def edit_ids(vocab: ChatVocab, instruction: str, num_image_tokens: int,
     if len(words) > instruction_slots:
         raise ValueError(f"instruction {instruction!r} is longer than {instruction_slots} words")
     understanding = [VISION_START] + [IMAGE_PAD] * num_understanding + [VISION_END] if num_understanding else []
-    return ([IM_START, vocab.ids["user"], VISION_START] + [IMAGE_PAD] * num_image_tokens + [VISION_END]
-            + understanding + words + [PAD] * (instruction_slots - len(words))
+    blocks = [VISION_START] + [IMAGE_PAD] * num_image_tokens + [VISION_END] + understanding
+    text = words + [PAD] * (instruction_slots - len(words))
+    return ([IM_START, vocab.ids["user"]] + (text + blocks if instruction_first else blocks + text)
             + [IM_END, IM_START, vocab.ids["assistant"], VISION_START])
 
 

@@ -103,8 +103,9 @@ class GenerationPrompts(grain.transforms.RandomMap):
     ``target_image``: one of the scene's cached edits' codes, or the scene's own codes."""
 
     def __init__(self, max_len: int, dropout: float, edit_fraction: float = 0.0, num_image_tokens: int = 0,
-                 num_understanding: int = 0, resolution: int = 0):
+                 num_understanding: int = 0, resolution: int = 0, instruction_first: bool = False):
         self.vocab, self.max_len, self.dropout = shapes_chat.ChatVocab(), max_len, dropout
+        self.instruction_first = instruction_first
         self.edit_fraction, self.num_image_tokens = edit_fraction, num_image_tokens
         self.num_understanding, self.resolution = num_understanding, resolution
 
@@ -125,7 +126,8 @@ class GenerationPrompts(grain.transforms.RandomMap):
                 target = target if image is None else image
         if instruction:
             ids = shapes_chat.edit_ids(self.vocab, instruction, self.num_image_tokens,
-                                       num_understanding=self.num_understanding)
+                                       num_understanding=self.num_understanding,
+                                       instruction_first=self.instruction_first)
         if edit_codes is not None:  # a text-to-image row's target is the scene itself
             target_codes = target_codes if instruction else element["codes"]
             target = None
@@ -293,6 +295,13 @@ class STARTask(Task):
         return 0 if self.understanding is None else int(self.understanding.num_tokens)
 
     @property
+    def edit_instruction_first(self) -> bool:
+        order = self.config.data.get("edit_order", "image_first")
+        if order not in ("image_first", "instruction_first"):
+            raise ValueError(f"data.edit_order={order!r}; use 'image_first' (STAR's) or 'instruction_first'")
+        return order == "instruction_first"
+
+    @property
     def edit_copy_tol(self) -> float:
         return float(self.config.tokenizer.get("edit_copy_tol", 0.0))
 
@@ -396,7 +405,8 @@ class STARTask(Task):
         train = split == "train"
         drop = float(self.config.model.prompt_dropout) if train else 0.0
         prompts = GenerationPrompts(self.prompt_len, drop, self.edit_fraction if train else 0.0, self.grid ** 2,
-                                    self.num_understanding, int(self.config.data.resolution))
+                                    self.num_understanding, int(self.config.data.resolution),
+                                    self.edit_instruction_first)
         # The scene's own codes (an edit's source, a text-to-image row's target) come from the cache;
         # edit targets from the edit cache, or drawn per row and encoded in the step.
         pixels = ("image",) if self.cached_batches_keep_pixels else ()
@@ -587,8 +597,8 @@ class STARTask(Task):
                 sources.append(sc["image"])
         if not edits:
             return {}
-        prompts = [shapes_chat.edit_ids(self.vocab, e.instruction, self.grid ** 2, num_understanding=self.num_understanding)
-                   for e in edits]
+        prompts = [shapes_chat.edit_ids(self.vocab, e.instruction, self.grid ** 2, num_understanding=self.num_understanding,
+                                        instruction_first=self.edit_instruction_first) for e in edits]
         targets = [shapes.render_objects(e.target, int(self.config.data.resolution)) for e in edits]
         out = self.edit_teacher_forced(star_params, colls, prompts, sources, targets)
         out["edit_ceiling"] = self.edit_ceiling(colls, edits, sources, targets)
