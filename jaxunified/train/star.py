@@ -27,6 +27,7 @@ the scenes' own codes (an edit's source) from the same cache and either draws a 
 and encodes its target in the step, or (``data.edits_per_scene`` > 0) draws that many edits of
 each scene once and reads their instructions and target codes from a second cache. Edit options:
 ``data.edit_understanding`` (the source also as the base's own vision tokens, STAR's ViT block),
+``data.edit_order`` ("instruction_first": the instruction before the source blocks),
 ``model.edit_positions`` ("shared": the output image at the source block's RoPE positions),
 ``tokenizer.edit_copy_tol`` (targets take the source's code wherever that decodes the same),
 ``model.edit_change_weight`` (the loss weight of the codes an edit changes).
