@@ -10,15 +10,15 @@ Presets (the argument after the colon):
       python train.py --config configs/ar.py:shapes     --workdir runs/ar_shapes
       python eval.py  --config configs/ar.py:shapes     --workdir runs/ar_shapes
   Target: ≤ 20 minutes on 2 CPU cores; shapes-GenEval single object ≥ 0.90, colours ≥ 0.80, overall ≥ 0.50.
-  Measured: 19 min 50 s to 24 min 13 s for the train command on 2 cores (1900 steps at 1.8 to
-  1.4 steps/s, the machine's speed on three days, after about a minute building the cache of
-  simplified codes and caption states; final eval included), 60 s for eval. eval_test.json (1000
-  test captions, CFG 2, top-k 3): val loss 0.88, token accuracy 72%, GenEval overall 0.40–0.41 —
-  single object 0.79–0.80, two objects 0.20, counting 0.42–0.49, colours 0.87–0.88, position
+  Measured: 19 min 50 s to 27 min 24 s for the train command on 2 cores (1900 steps at 1.8 to
+  1.1 steps/s, the machine's speed on four days, after about a minute building the cache of
+  simplified codes and caption states; final eval included), 60–80 s for eval. eval_test.json (1000
+  test captions, CFG 2, top-k 3): val loss 0.84–0.88, token accuracy 72–73%, GenEval overall 0.40–0.41 —
+  single object 0.78–0.80, two objects 0.20–0.22, counting 0.42–0.50, colours 0.84–0.88, position
   0.04–0.05, colour attribution 0.07–0.10 (the single-object and overall targets are not met;
   ``ceiling_*``, the decoded training targets, score 0.89 overall, 0.95 single object). Its
-  likelihood prefers the true caption to one with a changed colour 0.98, shape 0.95, count 0.90,
-  relation 0.69, and to the two objects' shapes swapped 0.50.
+  likelihood prefers the true caption to one with a changed colour 0.97–0.98, shape 0.95, count
+  0.90–0.92, relation 0.61–0.69, and to the two objects' shapes swapped 0.50.
 * ``xl`` — LlamaGen's t2i GPT-XL (775M) over VQ-16's 16×16 codes at 256 px, conditioned on a SigLIP2
   So400m/16 text tower's 64 caption states (where LlamaGen reads Flan-T5-XL's 120); bf16, remat, for
   planning a pod run:
