@@ -146,6 +146,8 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
             c.eval.edit_sample.temperature = 0.0  # greedy: an edit copies most of its source exactly
             c.model.input_noise = 0.0  # measured without; an edit copies most of its source
             c.data.edits_per_scene = 1  # targets encoded once, not in every step
+            # the source is read knowing the edit: edit success 0.07 -> 0.22 (STAR's image-first order)
+            c.data.edit_order = "instruction_first"
             # The adapter keeps its stage-2 weights: the step then runs no backward pass through the base.
             c.model.train = ("stacked", "head")
     elif arg == "7b":
