@@ -18,16 +18,17 @@ Presets (the argument after the colon):
   of grass"): the frozen base rewrites all of them right, GenEval 0.70 with the rewrite vs 0.11 from
   the indirect prompt.
 * ``shapes_edit`` — stage 3 from the ``shapes`` run: three rows in four are edits of the scene
-  (recolour, remove, add, move, resize one object) with the source image as VQ tokens:
+  (recolour, remove, add, move, resize one object), the instruction first, then the source image
+  as VQ tokens:
       python train.py --config configs/star.py:shapes_edit --workdir runs/star_shapes_edit
   Target: ≤ 20 minutes on 2 CPU cores; edit success ≥ 60%.
-  Measured: 19 min 21 s to 24 min 34 s for the train command on 2 cores (the machine's speed at two
-  hours of one day: 650 steps at 0.77–0.90 and 0.53–0.78 steps/s; 2 min building the cache of the
-  training edits when it is missing; final eval 4 min). 490 test edits, greedy: edit success 0.073
-  (remove 0.35, recolour 0.04, add 0.02, move and resize 0), below the target; the edited scenes'
-  decoded targets pass 0.79 (``edit_ceiling``). Teacher-forced, 80% of the edited codes are right
-  (97% of the codes equal to the source's, 43% of those the edit changes) and 5.5% of rows
-  entirely; GenEval after the stage 0.27.
+  Measured: 19 min 21 s to 24 min 34 s for the train command on 2 cores (the machine's speed on
+  three days: 650 steps at 0.53–0.90 steps/s; 2 min building the cache of the training edits when it
+  is missing; final eval 4–5 min). 490 test edits, greedy, CFG 2: edit success 0.22 (recolour 0.40,
+  remove 0.42, add 0.19, move 0.03, resize 0.02), below the target; the edited scenes' decoded
+  targets pass 0.79 (``edit_ceiling``). Teacher-forced, 81% of the edited codes are right (96% of
+  the codes equal to the source's, 45% of those the edit changes) and 6% of rows entirely;
+  GenEval after the stage 0.28.
 * ``7b`` — STAR-7B stage 2 at its released sizes (14 stacked layers on the frozen Qwen2.5-VL-7B text
   base, STAR-VQ at 384 px: 576 codes, adapter depth 4; bf16, remat), for planning a pod run:
       python -m jaxunified.bench aot --config configs/star.py:7b --topology v5p-128
