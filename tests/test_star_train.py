@@ -2,6 +2,7 @@
 bit-identical and hold no optimizer state; teacher forcing equals the sampler's cached decode;
 prompt dropout trains the sampler's unconditional row; a tiny run trains, samples and loads back."""
 
+import functools
 import json
 
 import flax.linen as nn
@@ -266,14 +267,15 @@ def test_edit_rows_carry_the_source_block_and_the_edited_scene():
 
     ex = shapes.render_example(7, "test", resolution=32)
     element = {**ex, "caption": ex["caption"].encode()}
-    out = S.GenerationPrompts(80, dropout=0.0, edit_fraction=1.0, num_image_tokens=64).random_map(
+    edit_prompt = functools.partial(shapes_chat.edit_ids, shapes_chat.ChatVocab(), num_image_tokens=64)
+    out = S.GenerationPrompts(80, dropout=0.0, edit_fraction=1.0, edit_prompt=edit_prompt).random_map(
         element, np.random.default_rng(0))
     ids = out["prompt"][out["prompt_valid"]].tolist()
     assert ids.count(shapes_chat.IMAGE_PAD) == 64 and ids[-1] == shapes_chat.VISION_START
     instruction = shapes_chat.ChatVocab().decode(ids[3 + 64 + 1:-4])
     assert instruction.split()[0] in ("make", "remove", "add", "move")
     assert not np.array_equal(out["target_image"], ex["image"])
-    dropped = S.GenerationPrompts(80, dropout=1.0, edit_fraction=1.0, num_image_tokens=64).random_map(
+    dropped = S.GenerationPrompts(80, dropout=1.0, edit_fraction=1.0, edit_prompt=edit_prompt).random_map(
         element, np.random.default_rng(0))
     unc = dropped["prompt"][dropped["prompt_valid"]].tolist()
     # guidance is on the text: the unconditional edit row keeps the image block, loses the words
@@ -281,8 +283,8 @@ def test_edit_rows_carry_the_source_block_and_the_edited_scene():
     assert shapes_edit.check_edit(out["target_image"], shapes_edit.random_edit(
         shapes.scene_objects(ex), np.random.default_rng(0))).passed in (True, False)
     # data.edit_order="instruction_first": the same words, then the source block
-    first = S.GenerationPrompts(80, dropout=0.0, edit_fraction=1.0, num_image_tokens=64,
-                                instruction_first=True).random_map(element, np.random.default_rng(0))
+    first = S.GenerationPrompts(80, dropout=0.0, edit_fraction=1.0, edit_prompt=functools.partial(
+        edit_prompt, instruction_first=True)).random_map(element, np.random.default_rng(0))
     ids_first = first["prompt"][first["prompt_valid"]].tolist()
     assert sorted(ids_first) == sorted(ids) and ids_first[2:2 + len(instruction.split())] == ids[3 + 64 + 1:-4]
     assert ids_first[-4 - 66:-4] == [shapes_chat.VISION_START] + [shapes_chat.IMAGE_PAD] * 64 + [shapes_chat.VISION_END]
@@ -340,7 +342,7 @@ def test_edit_batches_take_the_scenes_codes_from_the_cache(tmp_path):
         cached = z["codes"][:16]
     r = int(config.data.resolution)
     pixels = np.rint((np.asarray(host["image"]) + 1.0) * 127.5).astype(np.uint8)  # the records' uint8
-    prompts = S.GenerationPrompts(t.prompt_len, 0.0, 0.5, t.grid ** 2, resolution=r)
+    prompts = S.GenerationPrompts(t.prompt_len, 0.0, 0.5, t.edit_prompt, resolution=r)
     labels = ("caption", "obj_shape", "obj_color", "obj_size", "obj_center", "count")
     rows = {"pixels": [], "cache": []}
     for i in range(16):
@@ -391,7 +393,7 @@ def test_cached_edits_give_the_loss_of_the_same_edits_encoded_in_the_step(tmp_pa
     assert edit_codes.shape == (16, per_scene, t.grid, t.grid)
     r, vocab = int(config.data.resolution), shapes_chat.ChatVocab()
     labels = ("caption", "obj_shape", "obj_color", "obj_size", "obj_center", "count")
-    prompts = S.GenerationPrompts(t.prompt_len, 0.0, fraction, t.grid ** 2, resolution=r)
+    prompts = S.GenerationPrompts(t.prompt_len, 0.0, fraction, t.edit_prompt, resolution=r)
     rows, targets = [], []
     for i in range(16):
         element = {k: host[k][i] for k in labels}

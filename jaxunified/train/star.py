@@ -41,6 +41,7 @@ score of the edited scenes' own VQ reconstructions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 
@@ -103,12 +104,13 @@ class GenerationPrompts(grain.transforms.RandomMap):
     carrying the edit cache's fields (``data.edits_per_scene``) get ``target_codes`` instead of
     ``target_image``: one of the scene's cached edits' codes, or the scene's own codes."""
 
-    def __init__(self, max_len: int, dropout: float, edit_fraction: float = 0.0, num_image_tokens: int = 0,
-                 num_understanding: int = 0, resolution: int = 0, instruction_first: bool = False):
+    def __init__(self, max_len: int, dropout: float, edit_fraction: float = 0.0, edit_prompt=None,
+                 resolution: int = 0):
+        if edit_fraction and edit_prompt is None:
+            raise ValueError("GenerationPrompts: edit_fraction > 0 needs edit_prompt= (STARTask.edit_prompt)")
         self.vocab, self.max_len, self.dropout = shapes_chat.ChatVocab(), max_len, dropout
-        self.instruction_first = instruction_first
-        self.edit_fraction, self.num_image_tokens = edit_fraction, num_image_tokens
-        self.num_understanding, self.resolution = num_understanding, resolution
+        # instruction -> prompt ids: the one layout training and eval share (STARTask.edit_prompt)
+        self.edit_prompt, self.edit_fraction, self.resolution = edit_prompt, edit_fraction, resolution
 
     def random_map(self, element, rng: np.random.Generator):
         element = dict(element)
@@ -126,9 +128,7 @@ class GenerationPrompts(grain.transforms.RandomMap):
                 instruction, image = draw_edit(element, rng, self.resolution or element["image"].shape[0])
                 target = target if image is None else image
         if instruction:
-            ids = shapes_chat.edit_ids(self.vocab, instruction, self.num_image_tokens,
-                                       num_understanding=self.num_understanding,
-                                       instruction_first=self.instruction_first)
+            ids = self.edit_prompt(instruction)
         if edit_codes is not None:  # a text-to-image row's target is the scene itself
             target_codes = target_codes if instruction else element["codes"]
             target = None
@@ -303,6 +303,14 @@ class STARTask(Task):
         return order == "instruction_first"
 
     @property
+    def edit_prompt(self):
+        """An edit instruction -> its prompt ids (``shapes_chat.edit_ids`` laid out as this config says):
+        the training rows and the eval's prompts both come from here."""
+        return functools.partial(shapes_chat.edit_ids, self.vocab, num_image_tokens=self.grid ** 2,
+                                 num_understanding=self.num_understanding,
+                                 instruction_first=self.edit_instruction_first)
+
+    @property
     def edit_copy_tol(self) -> float:
         return float(self.config.tokenizer.get("edit_copy_tol", 0.0))
 
@@ -405,9 +413,8 @@ class STARTask(Task):
     def build_dataset(self, split: str):
         train = split == "train"
         drop = float(self.config.model.prompt_dropout) if train else 0.0
-        prompts = GenerationPrompts(self.prompt_len, drop, self.edit_fraction if train else 0.0, self.grid ** 2,
-                                    self.num_understanding, int(self.config.data.resolution),
-                                    self.edit_instruction_first)
+        prompts = GenerationPrompts(self.prompt_len, drop, self.edit_fraction if train else 0.0, self.edit_prompt,
+                                    int(self.config.data.resolution))
         # The scene's own codes (an edit's source, a text-to-image row's target) come from the cache;
         # edit targets from the edit cache, or drawn per row and encoded in the step.
         pixels = ("image",) if self.cached_batches_keep_pixels else ()
@@ -598,8 +605,7 @@ class STARTask(Task):
                 sources.append(sc["image"])
         if not edits:
             return {}
-        prompts = [shapes_chat.edit_ids(self.vocab, e.instruction, self.grid ** 2, num_understanding=self.num_understanding,
-                                        instruction_first=self.edit_instruction_first) for e in edits]
+        prompts = [self.edit_prompt(e.instruction) for e in edits]
         targets = [shapes.render_objects(e.target, int(self.config.data.resolution)) for e in edits]
         out = self.edit_teacher_forced(star_params, colls, prompts, sources, targets)
         out["edit_ceiling"] = self.edit_ceiling(colls, edits, sources, targets)
