@@ -426,6 +426,10 @@ def test_cached_edits_give_the_loss_of_the_same_edits_encoded_in_the_step(tmp_pa
         S.STARTask(tiny_config(**{"data.edit_fraction": 1.0, "data.edits_per_scene": 1}), None).edits_per_scene
     with pytest.raises(ValueError, match="edit_order"):
         S.STARTask(tiny_config(**{"data.edit_order": "after"}), None).edit_instruction_first
+    # an edit prompt that cannot fit is named at the config, with the length it needs (not mid-pipeline)
+    need = len(t.edit_prompt(""))
+    with pytest.raises(ValueError, match=f"max_prompt_len >= {need}"):
+        S.STARTask(tiny_config(**{"data.max_prompt_len": need - 1}), None).prompt_len
 
 
 def test_prompt_dropout_trains_the_samplers_unconditional_row():

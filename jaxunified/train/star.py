@@ -205,7 +205,13 @@ class STARTask(Task):
 
     @property
     def prompt_len(self) -> int:
-        return int(self.config.data.max_prompt_len)
+        n = int(self.config.data.max_prompt_len)
+        if self.edit_fraction or int(self.config.eval.get("num_edits", 0)):
+            need = len(self.edit_prompt(""))  # every edit prompt has this length (padded instruction slots)
+            if need > n:
+                raise ValueError(f"edit prompts here take {need} tokens (the source's blocks and the instruction "
+                                 f"slots); set data.max_prompt_len >= {need} (it is {n})")
+        return n
 
     # ---- variables ----
     def dummy_batch(self):
