@@ -159,8 +159,9 @@ def test_edits_read_the_understanding_runs_vision_tokens(tmp_path):
     """With ``data.edit_understanding`` the source also enters as the mllm run's vision tokens
     through its projector: they change the logits, and teacher forcing still equals the sampler."""
     helpers.untrained_run("mllm", tmp_path / "mllm")
+    # the probe only reads the understanding block's size; its prompts need room for that block
     probe = S.STARTask(tiny_config(**{"base.kind": "workdir", "base.workdir": str(tmp_path / "mllm"),
-                                      "data.edit_understanding": True}), None)
+                                      "data.edit_understanding": True, "data.max_prompt_len": 4096}), None)
     m = probe.num_understanding
     assert m > 0
     config = tiny_config(**{"base.kind": "workdir", "base.workdir": str(tmp_path / "mllm"), "data.edit_understanding": True,
@@ -429,7 +430,7 @@ def test_cached_edits_give_the_loss_of_the_same_edits_encoded_in_the_step(tmp_pa
     # an edit prompt that cannot fit is named at the config, with the length it needs (not mid-pipeline)
     need = len(t.edit_prompt(""))
     with pytest.raises(ValueError, match=f"max_prompt_len >= {need}"):
-        S.STARTask(tiny_config(**{"data.max_prompt_len": need - 1}), None).prompt_len
+        S.STARTask(tiny_config(**{"data.max_prompt_len": need - 1}), None)
 
 
 def test_prompt_dropout_trains_the_samplers_unconditional_row():

@@ -176,6 +176,11 @@ class STARTask(Task):
                                  "positions (model.image_positions='mrope'); STAR's edit prompt numbers them as a "
                                  "sequence, so that run's understanding tokens are not supported here")
             self.understanding = VisionInput(vision_block, int(config.data.resolution))
+        if self.edit_fraction or int(config.eval.get("num_edits", 0)):
+            need = len(self.edit_prompt(""))  # every edit prompt has this length (padded instruction slots)
+            if need > self.prompt_len:
+                raise ValueError(f"edit prompts here take {need} tokens (the source's blocks and the instruction "
+                                 f"slots); set data.max_prompt_len >= {need} (it is {self.prompt_len})")
         # Found here, not lazily: ``codes`` needs it while being traced.
         self.fill_code = -1
         if self.simplify_tol > 0:
@@ -205,13 +210,7 @@ class STARTask(Task):
 
     @property
     def prompt_len(self) -> int:
-        n = int(self.config.data.max_prompt_len)
-        if self.edit_fraction or int(self.config.eval.get("num_edits", 0)):
-            need = len(self.edit_prompt(""))  # every edit prompt has this length (padded instruction slots)
-            if need > n:
-                raise ValueError(f"edit prompts here take {need} tokens (the source's blocks and the instruction "
-                                 f"slots); set data.max_prompt_len >= {need} (it is {n})")
-        return n
+        return int(self.config.data.max_prompt_len)
 
     # ---- variables ----
     def dummy_batch(self):
@@ -308,7 +307,7 @@ class STARTask(Task):
             raise ValueError(f"data.edit_order={order!r}; use 'image_first' (STAR's) or 'instruction_first'")
         return order == "instruction_first"
 
-    @property
+    @functools.cached_property
     def edit_prompt(self):
         """An edit instruction -> its prompt ids (``shapes_chat.edit_ids`` laid out as this config says):
         the training rows and the eval's prompts both come from here."""
