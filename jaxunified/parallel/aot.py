@@ -5,7 +5,9 @@ libtpu (the ``libtpu`` wheel that ``pip install "jax[tpu]==0.10.2"`` pins; no TP
 for *compile-only* devices of a named topology; the trainer
 (``jaxunified.train.compile``) builds its mesh, abstract train state and shardings over them; the jitted step is lowered against
 ``ShapeDtypeStruct``s and compiled by the TPU compiler. Nothing is allocated. The compiled
-executable tells, per device, how much HBM the step needs, how many FLOPs it does and which
+executable tells, per device, how much HBM the step needs, how many FLOPs it does (read from its
+HLO with every loop iteration counted, ``parallel.hlo_cost``: XLA's own count sees a scanned layer
+stack's body once) and which
 collectives the partitioner inserted — so a pod run can be planned (batch size, mesh, remat) on a
 laptop. A step that does not fit fails to compile with the same ``RESOURCE_EXHAUSTED`` the pod
 would give; that becomes a report with ``fits=False``.
@@ -30,6 +32,8 @@ import math
 import os
 import re
 from typing import Any
+
+from jaxunified.parallel.hlo_cost import DTYPE_BYTES
 
 GiB = 1024**3
 
@@ -224,7 +228,7 @@ class CompileReport:
     temp_bytes: int = 0
     generated_code_bytes: int = 0
     flops_per_device: float = 0.0
-    model_flops_per_step: float = 0.0  # XLA's cost model on the global, unpartitioned, unoptimized step
+    model_flops_per_step: float = 0.0  # the global, unpartitioned, unoptimized step's (parallel.hlo_cost)
     bytes_accessed_per_device: float = 0.0
     hbm_bytes_per_second: float = 0.0  # the chip's published HBM bandwidth
     collectives: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -260,13 +264,13 @@ class CompileReport:
 
     @property
     def hbm_seconds(self) -> float:
-        """The compiled step's HBM traffic (XLA's cost analysis, per device) at the chip's bandwidth."""
+        """The compiled step's HBM traffic (``parallel.hlo_cost``, per device) at the chip's bandwidth."""
         return self.bytes_accessed_per_device / self.hbm_bytes_per_second if self.hbm_bytes_per_second else 0.0
 
     @property
     def estimated_step_seconds(self) -> float:
-        """A roofline of XLA's cost analysis of the compiled step: its FLOPs at the chip's peak plus its
-        HBM bytes at the chip's bandwidth, not overlapped (collectives not counted). The TPU cost
+        """A roofline of the compiled step (``parallel.hlo_cost``: every scanned layer counted): its matmul
+        FLOPs at the chip's peak plus its HBM bytes at the chip's bandwidth, not overlapped (collectives not counted). The TPU cost
         model's own ``optimal_seconds`` is close to that sum on small programs but overflows (negative)
         on pod-sized ones, so it is not used. With full overlap the step would take the longer of the two."""
         return self.min_step_seconds + self.hbm_seconds
@@ -411,8 +415,6 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
-_DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
-                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
 _ARRAY_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([\d,]*)\]\S*\s+([a-z][\w\-]*)\(")
 
 
@@ -434,14 +436,14 @@ def largest_arrays(hlo_text: str, k: int = 5) -> list[tuple[int, str, str]]:
         if not in_entry:
             continue
         m = _ARRAY_RE.match(line)
-        if not m or m.group(2) not in _DTYPE_BYTES or m.group(4) in ("parameter", "bitcast", "get-tuple-element"):
+        if not m or m.group(2) not in DTYPE_BYTES or m.group(4) in ("parameter", "bitcast", "get-tuple-element"):
             continue
         shape = f"{m.group(2)}[{m.group(3)}]"
         if shape in found:
             found[shape][2] += 1
         else:
             dims = [int(d) for d in m.group(3).split(",") if d]
-            found[shape] = [math.prod(dims) * _DTYPE_BYTES[m.group(2)], m.group(4), 1]
+            found[shape] = [math.prod(dims) * DTYPE_BYTES[m.group(2)], m.group(4), 1]
     top = sorted(((b, sh, f"{op} x{n}") for sh, (b, op, n) in found.items()), reverse=True)
     return top[:k]
 
@@ -463,7 +465,7 @@ def largest_global_arrays(stablehlo_text: str, k: int = 5) -> list[tuple[int, st
         if shape in found:
             found[shape][1] += 1
         else:
-            found[shape] = [math.prod(dims) * _DTYPE_BYTES.get(dtype, 4), 1]
+            found[shape] = [math.prod(dims) * DTYPE_BYTES.get(dtype, 4), 1]
     top = sorted(((b, sh, f"global x{n}") for sh, (b, n) in found.items()), reverse=True)
     return top[:k]
 
@@ -472,13 +474,6 @@ def oom_available_bytes(text: str) -> int | None:
     """The HBM the compiler had ("exceeds available HBM (15.75G)"), when its message says."""
     m = re.search(r"available HBM \(([\d.]+)([KMGT])\)", text) or re.search(r"of ([\d.]+)([KMGT]) hbm", text, re.I)
     return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024) if m else None
-
-
-def first_cost(compiled) -> dict[str, float]:
-    ca = compiled.cost_analysis()
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else {}
-    return dict(ca or {})
 
 
 def tree_bytes(tree) -> int:

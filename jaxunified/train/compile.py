@@ -18,13 +18,13 @@ import jax
 import numpy as np
 
 from jaxunified.nn import sums
+from jaxunified.parallel import hlo_cost
 from jaxunified.parallel import mesh as meshlib
 from jaxunified.parallel.aot import (
     GENERATIONS,
     CompileReport,
     GiB,
     TopologySpec,
-    first_cost,
     oom_required_bytes,
     resolve_devices,
     slice_notes,
@@ -125,8 +125,9 @@ def lower_train_step(
 
 
 def model_flops(config, batch_size: int | None = None) -> float:
-    """FLOPs of one train step of the whole (global-batch, unpartitioned) program, by XLA's HLO cost
-    model on a CPU lowering: no TPU compiler involved, so it is there even when the step does not fit.
+    """Matmul FLOPs of one train step of the whole (global-batch, unpartitioned) program, read from
+    its CPU lowering (``parallel.hlo_cost``, every scanned layer counted): no TPU compiler involved,
+    so it is there even when the step does not fit.
 
     It counts the program as traced, before XLA's simplifications (dead-code elimination of unused
     forward values, algebraic rewrites), so it is an upper estimate: a compiled report's
@@ -138,10 +139,7 @@ def model_flops(config, batch_size: int | None = None) -> float:
     state, batch = abstract_state(trainer), abstract_batch(trainer)
     with jax.set_mesh(trainer.mesh), sums.targeting("tpu"):
         lowered = trainer.make_step(batch).lower(state, batch)
-    cost = lowered.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
+    return hlo_cost.lowered_cost(lowered).flops
 
 
 def compile_train_step(
@@ -193,10 +191,12 @@ def compile_train_step(
         report.alias_bytes = int(mem.alias_size_in_bytes)
         report.temp_bytes = int(mem.temp_size_in_bytes)
         report.generated_code_bytes = int(mem.generated_code_size_in_bytes)
-    cost = first_cost(compiled)
-    report.flops_per_device = float(cost.get("flops", 0.0))
-    report.bytes_accessed_per_device = float(cost.get("bytes accessed", 0.0))
     hlo = compiled.as_text() or ""
+    cost = hlo_cost.program_cost(hlo)
+    report.flops_per_device = cost.flops
+    report.bytes_accessed_per_device = cost.bytes_accessed
+    if cost.unknown_loops:
+        report.notes.append(f"{len(cost.unknown_loops)} loop(s) of unknown trip count counted once in FLOPs/bytes")
     report.collectives = count_collectives(hlo)
     report.largest_arrays = largest_arrays(hlo)
     hbm = report.hbm_capacity_bytes

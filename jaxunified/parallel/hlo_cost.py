@@ -1,0 +1,356 @@
+"""FLOPs and HBM bytes of an HLO module, with every loop counted as many times as it runs.
+
+XLA's own cost analysis (``Compiled.cost_analysis()``, ``Lowered.cost_analysis()``, on CPU and on the
+TPU compiler alike) counts a ``while`` body once whatever its trip count. Every model here that
+stacks its layers with ``nn.scan`` (the LM, STAR, the 7B planning presets) is one such loop, so
+XLA's figure for it is about ``1 / num_layers`` of the work, and an MFU or a roofline step time
+built on it is off by that factor (the shapes STAR step: 18.5 GFLOP counted for 70.8 done).
+
+This module reads the module's text instead:
+
+- **FLOPs** are the matrix-unit work: ``dot`` (2 · output elements · contracted size) and
+  ``convolution`` (2 multiply-adds per valid window tap, padding and dilation holes excluded, as
+  XLA counts them; the TPU compiler writes its dots as convolutions). Elementwise arithmetic is
+  left out: MFU here is against a matmul peak.
+- **Bytes** are what each instruction of a non-fused computation reads and writes (operands plus
+  result; a fusion at its boundary), the quantity XLA's "bytes accessed" approximates.
+- A ``while`` multiplies its body by its trip count: the compiler's ``known_trip_count`` when it
+  wrote one (XLA:CPU does), else ``induction < N`` read from the loop's condition with the step
+  the body adds (what ``lax.scan``/``fori_loop`` lower to; the TPU compiler writes no annotation).
+  A loop whose count cannot be read counts once and is listed in ``unknown_loops``.
+- ``conditional`` takes its costliest branch; ``call``/``fusion``/async wrappers count their callee
+  once; the scalar ``to_apply`` computations of reductions are not matmul work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+
+DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+               "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+
+# no data moves: views, bookkeeping, and the control ops whose callees are counted instead
+_FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call", "conditional",
+         "after-all", "partition-id", "replica-id", "iota", "opt-barrier", "add-dependency", "domain"}
+
+# "%name (params) -> type {" in compiled text, "name {" in a lowered module's
+_HEADER_RE = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)(?:\s+\(.*\)\s+->\s+.*)?\s*\{\s*$")
+_ASSIGN_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_ARRAY_RE = re.compile(r"([a-z][a-z0-9]*)\[([\d,]*)\]")
+_CALLEE_RE = re.compile(r"\b(calls|to_apply|condition|body|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES_RE = re.compile(r"branch_computations=\{([^}]*)\}")
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    shape: str  # the result type as printed (an array or a tuple)
+    opcode: str
+    operands: list[str]
+    attrs: str
+
+
+@dataclasses.dataclass
+class HloCost:
+    flops: float = 0.0
+    bytes_accessed: float = 0.0
+    unknown_loops: list[str] = dataclasses.field(default_factory=list)
+
+
+def _split_top(s: str) -> list[str]:
+    """``s`` split at the commas outside any bracket."""
+    out, depth, cur = [], 0, []
+    for ch in s:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+def _closing(s: str, start: int) -> int:
+    """Index of the bracket closing the one at ``start``."""
+    depth = 0
+    for i in range(start, len(s)):
+        if s[i] in "([{":
+            depth += 1
+        elif s[i] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i
+    raise ValueError(f"unbalanced HLO text: {s[:120]!r}")
+
+
+def _parse_instr(line: str) -> Instr | None:
+    m = _ASSIGN_RE.match(line)
+    if not m:
+        return None
+    rest = line[m.end():]
+    if rest.startswith("("):  # a tuple result type
+        end = _closing(rest, 0)
+        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
+    else:
+        # an array type may hold parentheses in its layout ({1,0:T(8,128)(2,1)}): it ends at the
+        # first space outside brackets
+        depth, end = 0, len(rest)
+        for i, ch in enumerate(rest):
+            if ch in "([{":
+                depth += 1
+            elif ch in ")]}":
+                depth -= 1
+            elif ch == " " and depth == 0:
+                end = i
+                break
+        shape, rest = rest[:end], rest[end:].lstrip()
+    op = re.match(r"([a-z][\w\-]*)\(", rest)
+    if not op:
+        return None
+    open_at = op.end() - 1
+    close = _closing(rest, open_at)
+    operands = [a.strip().split()[-1].lstrip("%") for a in _split_top(rest[open_at + 1:close]) if a.strip()]
+    return Instr(m.group(1), shape, op.group(1), operands, rest[close + 1:])
+
+
+def parse_module(text: str) -> tuple[dict[str, list[Instr]], str]:
+    """HLO module text → ({computation: instructions}, entry computation's name)."""
+    comps: dict[str, list[Instr]] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        header = _HEADER_RE.match(line)
+        if header and "=" not in line.split("(")[0]:
+            current = header.group(2)
+            comps[current] = []
+            if header.group(1):
+                entry = current
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        if current is not None:
+            ins = _parse_instr(line)
+            if ins is not None:
+                comps[current].append(ins)
+    if not entry:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return comps, entry
+
+
+def _arrays(shape: str) -> list[tuple[str, list[int]]]:
+    return [(dt, [int(d) for d in dims.split(",") if d]) for dt, dims in _ARRAY_RE.findall(shape)
+            if dt in DTYPE_BYTES]
+
+
+def shape_bytes(shape: str) -> float:
+    return float(sum(math.prod(dims) * DTYPE_BYTES[dt] for dt, dims in _arrays(shape)))
+
+
+def _dims(shape: str) -> list[int]:
+    arrays = _arrays(shape)
+    return arrays[0][1] if arrays else []
+
+
+def _attr_list(attrs: str, key: str) -> list[int]:
+    m = re.search(key + r"=\{([\d,]*)\}", attrs)
+    return [int(x) for x in m.group(1).split(",") if x] if m else []
+
+
+def dot_flops(out: list[int], lhs: list[int], attrs: str) -> float:
+    return 2.0 * math.prod(out) * math.prod(lhs[d] for d in _attr_list(attrs, "lhs_contracting_dims"))
+
+
+def _window(attrs: str, rank: int) -> dict[str, list]:
+    m = re.search(r"window=\{([^}]*)\}", attrs)
+    win = {"size": [1] * rank, "stride": [1] * rank, "pad": [(0, 0)] * rank, "lhs_dilate": [1] * rank,
+           "rhs_dilate": [1] * rank}
+    if not m:
+        return win
+    for item in m.group(1).split():
+        key, _, val = item.partition("=")
+        parts = val.split("x")
+        if key == "pad":
+            win["pad"] = [tuple(int(v) for v in p.split("_")) for p in parts]
+        elif key in win:
+            win[key] = [int(v) for v in parts]
+    return win
+
+
+def _valid_taps(out: int, size: int, stride: int, pad_lo: int, in_size: int, lhs_dilate: int,
+                rhs_dilate: int) -> int:
+    """(output position, kernel tap) pairs along one spatial dim that read a real input element."""
+    last = (in_size - 1) * lhs_dilate
+    count = 0
+    for k in range(size):
+        offset = k * rhs_dilate - pad_lo
+        for o in range(out):
+            pos = o * stride + offset
+            if 0 <= pos <= last and pos % lhs_dilate == 0:
+                count += 1
+    return count
+
+
+def conv_flops(out: list[int], lhs: list[int], rhs: list[int], attrs: str) -> float:
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+    if not m:
+        raise ValueError(f"convolution without dim_labels: {attrs[:200]!r}")
+    lhs_l, rhs_l, out_l = m.groups()
+    spatial = sorted(c for c in out_l if c.isdigit())
+    win = _window(attrs, len(spatial))
+    macs = out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")]
+    for d, c in enumerate(spatial):
+        macs *= _valid_taps(out[out_l.index(c)], win["size"][d], win["stride"][d], win["pad"][d][0],
+                            lhs[lhs_l.index(c)], win["lhs_dilate"][d], win["rhs_dilate"][d])
+    return 2.0 * macs
+
+
+def _trip_count(ins: Instr, comps: dict[str, list[Instr]]) -> int | None:
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', ins.attrs)
+    if m:
+        return int(m.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", ins.attrs)
+    body = re.search(r"body=%?([\w.\-]+)", ins.attrs)
+    if not cond or cond.group(1) not in comps:
+        return None
+    table = {i.name: i for i in comps[cond.group(1)]}
+    root = comps[cond.group(1)][-1]
+    if root.opcode != "compare" or len(root.operands) != 2:
+        return None
+    direction = re.search(r"direction=(\w+)", root.attrs)
+    lhs, rhs = (table.get(n) for n in root.operands)
+    if not (lhs and rhs and direction and lhs.opcode == "get-tuple-element" and rhs.opcode == "constant"):
+        return None
+    limit = int(re.match(r"\s*(-?\d+)", rhs.operands[0]).group(1)) if rhs.operands else None
+    if limit is None or direction.group(1) not in ("LT", "LE"):
+        return None
+    index = int(re.search(r"index=(\d+)", lhs.attrs).group(1))
+    step = _induction_step(comps.get(body.group(1), []) if body else [], index)
+    if step is None:
+        return None
+    return max(0, math.ceil((limit + (direction.group(1) == "LE")) / step))
+
+
+def _induction_step(body: list[Instr], index: int) -> int | None:
+    """The constant the loop body adds to tuple element ``index`` (scan's counter starts at 0)."""
+    if not body or body[-1].opcode != "tuple" or index >= len(body[-1].operands):
+        return None
+    table = {i.name: i for i in body}
+    node = table.get(body[-1].operands[index])
+    while node is not None and node.opcode in ("copy", "bitcast"):
+        node = table.get(node.operands[0])
+    if node is None or node.opcode != "add":
+        return None
+    for name in node.operands:
+        c = table.get(name)
+        if c is not None and c.opcode == "constant":
+            m = re.match(r"\s*(-?\d+)", c.operands[0]) if c.operands else None
+            if m and int(m.group(1)) > 0:
+                return int(m.group(1))
+    return None
+
+
+_SLICES = ("slice", "dynamic-slice")
+
+
+def _moved_bytes(ins: Instr, shapes: dict[str, str], fused: list[Instr]) -> float:
+    """HBM bytes one top-level instruction reads and writes. A slice reads only what it keeps and a
+    dynamic-update-slice (a scan stacking its outputs) writes its update in place, whole buffers
+    in their operand lists notwithstanding; inside a fusion the same holds per fused parameter."""
+    if ins.opcode in _SLICES:
+        return 2 * shape_bytes(ins.shape)
+    if ins.opcode == "dynamic-update-slice":
+        return 2 * shape_bytes(shapes.get(ins.operands[1], ""))
+    if not fused:
+        return shape_bytes(ins.shape) + sum(shape_bytes(shapes.get(o, "")) for o in ins.operands)
+    table = {i.name: i for i in fused}
+    users: dict[str, list[Instr]] = {}
+    for i in fused:
+        for o in i.operands:
+            users.setdefault(o, []).append(i)
+    params = {int(i.operands[0]): i for i in fused if i.opcode == "parameter" and i.operands}
+    total = 0.0
+    for k, operand in enumerate(ins.operands):
+        param = params.get(k)
+        use = users.get(param.name, []) if param is not None else []
+        if use and all(u.opcode in _SLICES and u.operands[0] == param.name for u in use):
+            total += sum(shape_bytes(u.shape) for u in use)
+        elif use and all(u.opcode == "dynamic-update-slice" and u.operands[0] == param.name for u in use):
+            continue  # the buffer updated in place
+        else:
+            total += shape_bytes(shapes.get(operand, ""))
+    root = fused[-1]
+    outs = [table.get(o) for o in root.operands] if root.opcode == "tuple" else [root]
+    for out in outs:
+        if out is None:
+            continue
+        if out.opcode == "dynamic-update-slice":
+            total += shape_bytes(table[out.operands[1]].shape) if out.operands[1] in table else 0.0
+        else:
+            total += shape_bytes(out.shape)
+    return total
+
+
+def program_cost(text: str) -> HloCost:
+    """Loop-aware matmul FLOPs and bytes accessed of HLO module ``text`` (module docstring)."""
+    comps, entry = parse_module(text)
+    unknown: list[str] = []
+
+    @functools.lru_cache(maxsize=None)
+    def cost(name: str, fused: bool) -> tuple[float, float]:
+        flops = nbytes = 0.0
+        instrs = comps.get(name, [])
+        shapes = {i.name: i.shape for i in instrs}
+        for ins in instrs:
+            if ins.opcode == "dot":
+                flops += dot_flops(_dims(ins.shape), _dims(shapes.get(ins.operands[0], "")), ins.attrs)
+            elif ins.opcode == "convolution":
+                flops += conv_flops(_dims(ins.shape), _dims(shapes.get(ins.operands[0], "")),
+                                    _dims(shapes.get(ins.operands[1], "")), ins.attrs)
+            callees = dict(_CALLEE_RE.findall(ins.attrs))
+            if not fused and ins.opcode not in _FREE:
+                nbytes += _moved_bytes(ins, shapes, comps.get(callees.get("calls", ""), []))
+            if ins.opcode == "while":
+                trips = _trip_count(ins, comps)
+                if trips is None:
+                    unknown.append(ins.name)
+                    trips = 1
+                f, b = cost(callees["body"], False)
+                flops, nbytes = flops + trips * f, nbytes + trips * b
+            elif ins.opcode == "conditional":
+                branches = [c.strip().lstrip("%") for c in _BRANCHES_RE.search(ins.attrs).group(1).split(",")] \
+                    if "branch_computations" in ins.attrs else \
+                    [callees[k] for k in ("true_computation", "false_computation") if k in callees]
+                f, b = max((cost(c, False) for c in branches), default=(0.0, 0.0))
+                flops, nbytes = flops + f, nbytes + b
+            elif ins.opcode == "call":  # ordinary code (``to_apply=`` before XLA's passes)
+                f, b = cost(callees.get("calls") or callees["to_apply"], fused)
+                flops, nbytes = flops + f, nbytes + b
+            elif "calls" in callees:  # a fusion (or async wrapper): its inside moves no HBM bytes of its own
+                f, b = cost(callees["calls"], True)
+                flops, nbytes = flops + f, nbytes + b
+        return flops, nbytes
+
+    flops, nbytes = cost(entry, False)
+    return HloCost(flops, nbytes, unknown)
+
+
+def compiled_cost(compiled) -> HloCost:
+    """``program_cost`` of a ``jax.stages.Compiled`` (one device's program under SPMD)."""
+    return program_cost(compiled.as_text() or "")
+
+
+def lowered_cost(lowered) -> HloCost:
+    """``program_cost`` of a ``jax.stages.Lowered`` (the global program, before XLA's passes)."""
+    return program_cost(lowered.as_text(dialect="hlo"))
+
+
+__all__ = ["HloCost", "program_cost", "compiled_cost", "lowered_cost", "parse_module", "dot_flops", "conv_flops",
+           "shape_bytes", "DTYPE_BYTES"]
