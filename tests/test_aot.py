@@ -5,7 +5,7 @@ import jax
 import pytest
 
 from jaxunified import bench
-from jaxunified.parallel import aot
+from jaxunified.parallel import aot, hlo_cost
 from jaxunified.train import compile as aot_compile
 from tests import helpers
 
@@ -38,7 +38,7 @@ def test_parse_topology_defaults():
         aot.parse_topology("v9z:2x2")
 
 
-def test_count_collectives_reads_tpu_hlo():
+def test_collectives_read_from_tpu_hlo():
     hlo = """
 %all-reduce-scatter (input: f32[64,8]) -> f32[16,8] {
   %all-reduce.2 = f32[64,8]{1,0} all-reduce(%input), replica_groups={{0,1,2,3}}, to_apply=%add
@@ -54,7 +54,7 @@ ENTRY %main.1 (p0: f32[16,8], p1: f32[4,8]) -> (f32[16,8]) {
   ROOT %t = (f32[16,8]) tuple(%fusion)
 }
 """
-    assert aot.count_collectives(hlo) == {
+    assert hlo_cost.program_cost(hlo).collectives == {
         "all-gather": 1, "reduce-scatter": 1, "all-reduce": 1, "collective-permute": 1}
     assert aot.largest_arrays(hlo)[0] == (64 * 8 * 2, "bf16[64,8]", "all-gather x1")
 

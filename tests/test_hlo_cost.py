@@ -130,3 +130,20 @@ def test_tpu_compiled_scan_counts_every_layer_per_device():
     cost = hlo_cost.compiled_cost(compiled)
     assert cost.flops == 3 * LAYERS * LAYER_FLOPS / 4 and not cost.unknown_loops
     assert compiled.cost_analysis()["flops"] < cost.flops / 2
+
+
+@needs_libtpu
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
+def test_tpu_collectives_inside_the_layer_scan_count_once_per_layer():
+    """FSDP-sharded weights are gathered inside the scan: a step runs that gather at every layer."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devices, _, _ = aot.resolve_devices("v5e:2x2", 1)
+    mesh = Mesh(np.array(devices).reshape(-1), ("data",))
+    w = jax.ShapeDtypeStruct((LAYERS, WIDTH, WIDTH), jnp.float32, sharding=NamedSharding(mesh, P(None, "data")))
+    x = jax.ShapeDtypeStruct((BATCH, WIDTH), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+    compiled = jax.jit(jax.grad(scanned)).lower(w, x).compile()
+    text = compiled.as_text()
+    static = text.count(" all-gather(") + text.count(" all-gather-start(")
+    gathers = hlo_cost.program_cost(text).collectives["all-gather"]
+    assert static > 0 and gathers > static and gathers % LAYERS == 0, (static, gathers)

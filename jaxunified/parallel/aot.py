@@ -61,7 +61,6 @@ _INSTALL_HINT = (
     "(it pins the matching libtpu wheel; Linux x86-64/aarch64 only). Ordinary CPU runs then need JAX_PLATFORMS=cpu."
 )
 
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +230,7 @@ class CompileReport:
     model_flops_per_step: float = 0.0  # the global, unpartitioned, unoptimized step's (parallel.hlo_cost)
     bytes_accessed_per_device: float = 0.0
     hbm_bytes_per_second: float = 0.0  # the chip's published HBM bandwidth
-    collectives: dict[str, int] = dataclasses.field(default_factory=dict)
+    collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # as run: a scanned layer's, per layer
     num_params: int = 0
     state_bytes: int = 0  # whole train state (params, optimizer, EMA, collections), all devices together
     peak_flops_per_device: float = 0.0
@@ -324,7 +323,8 @@ class CompileReport:
                 f"{self.hbm_bytes_per_second / 1e9:.0f} GB/s → implied MFU {100 * self.implied_mfu:.1f}% "
                 f"({100 * self.min_step_seconds / max(self.min_step_seconds, self.hbm_seconds):.0f}% if fully overlapped), "
                 f"≈ {self.global_batch / self.estimated_step_seconds:.0f} images/s",
-                "collectives     " + (", ".join(f"{k} {v}" for k, v in self.collectives.items()) or "none"),
+                "collectives     " + (", ".join(f"{k} {v}" for k, v in self.collectives.items()) + " (run per step)"
+                                      if self.collectives else "none"),
             ]
             if self.largest_arrays:
                 lines.append("largest arrays  " + "; ".join(f"{sh} {_nbytes(b)} ({op})"
@@ -384,35 +384,6 @@ def oom_required_bytes(text: str) -> int | None:
     if not m:
         return None
     return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
-
-
-def count_collectives(hlo_text: str) -> dict[str, int]:
-    """Static counts of collective instructions in optimized HLO text.
-
-    Async pairs (``all-gather-start``/``-done``) count once. The TPU compiler emits a reduce-scatter
-    as a fusion calling a computation named ``all-reduce-scatter*`` (an all-reduce plus a slice);
-    that counts as one reduce-scatter and its inner all-reduce is not counted.
-    """
-    counts = dict.fromkeys(COLLECTIVES, 0)
-    op_re = re.compile(r"=\s.*?\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-    skip = False
-    for line in hlo_text.splitlines():
-        s = line.strip()
-        if s.endswith("{") and "=" not in s.split("(")[0] and not s.startswith("ROOT"):  # a computation header
-            header = s.split()[0] if not s.startswith("ENTRY") else s.split()[1]
-            skip = "reduce-scatter" in header
-            if skip:
-                counts["reduce-scatter"] += 1
-            continue
-        if s == "}":
-            skip = False
-            continue
-        if skip:
-            continue
-        m = op_re.search(s)
-        if m:
-            counts[m.group(1)] += 1
-    return {k: v for k, v in counts.items() if v}
 
 
 _ARRAY_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([\d,]*)\]\S*\s+([a-z][\w\-]*)\(")

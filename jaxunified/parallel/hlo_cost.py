@@ -18,6 +18,9 @@ This module reads the module's text instead:
   wrote one (XLA:CPU does), else ``induction < N`` read from the loop's condition with the step
   the body adds (what ``lax.scan``/``fori_loop`` lower to; the TPU compiler writes no annotation).
   A loop whose count cannot be read counts once and is listed in ``unknown_loops``.
+- **Collectives** are counted as executed: an FSDP all-gather inside the layer scan counts once per
+  layer; an async pair counts at its ``-start``; the TPU compiler's reduce-scatter (a fusion calling
+  an ``all-reduce-scatter`` computation) counts as one reduce-scatter, not as its inner all-reduce.
 - ``conditional`` takes its costliest branch; ``call``/``fusion``/async wrappers count their callee
   once; the scalar ``to_apply`` computations of reductions are not matmul work.
 """
@@ -58,6 +61,7 @@ class HloCost:
     flops: float = 0.0
     bytes_accessed: float = 0.0
     unknown_loops: list[str] = dataclasses.field(default_factory=list)
+    collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # executed per step
 
 
 def _split_top(s: str) -> list[str]:
@@ -298,48 +302,82 @@ def _moved_bytes(ins: Instr, shapes: dict[str, str], fused: list[Instr]) -> floa
     return total
 
 
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cost:
+    flops: float = 0.0
+    nbytes: float = 0.0
+    collectives: tuple[tuple[str, int], ...] = ()
+
+    def __add__(self, other: "_Cost") -> "_Cost":
+        return self.scaled(1) if other is None else _Cost(
+            self.flops + other.flops, self.nbytes + other.nbytes, _merge(self.collectives, other.collectives))
+
+    def scaled(self, n: int) -> "_Cost":
+        return _Cost(n * self.flops, n * self.nbytes, tuple((k, n * v) for k, v in self.collectives))
+
+
+def _merge(a, b) -> tuple[tuple[str, int], ...]:
+    out = dict(a)
+    for k, v in b:
+        out[k] = out.get(k, 0) + v
+    return tuple(sorted(out.items()))
+
+
+def _collective(opcode: str) -> str | None:
+    """The collective an opcode starts (an async pair counts at its ``-start``)."""
+    base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+    return base if base in COLLECTIVES else None
+
+
 def program_cost(text: str) -> HloCost:
-    """Loop-aware matmul FLOPs and bytes accessed of HLO module ``text`` (module docstring)."""
+    """Loop-aware matmul FLOPs, bytes accessed and collectives of HLO module ``text`` (module docstring)."""
     comps, entry = parse_module(text)
     unknown: list[str] = []
 
     @functools.lru_cache(maxsize=None)
-    def cost(name: str, fused: bool) -> tuple[float, float]:
-        flops = nbytes = 0.0
+    def cost(name: str, fused: bool) -> _Cost:
+        total = _Cost()
         instrs = comps.get(name, [])
         shapes = {i.name: i.shape for i in instrs}
         for ins in instrs:
+            flops = nbytes = 0.0
             if ins.opcode == "dot":
-                flops += dot_flops(_dims(ins.shape), _dims(shapes.get(ins.operands[0], "")), ins.attrs)
+                flops = dot_flops(_dims(ins.shape), _dims(shapes.get(ins.operands[0], "")), ins.attrs)
             elif ins.opcode == "convolution":
-                flops += conv_flops(_dims(ins.shape), _dims(shapes.get(ins.operands[0], "")),
-                                    _dims(shapes.get(ins.operands[1], "")), ins.attrs)
+                flops = conv_flops(_dims(ins.shape), _dims(shapes.get(ins.operands[0], "")),
+                                   _dims(shapes.get(ins.operands[1], "")), ins.attrs)
             callees = dict(_CALLEE_RE.findall(ins.attrs))
             if not fused and ins.opcode not in _FREE:
-                nbytes += _moved_bytes(ins, shapes, comps.get(callees.get("calls", ""), []))
+                nbytes = _moved_bytes(ins, shapes, comps.get(callees.get("calls", ""), []))
+            kind = _collective(ins.opcode)
+            total = total + _Cost(flops, nbytes, ((kind, 1),) if kind else ())
             if ins.opcode == "while":
                 trips = _trip_count(ins, comps)
                 if trips is None:
                     unknown.append(ins.name)
                     trips = 1
-                f, b = cost(callees["body"], False)
-                flops, nbytes = flops + trips * f, nbytes + trips * b
+                total = total + cost(callees["body"], False).scaled(trips)
             elif ins.opcode == "conditional":
                 branches = [c.strip().lstrip("%") for c in _BRANCHES_RE.search(ins.attrs).group(1).split(",")] \
                     if "branch_computations" in ins.attrs else \
                     [callees[k] for k in ("true_computation", "false_computation") if k in callees]
-                f, b = max((cost(c, False) for c in branches), default=(0.0, 0.0))
-                flops, nbytes = flops + f, nbytes + b
+                total = total + max((cost(c, False) for c in branches), key=lambda c: (c.flops, c.nbytes),
+                                    default=_Cost())
             elif ins.opcode == "call":  # ordinary code (``to_apply=`` before XLA's passes)
-                f, b = cost(callees.get("calls") or callees["to_apply"], fused)
-                flops, nbytes = flops + f, nbytes + b
+                total = total + cost(callees.get("calls") or callees["to_apply"], fused)
             elif "calls" in callees:  # a fusion (or async wrapper): its inside moves no HBM bytes of its own
-                f, b = cost(callees["calls"], True)
-                flops, nbytes = flops + f, nbytes + b
-        return flops, nbytes
+                inner = cost(callees["calls"], True)
+                if "reduce-scatter" in callees["calls"]:
+                    # the TPU compiler's reduce-scatter: a fusion of an all-reduce and a slice
+                    inner = _Cost(inner.flops, inner.nbytes, (("reduce-scatter", 1),))
+                total = total + inner
+        return total
 
-    flops, nbytes = cost(entry, False)
-    return HloCost(flops, nbytes, unknown)
+    c = cost(entry, False)
+    return HloCost(c.flops, c.nbytes, unknown, {k: v for k, v in c.collectives if v})
 
 
 def compiled_cost(compiled) -> HloCost:
@@ -353,4 +391,4 @@ def lowered_cost(lowered) -> HloCost:
 
 
 __all__ = ["HloCost", "program_cost", "compiled_cost", "lowered_cost", "parse_module", "dot_flops", "conv_flops",
-           "shape_bytes", "DTYPE_BYTES"]
+           "shape_bytes", "DTYPE_BYTES", "COLLECTIVES"]

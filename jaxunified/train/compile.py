@@ -30,7 +30,6 @@ from jaxunified.parallel.aot import (
     slice_notes,
     tree_bytes,
     tree_size,
-    count_collectives,
     is_oom,
     largest_arrays,
     largest_global_arrays,
@@ -197,7 +196,7 @@ def compile_train_step(
     report.bytes_accessed_per_device = cost.bytes_accessed
     if cost.unknown_loops:
         report.notes.append(f"{len(cost.unknown_loops)} loop(s) of unknown trip count counted once in FLOPs/bytes")
-    report.collectives = count_collectives(hlo)
+    report.collectives = cost.collectives
     report.largest_arrays = largest_arrays(hlo)
     hbm = report.hbm_capacity_bytes
     report.fits = report.total_bytes <= hbm
