@@ -116,6 +116,30 @@ ENTRY main {
     assert hlo_cost.program_cost(text).flops == 5 * 2 * 4 * 4 * 4  # i = 0, 2, 4, 6, 8
 
 
+def test_text_it_cannot_read_falls_back_to_xlas_figures_with_a_note():
+    class Stage:
+        def as_text(self):
+            return "not HLO"
+
+        def cost_analysis(self):
+            return {"flops": 7.0, "bytes accessed": 9.0}
+    cost = hlo_cost.compiled_cost(Stage())
+    assert (cost.flops, cost.bytes_accessed) == (7.0, 9.0) and "XLA's cost analysis" in cost.note
+
+
+def test_a_loop_from_a_nonzero_start_or_on_a_float_counter():
+    def from_four(x):
+        return jax.lax.fori_loop(4, 10, lambda i, h: h @ h, x)
+    x = jnp.ones((8, 8))
+    lowered = jax.jit(from_four).lower(x)
+    assert hlo_cost.lowered_cost(lowered).flops == hlo_cost.compiled_cost(lowered.compile()).flops == 6 * 2 * 8 ** 3
+
+    def float_counter(x):
+        return jax.lax.while_loop(lambda c: c[0] < 2.5, lambda c: (c[0] + 1.0, c[1] @ c[1]), (0.0, x))[1]
+    cost = hlo_cost.lowered_cost(jax.jit(float_counter).lower(x))
+    assert cost.unknown_loops and cost.flops == 2 * 8 ** 3  # not read as 2 trips: named, counted once
+
+
 @needs_libtpu
 @pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
 def test_tpu_compiled_scan_counts_every_layer_per_device():
@@ -143,7 +167,6 @@ def test_tpu_collectives_inside_the_layer_scan_count_once_per_layer():
     w = jax.ShapeDtypeStruct((LAYERS, WIDTH, WIDTH), jnp.float32, sharding=NamedSharding(mesh, P(None, "data")))
     x = jax.ShapeDtypeStruct((BATCH, WIDTH), jnp.float32, sharding=NamedSharding(mesh, P("data")))
     compiled = jax.jit(jax.grad(scanned)).lower(w, x).compile()
-    text = compiled.as_text()
-    static = text.count(" all-gather(") + text.count(" all-gather-start(")
-    gathers = hlo_cost.program_cost(text).collectives["all-gather"]
-    assert static > 0 and gathers > static and gathers % LAYERS == 0, (static, gathers)
+    # once forward, once for the backward pass (the TPU compiler splits each async gather over three
+    # fusions that share its channel: one gather, not three)
+    assert hlo_cost.compiled_cost(compiled).collectives["all-gather"] == 2 * LAYERS

@@ -263,7 +263,8 @@ class CompileReport:
 
     @property
     def hbm_seconds(self) -> float:
-        """The compiled step's HBM traffic (``parallel.hlo_cost``, per device) at the chip's bandwidth."""
+        """The compiled step's memory traffic (``parallel.hlo_cost``, per device; an upper estimate of its HBM
+        traffic) at the chip's HBM bandwidth."""
         return self.bytes_accessed_per_device / self.hbm_bytes_per_second if self.hbm_bytes_per_second else 0.0
 
     @property

@@ -14,7 +14,8 @@ This module reads the module's text instead:
   XLA counts them; the TPU compiler writes its dots as convolutions). Elementwise arithmetic is
   left out: MFU here is against a matmul peak.
 - **Bytes** are what each instruction of a non-fused computation reads and writes (operands plus
-  result; a fusion at its boundary), the quantity XLA's "bytes accessed" approximates.
+  result; a fusion at its boundary), the quantity XLA's "bytes accessed" approximates: an upper
+  estimate of HBM traffic (on TPU it includes moves between HBM and on-chip memory).
 - A ``while`` multiplies its body by its trip count: the compiler's ``known_trip_count`` when it
   wrote one (XLA:CPU does), else ``induction < N`` read from the loop's condition with the step
   the body adds (what ``lax.scan``/``fori_loop`` lower to; the TPU compiler writes no annotation).
@@ -46,6 +47,7 @@ _ASSIGN_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 _ARRAY_RE = re.compile(r"([a-z][a-z0-9]*)\[([\d,]*)\]")
 _CALLEE_RE = re.compile(r"\b(calls|to_apply|condition|body|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES_RE = re.compile(r"branch_computations=\{([^}]*)\}")
+_COMMENT_RE = re.compile(r"/\*.*?\*/")
 
 
 @dataclasses.dataclass
@@ -63,6 +65,7 @@ class HloCost:
     bytes_accessed: float = 0.0
     unknown_loops: list[str] = dataclasses.field(default_factory=list)
     collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # executed per step
+    note: str | None = None  # set when the text could not be read and XLA's own figures stand in
 
 
 def _split_top(s: str) -> list[str]:
@@ -131,6 +134,7 @@ def parse_module(text: str) -> tuple[dict[str, list[Instr]], str]:
     comps: dict[str, list[Instr]] = {}
     entry, current = "", None
     for line in text.splitlines():
+        line = _COMMENT_RE.sub("", line)  # TPU text numbers long operand lists: /*index=5*/
         header = _HEADER_RE.match(line)
         if header and "=" not in line.split("(")[0]:
             current = header.group(2)
@@ -217,34 +221,52 @@ def conv_flops(out: list[int], lhs: list[int], rhs: list[int], attrs: str) -> fl
     return 2.0 * macs
 
 
-def _trip_count(ins: Instr, comps: dict[str, list[Instr]]) -> int | None:
+_INT_SCALAR_RE = re.compile(r"^[su](8|16|32|64)\[\]")
+
+
+def _int_constant(node: Instr | None, table: dict[str, Instr]) -> int | None:
+    """The value of an integer scalar constant, through copies and bitcasts; None otherwise."""
+    while node is not None and node.opcode in ("copy", "bitcast"):
+        node = table.get(node.operands[0])
+    if node is None or node.opcode != "constant" or not _INT_SCALAR_RE.match(node.shape) or not node.operands:
+        return None
+    m = re.fullmatch(r"-?\d+", node.operands[0])
+    return int(m.group(0)) if m else None
+
+
+def _trip_count(ins: Instr, comps: dict[str, list[Instr]], caller: dict[str, Instr]) -> int | None:
+    """How often while-instruction ``ins`` (in a computation whose instructions are ``caller``) runs its
+    body: XLA's ``known_trip_count``, else ``ceil((limit - init) / step)`` for an integer counter that
+    starts at a constant, grows by a constant and is compared ``<``/``<=`` with a constant."""
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', ins.attrs)
     if m:
         return int(m.group(1))
-    cond = re.search(r"condition=%?([\w.\-]+)", ins.attrs)
-    body = re.search(r"body=%?([\w.\-]+)", ins.attrs)
-    if not cond or cond.group(1) not in comps:
+    callees = dict(_CALLEE_RE.findall(ins.attrs))
+    cond, body = comps.get(callees.get("condition", "")), comps.get(callees.get("body", ""))
+    if not cond or not body or not ins.operands:
         return None
-    table = {i.name: i for i in comps[cond.group(1)]}
-    root = comps[cond.group(1)][-1]
-    if root.opcode != "compare" or len(root.operands) != 2:
-        return None
+    table = {i.name: i for i in cond}
+    root = cond[-1]
     direction = re.search(r"direction=(\w+)", root.attrs)
-    lhs, rhs = (table.get(n) for n in root.operands)
-    if not (lhs and rhs and direction and lhs.opcode == "get-tuple-element" and rhs.opcode == "constant"):
+    if root.opcode != "compare" or len(root.operands) != 2 or not direction or direction.group(1) not in ("LT", "LE"):
         return None
-    limit = int(re.match(r"\s*(-?\d+)", rhs.operands[0]).group(1)) if rhs.operands else None
-    if limit is None or direction.group(1) not in ("LT", "LE"):
+    counter = table.get(root.operands[0])
+    limit = _int_constant(table.get(root.operands[1]), table)
+    if counter is None or counter.opcode != "get-tuple-element" or limit is None:
         return None
-    index = int(re.search(r"index=(\d+)", lhs.attrs).group(1))
-    step = _induction_step(comps.get(body.group(1), []) if body else [], index)
-    if step is None:
+    index = int(re.search(r"index=(\d+)", counter.attrs).group(1))
+    step = _induction_step(body, index)
+    init_tuple = caller.get(ins.operands[0])
+    if step is None or init_tuple is None or init_tuple.opcode != "tuple" or index >= len(init_tuple.operands):
         return None
-    return max(0, math.ceil((limit + (direction.group(1) == "LE")) / step))
+    init = _int_constant(caller.get(init_tuple.operands[index]), caller)
+    if init is None:
+        return None
+    return max(0, math.ceil((limit + (direction.group(1) == "LE") - init) / step))
 
 
 def _induction_step(body: list[Instr], index: int) -> int | None:
-    """The constant the loop body adds to tuple element ``index`` (scan's counter starts at 0)."""
+    """The positive constant the loop body adds to tuple element ``index``."""
     if not body or body[-1].opcode != "tuple" or index >= len(body[-1].operands):
         return None
     table = {i.name: i for i in body}
@@ -254,11 +276,9 @@ def _induction_step(body: list[Instr], index: int) -> int | None:
     if node is None or node.opcode != "add":
         return None
     for name in node.operands:
-        c = table.get(name)
-        if c is not None and c.opcode == "constant":
-            m = re.match(r"\s*(-?\d+)", c.operands[0]) if c.operands else None
-            if m and int(m.group(1)) > 0:
-                return int(m.group(1))
+        step = _int_constant(table.get(name), table)
+        if step is not None and step > 0:
+            return step
     return None
 
 
@@ -271,6 +291,8 @@ def _moved_bytes(ins: Instr, shapes: dict[str, str], fused: list[Instr]) -> floa
     in their operand lists notwithstanding; inside a fusion the same holds per fused parameter."""
     if ins.opcode in _SLICES:
         return 2 * shape_bytes(ins.shape)
+    if ins.opcode == "copy-start":  # its result is a (destination, source, context) tuple
+        return 2 * shape_bytes(shapes.get(ins.operands[0], ""))
     if ins.opcode == "dynamic-update-slice":
         return 2 * shape_bytes(shapes.get(ins.operands[1], ""))
     if not fused:
@@ -332,62 +354,127 @@ def _collective(opcode: str) -> str | None:
     return base if base in COLLECTIVES else None
 
 
+def _collective_key(ins: Instr, where: str) -> tuple[str, str] | None:
+    """(kind, identity) of a collective instruction: its channel when it has one — the TPU compiler
+    splits one async collective over its start, overlapped-compute and done fusions, each holding a
+    copy of the op with the same channel — else the instruction itself."""
+    kind = _collective(ins.opcode)
+    if kind is None:
+        return None
+    channel = re.search(r"channel_id=(\d+)", ins.attrs)
+    return kind, (f"channel {channel.group(1)}" if channel else f"{where}/{ins.name}")
+
+
+def _is_free(ins: Instr) -> bool:
+    """Moves no data of its own: views and bookkeeping, control ops (their callees count), the done
+    half of an async pair (its start counts) and the TPU's buffer allocations."""
+    return (ins.opcode in _FREE or ins.opcode.endswith(("-done", "-update"))
+            or (ins.opcode == "custom-call" and 'custom_call_target="AllocateBuffer"' in ins.attrs))
+
+
 def program_cost(text: str) -> HloCost:
     """Loop-aware matmul FLOPs, bytes accessed and collectives of HLO module ``text`` (module docstring)."""
     comps, entry = parse_module(text)
     unknown: list[str] = []
 
     @functools.lru_cache(maxsize=None)
-    def cost(name: str, fused: bool) -> _Cost:
+    def fused_collectives(name: str) -> frozenset:
+        """The collectives of a fused computation and the fusions inside it, as ``_collective_key``s."""
+        keys = set()
+        for ins in comps.get(name, []):
+            key = _collective_key(ins, name)
+            if key:
+                keys.add(key)
+            callee = dict(_CALLEE_RE.findall(ins.attrs)).get("calls")
+            if callee:
+                keys |= called_collectives(callee)
+        return frozenset(keys)
+
+    def called_collectives(callee: str) -> frozenset:
+        inner = fused_collectives(callee)
+        if "reduce-scatter" in callee:  # the TPU's reduce-scatter: an all-reduce and a slice, fused
+            inner = frozenset({("reduce-scatter", min((k for _, k in inner), default=callee))})
+        return inner
+
+    @functools.lru_cache(maxsize=None)
+    def cost(name: str) -> _Cost:
+        """One run of non-fused computation ``name``; fused callees add FLOPs and collectives only."""
         total = _Cost()
         instrs = comps.get(name, [])
+        table = {i.name: i for i in instrs}
         shapes = {i.name: i.shape for i in instrs}
+        keys = set()
         for ins in instrs:
-            flops = nbytes = 0.0
-            if ins.opcode == "dot":
-                flops = dot_flops(_dims(ins.shape), _dims(shapes.get(ins.operands[0], "")), ins.attrs)
-            elif ins.opcode == "convolution":
-                flops = conv_flops(_dims(ins.shape), _dims(shapes.get(ins.operands[0], "")),
-                                   _dims(shapes.get(ins.operands[1], "")), ins.attrs)
             callees = dict(_CALLEE_RE.findall(ins.attrs))
-            if not fused and ins.opcode not in _FREE:
+            key = _collective_key(ins, name)
+            if key:
+                keys.add(key)
+            nbytes = 0.0
+            if not _is_free(ins):
                 nbytes = _moved_bytes(ins, shapes, comps.get(callees.get("calls", ""), []))
-            kind = _collective(ins.opcode)
-            total = total + _Cost(flops, nbytes, ((kind, 1),) if kind else ())
+            total = total + _Cost(_flops(ins, shapes), nbytes)
             if ins.opcode == "while":
-                trips = _trip_count(ins, comps)
+                trips = _trip_count(ins, comps, table)
                 if trips is None:
                     unknown.append(ins.name)
                     trips = 1
-                total = total + cost(callees["body"], False).scaled(trips)
+                total = total + cost(callees["body"]).scaled(trips)
             elif ins.opcode == "conditional":
-                branches = [c.strip().lstrip("%") for c in _BRANCHES_RE.search(ins.attrs).group(1).split(",")] \
-                    if "branch_computations" in ins.attrs else \
-                    [callees[k] for k in ("true_computation", "false_computation") if k in callees]
-                total = total + max((cost(c, False) for c in branches), key=lambda c: (c.flops, c.nbytes),
-                                    default=_Cost())
+                found = _BRANCHES_RE.search(ins.attrs)
+                branches = ([c.strip().lstrip("%") for c in found.group(1).split(",")] if found else
+                            [callees[k] for k in ("true_computation", "false_computation") if k in callees])
+                total = total + max((cost(c) for c in branches), key=lambda c: (c.flops, c.nbytes), default=_Cost())
             elif ins.opcode == "call":  # ordinary code (``to_apply=`` before XLA's passes)
-                total = total + cost(callees.get("calls") or callees["to_apply"], fused)
-            elif "calls" in callees:  # a fusion (or async wrapper): its inside moves no HBM bytes of its own
-                inner = cost(callees["calls"], True)
-                if "reduce-scatter" in callees["calls"]:
-                    # the TPU compiler's reduce-scatter: a fusion of an all-reduce and a slice
-                    inner = _Cost(inner.flops, inner.nbytes, (("reduce-scatter", 1),))
-                total = total + inner
-        return total
+                total = total + cost(callees.get("calls") or callees["to_apply"])
+            elif "calls" in callees and not ins.opcode.endswith(("-done", "-update")):
+                # a fusion or async wrapper: matmul work and collectives inside, no HBM bytes of its own
+                total = total + _Cost(fused_flops(callees["calls"]))
+                keys |= called_collectives(callees["calls"])
+        counts: dict[str, int] = {}
+        for kind, _ in keys:
+            counts[kind] = counts.get(kind, 0) + 1
+        return total + _Cost(collectives=tuple(sorted(counts.items())))
 
-    c = cost(entry, False)
+    @functools.lru_cache(maxsize=None)
+    def fused_flops(name: str) -> float:
+        instrs = comps.get(name, [])
+        shapes = {i.name: i.shape for i in instrs}
+        return sum(_flops(i, shapes) + (fused_flops(dict(_CALLEE_RE.findall(i.attrs))["calls"])
+                                        if "calls=" in i.attrs else 0.0) for i in instrs)
+
+    c = cost(entry)
     return HloCost(c.flops, c.nbytes, unknown, {k: v for k, v in c.collectives if v})
+
+
+def _flops(ins: Instr, shapes: dict[str, str]) -> float:
+    if ins.opcode == "dot":
+        return dot_flops(_dims(ins.shape), _dims(shapes.get(ins.operands[0], "")), ins.attrs)
+    if ins.opcode == "convolution":
+        return conv_flops(_dims(ins.shape), _dims(shapes.get(ins.operands[0], "")),
+                          _dims(shapes.get(ins.operands[1], "")), ins.attrs)
+    return 0.0
 
 
 def compiled_cost(compiled) -> HloCost:
     """``program_cost`` of a ``jax.stages.Compiled`` (one device's program under SPMD)."""
-    return program_cost(compiled.as_text() or "")
+    return _read(compiled.as_text() or "", compiled)
 
 
 def lowered_cost(lowered) -> HloCost:
     """``program_cost`` of a ``jax.stages.Lowered`` (the global program, before XLA's passes)."""
-    return program_cost(lowered.as_text(dialect="hlo"))
+    return _read(lowered.as_text(dialect="hlo"), lowered)
+
+
+def _read(text: str, stage) -> HloCost:
+    """A report should not die on HLO this reader does not know: XLA's own figures then stand in."""
+    try:
+        return program_cost(text)
+    except (ValueError, KeyError, IndexError, AttributeError) as e:
+        ca = stage.cost_analysis()
+        ca = (ca[0] if ca else {}) if isinstance(ca, (list, tuple)) else (ca or {})
+        return HloCost(float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0)),
+                       note=f"HLO text not read ({type(e).__name__}: {e}); XLA's cost analysis used, "
+                            "loop bodies counted once")
 
 
 __all__ = ["HloCost", "program_cost", "compiled_cost", "lowered_cost", "parse_module", "dot_flops", "conv_flops",

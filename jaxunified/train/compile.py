@@ -191,9 +191,10 @@ def compile_train_step(
         report.temp_bytes = int(mem.temp_size_in_bytes)
         report.generated_code_bytes = int(mem.generated_code_size_in_bytes)
     hlo = compiled.as_text() or ""
-    cost = hlo_cost.program_cost(hlo)
+    cost = hlo_cost.compiled_cost(compiled)
     report.flops_per_device = cost.flops
     report.bytes_accessed_per_device = cost.bytes_accessed
+    report.notes += [cost.note] if cost.note else []
     if cost.unknown_loops:
         report.notes.append(f"{len(cost.unknown_loops)} loop(s) of unknown trip count counted once in FLOPs/bytes")
     report.collectives = cost.collectives
