@@ -198,7 +198,11 @@ def _random_batch(example: dict, seed: int = 0) -> dict:
 def _flops(compiled, num_devices: int) -> float:
     # XLA's cost_analysis() counts a scanned layer stack's body once; this reads every iteration.
     # SPMD: the compiled module is one device's program; every device runs the same one.
-    return hlo_cost.compiled_cost(compiled).flops * num_devices
+    cost = hlo_cost.compiled_cost(compiled)
+    if cost.note or cost.unknown_loops:
+        print(f"note: {cost.note or f'{len(cost.unknown_loops)} loop(s) of unknown trip count counted once'}",
+              file=sys.stderr)
+    return cost.flops * num_devices
 
 
 class StepTimer:
