@@ -199,9 +199,8 @@ def _flops(compiled, num_devices: int) -> float:
     # XLA's cost_analysis() counts a scanned layer stack's body once; this reads every iteration.
     # SPMD: the compiled module is one device's program; every device runs the same one.
     cost = hlo_cost.compiled_cost(compiled)
-    if cost.note or cost.unknown_loops:
-        print(f"note: {cost.note or f'{len(cost.unknown_loops)} loop(s) of unknown trip count counted once'}",
-              file=sys.stderr)
+    if cost.warning:
+        print(f"note: {cost.warning}", file=sys.stderr)
     return cost.flops * num_devices
 
 

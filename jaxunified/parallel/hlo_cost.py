@@ -67,6 +67,15 @@ class HloCost:
     collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # executed per step
     note: str | None = None  # set when the text could not be read and XLA's own figures stand in
 
+    @property
+    def warning(self) -> str | None:
+        """What a report should say about these figures, if anything."""
+        if self.note:
+            return self.note
+        if self.unknown_loops:
+            return f"{len(self.unknown_loops)} loop(s) of unknown trip count counted once in FLOPs/bytes"
+        return None
+
 
 def _split_top(s: str) -> list[str]:
     """``s`` split at the commas outside any bracket."""
@@ -224,10 +233,15 @@ def conv_flops(out: list[int], lhs: list[int], rhs: list[int], attrs: str) -> fl
 _INT_SCALAR_RE = re.compile(r"^[su](8|16|32|64)\[\]")
 
 
-def _int_constant(node: Instr | None, table: dict[str, Instr]) -> int | None:
-    """The value of an integer scalar constant, through copies and bitcasts; None otherwise."""
+def _through_copies(node: Instr | None, table: dict[str, Instr]) -> Instr | None:
     while node is not None and node.opcode in ("copy", "bitcast"):
         node = table.get(node.operands[0])
+    return node
+
+
+def _int_constant(node: Instr | None, table: dict[str, Instr]) -> int | None:
+    """The value of an integer scalar constant, through copies and bitcasts; None otherwise."""
+    node = _through_copies(node, table)
     if node is None or node.opcode != "constant" or not _INT_SCALAR_RE.match(node.shape) or not node.operands:
         return None
     m = re.fullmatch(r"-?\d+", node.operands[0])
@@ -270,9 +284,7 @@ def _induction_step(body: list[Instr], index: int) -> int | None:
     if not body or body[-1].opcode != "tuple" or index >= len(body[-1].operands):
         return None
     table = {i.name: i for i in body}
-    node = table.get(body[-1].operands[index])
-    while node is not None and node.opcode in ("copy", "bitcast"):
-        node = table.get(node.operands[0])
+    node = _through_copies(table.get(body[-1].operands[index]), table)
     if node is None or node.opcode != "add":
         return None
     for name in node.operands:
@@ -455,9 +467,10 @@ def _flops(ins: Instr, shapes: dict[str, str]) -> float:
     return 0.0
 
 
-def compiled_cost(compiled) -> HloCost:
-    """``program_cost`` of a ``jax.stages.Compiled`` (one device's program under SPMD)."""
-    return _read(compiled.as_text() or "", compiled)
+def compiled_cost(compiled, text: str | None = None) -> HloCost:
+    """``program_cost`` of a ``jax.stages.Compiled`` (one device's program under SPMD); pass ``text``
+    when the caller already holds ``compiled.as_text()`` (a pod-sized module's text takes a while)."""
+    return _read((compiled.as_text() if text is None else text) or "", compiled)
 
 
 def lowered_cost(lowered) -> HloCost:

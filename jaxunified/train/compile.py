@@ -191,12 +191,10 @@ def compile_train_step(
         report.temp_bytes = int(mem.temp_size_in_bytes)
         report.generated_code_bytes = int(mem.generated_code_size_in_bytes)
     hlo = compiled.as_text() or ""
-    cost = hlo_cost.compiled_cost(compiled)
+    cost = hlo_cost.compiled_cost(compiled, hlo)
     report.flops_per_device = cost.flops
     report.bytes_accessed_per_device = cost.bytes_accessed
-    report.notes += [cost.note] if cost.note else []
-    if cost.unknown_loops:
-        report.notes.append(f"{len(cost.unknown_loops)} loop(s) of unknown trip count counted once in FLOPs/bytes")
+    report.notes += [cost.warning] if cost.warning else []
     report.collectives = cost.collectives
     report.largest_arrays = largest_arrays(hlo)
     hbm = report.hbm_capacity_bytes
