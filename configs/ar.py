@@ -99,6 +99,9 @@ def _base() -> mlc.ConfigDict:
     c.sample.top_k = 1000
     c.sample.top_p = 1.0
     c.sample.seed = 0
+    # > 1: draw this many samples per caption and keep the one the frozen SigLIP (the text encoder's
+    # two towers) scores highest — DALL·E's CLIP reranking; eval then also reports the first draws (plain_*).
+    c.sample.best_of = 1
 
     c.eval.num_samples = 0  # captions sampled at eval (0 = as many as eval.num_examples)
     c.eval.prompts_file = ""
@@ -131,6 +134,7 @@ def get_config(arg: str = "shapes") -> mlc.ConfigDict:
         c.sample.cfg_scale = 2.0
         c.sample.top_k = 3
         c.sample.temperature = 1.0
+        c.sample.best_of = 8
         c.eval.num_examples = 1000
         c.eval.negative_kinds = common.NEGATIVE_KINDS
         # YNNPACK matmuls: 1.4× the train step at width 128 on 2 CPU cores (no gain at ViT-B widths)

@@ -113,9 +113,10 @@ def test_tiny_run_trains_samples_scores_and_loads_back(tmp_path):
     assert len(rows) == 16 and {"caption", "passed", "reason"} <= set(rows[0])
 
     with_prompts = helpers.override(tiny_config(total_steps=8), **{"eval.prompts_file": str(prompts),
-                                                                   "eval.negative_kinds": ("color", "swap")})
+                                                                   "eval.negative_kinds": ("color", "swap"),
+                                                                   "sample.best_of": 2})
     out = evaluate_run(with_prompts, tmp_path)
-    assert out["geneval_overall"] >= 0.0
+    assert out["geneval_overall"] >= 0.0 and out["plain_overall"] >= 0.0  # reranked, and the first draws
     # Every test caption has a colour to change; only two-object ones can swap.
     assert 0.0 <= out["prefers_caption_over_color"] <= 1.0 and 0.0 <= out["prefers_caption_over_swap"] <= 1.0
     rows = json.loads(sorted(tmp_path.glob("samples_test_*.json"))[-1].read_text())
@@ -125,6 +126,31 @@ def test_tiny_run_trains_samples_scores_and_loads_back(tmp_path):
     states = jnp.zeros((1, model.config.cls_token_num, model.config.caption_dim))
     logits = model.apply(variables, states, jnp.zeros((1, 3), jnp.int32))
     assert logits.shape[-1] == model.config.vocab_size
+
+
+def test_best_of_n_keeps_the_siglip_favourite_among_independent_draws():
+    from jaxunified.sample import rerank
+
+    t, params, colls = helpers.tiny_task(A.ARTask, tiny_config(**{"sample.best_of": 3}))
+    captions = ["a red circle", "two blue squares"]
+    key = jax.random.key(1)
+    images, codes, ranked = t.sample_candidates(params["gpt"], colls, captions, key=key, batch_size=4)
+    assert images.shape[0] == codes.shape[0] == 6 and ranked.scores.shape == (2, 3)
+    assert len({c.tobytes() for c in codes[:3]}) == 3  # a caption's draws are independent
+    # The scores are the SigLIP's own image–caption logits (the diagonal of its B×B matrix).
+    model, variables = t.scorer
+    tokens = jnp.asarray(t.text_tokenizer.encode(rerank.repeat(captions, 3)))
+    full = model.apply(variables, jnp.asarray(images), tokens)["logits_per_image"]
+    np.testing.assert_allclose(ranked.scores.reshape(-1), np.diag(np.asarray(full)), rtol=1e-5, atol=1e-5)
+    best_images, best_codes = t.sample(params["gpt"], colls, captions, key=key, batch_size=4)
+    want = np.argmax(ranked.scores, axis=1) + np.array([0, 3])
+    np.testing.assert_array_equal(best_codes, codes[want])
+    np.testing.assert_array_equal(best_images, images[want])
+
+    with pytest.raises(ValueError, match="best_of must be >= 1"):
+        A.ARTask(tiny_config(**{"sample.best_of": 0}), None)
+    with pytest.raises(ValueError, match="no image tower"):
+        A.ARTask(lm_text_config(**{"sample.best_of": 2}), None)
 
 
 def test_hard_negatives_edit_one_thing_where_the_kind_applies():

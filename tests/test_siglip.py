@@ -44,6 +44,20 @@ def test_hf_siglip_golden_parity(golden):
         np.testing.assert_allclose(np.asarray(v), ref[k], atol=1e-4, rtol=0, err_msg=k)
 
 
+def test_pair_logits_are_the_golden_diagonal_and_resize_other_image_sizes(golden):
+    _, model, variables, ref = golden
+    images = jnp.asarray(ref["pixel_values"]).transpose(0, 2, 3, 1)
+    n = min(images.shape[0], ref["input_ids"].shape[0])
+    pair = model.apply(variables, images[:n], jnp.asarray(ref["input_ids"][:n]), method=S.SigLIP.pair_logits)
+    np.testing.assert_allclose(np.asarray(pair), np.diag(ref["logits_per_image"])[:n], atol=1e-4, rtol=0)
+    size = model.cfg.vision.image_size
+    big = jax.image.resize(images[:n], (n, 2 * size, 2 * size, images.shape[3]), "bilinear")
+    again = model.apply(variables, big, jnp.asarray(ref["input_ids"][:n]), method=S.SigLIP.pair_logits)
+    back = jax.image.resize(big, images[:n].shape, "bilinear")  # what a preprocessor would feed the tower
+    want = model.apply(variables, back, jnp.asarray(ref["input_ids"][:n]), method=S.SigLIP.pair_logits)
+    np.testing.assert_allclose(np.asarray(again), np.asarray(want), atol=1e-5)
+
+
 def test_scanned_and_remat_towers_match_unrolled(golden):
     hf, _, variables, ref = golden
     cfg = config_from_hf(hf, vision=dict(scan=True, remat=True), text=dict(scan=True))

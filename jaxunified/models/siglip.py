@@ -342,6 +342,16 @@ class SigLIP(nn.Module):
         z = self.text(tokens)["pooled"]
         return l2_normalize(z) if normalize else z
 
+    def pair_logits(self, images: jax.Array, tokens: jax.Array) -> jax.Array:
+        """[B]: the sigmoid-loss logit of each (image i, text i) pair — ``logits_per_image``'s diagonal
+        without the B×B matrix. Images of another size than the tower's are resized (bilinear, with
+        antialiasing), as a preprocessor would."""
+        size = self.cfg.vision.image_size
+        if images.shape[1:3] != (size, size):
+            images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
+        img, txt = self.encode_image(images), self.encode_text(tokens)
+        return jnp.exp(self.logit_scale) * (img * txt).sum(-1) + self.logit_bias
+
     def __call__(self, images: jax.Array, tokens: jax.Array, return_hidden: bool = False) -> dict[str, Any]:
         v = self.vision(images, return_hidden=return_hidden)
         t = self.text(tokens, return_hidden=return_hidden)

@@ -35,7 +35,10 @@ distinction stays at chance while GenEval drops.
 
 Evaluation: teacher-forced loss and token accuracy over the split, then CFG samples for the
 split's captions (or ``eval.prompts_file``) scored by shapes-GenEval per category, with a PNG
-grid of samples per category. ``eval.negative_kinds`` adds, per kind of one-word hard negative
+grid of samples per category. With ``sample.best_of`` n > 1 every caption gets n independent draws
+and the frozen SigLIP (the text encoder's image and text towers) keeps the one whose image–caption
+logit is highest (``sample.rerank``, DALL·E's CLIP reranking); ``plain_*`` then scores each caption's
+first draw, the same sampler without the choice. ``eval.negative_kinds`` adds, per kind of one-word hard negative
 (a changed colour, shape, count or relation, or the two objects' shapes swapped), how often the
 GPT's likelihood of the target codes prefers the true caption: whether the condition carries
 that distinction at all (0.5: it does not), apart from how well the sampler draws it.
@@ -62,10 +65,11 @@ from jaxunified.models import lm as lm_lib
 from jaxunified.models import siglip as siglip_lib
 from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.quant import simplify
+from jaxunified.sample import rerank as rerank_lib
 from jaxunified.sample.llamagen import sample_images
 from jaxunified.sample.strategies import guidance_from, strategy_from
 from jaxunified.train import frozen as frozen_parts
-from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
+from jaxunified.train.task import Task, eval_params, fill_boxes, fixed_size_chunks, kwargs
 
 CACHE_FIELDS = ("codes", "caption_states")
 # The text encoder: a SigLIP text tower, or a decoder LM (an mllm/LM run, HF Qwen2) read as one.
@@ -84,10 +88,13 @@ class ARTask(Task):
         super().__init__(config, mesh)
         self.vq, self._vq_vars = frozen_parts.load_vq(config.tokenizer)
         self.text_tokenizer = frozen_parts.text_tokenizer(config.data.text)
+        self.scorer = None  # (SigLIP, variables): best-of-n sampling's judge (sample.best_of)
         if self.text_family == "siglip":
             siglip, sv = frozen_parts.load_siglip(config.text_encoder)
             if siglip.cfg.text is None:
                 raise ValueError("text_encoder has no text tower")
+            if self.best_of > 1:
+                self.scorer = (siglip, nn.meta.unbox(sv))
             self.text_cfg = siglip.cfg.text
             self.text_model = siglip_lib.TextTower(self.text_cfg)
             self._text_params = sv["params"]["text"]
@@ -97,6 +104,9 @@ class ARTask(Task):
                                  f"{self.text_cfg.max_len}")
             width = self.text_cfg.width
         else:
+            if self.best_of > 1:
+                raise ValueError(f"sample.best_of={self.best_of} reranks with the text encoder's SigLIP; "
+                                 "text_encoder.family='lm' has no image tower to score with")
             self.text_cfg, self._text_params, _, _ = frozen_parts.load_lm(config.text_encoder, "text_encoder")
             self.text_model = lm_lib.DecoderLM(self.text_cfg)
             # As in HF, the LM's hidden states are the embeddings, L − 1 block outputs and the final-normed output.
@@ -205,6 +215,13 @@ class ARTask(Task):
     @property
     def text_layer(self) -> int:
         return int(self.config.text_encoder.get("select_layer", 0))
+
+    @property
+    def best_of(self) -> int:
+        n = int(self.config.sample.get("best_of", 1))
+        if n < 1:
+            raise ValueError(f"sample.best_of must be >= 1 (1: one draw per caption), got {n}")
+        return n
 
     @property
     def append_pooled(self) -> bool:
@@ -325,7 +342,23 @@ class ARTask(Task):
                                       method=vqgan_lib.VQGAN.decode_codes), -1.0, 1.0)
 
     def sample(self, gpt_params, collections, captions, *, key, batch_size: int = 0):
-        """Images [N, H, W, 3] in [-1, 1] and codes [N, h·w] for ``captions`` (CFG per ``config.sample``)."""
+        """Images [N, H, W, 3] in [-1, 1] and codes [N, h·w] for ``captions`` (CFG per ``config.sample``;
+        with ``sample.best_of`` n > 1, the frozen SigLIP's pick of n draws per caption)."""
+        images, codes, ranked = self.sample_candidates(gpt_params, collections, captions, key=key,
+                                                       batch_size=batch_size)
+        return ranked.best(images), ranked.best(codes)
+
+    def sample_candidates(self, gpt_params, collections, captions, *, key, batch_size: int = 0):
+        """``sample.best_of`` draws per caption, prompt-major (``sample.rerank``): images [N·n, H, W, 3],
+        codes [N·n, h·w] and the ``Reranked`` choice by the frozen SigLIP's image–caption logit
+        (n = 1: one draw each, nothing scored)."""
+        n = self.best_of
+        rows = rerank_lib.repeat(list(captions), n)
+        images, codes = self._draw(gpt_params, collections, rows, key=key, batch_size=batch_size)
+        scores = self.match_scores(images, rows, batch_size=batch_size) if n > 1 else np.zeros(len(rows))
+        return images, codes, rerank_lib.rerank(scores, n)
+
+    def _draw(self, gpt_params, collections, captions, *, key, batch_size: int = 0):
         sc = self.config.sample
         frozen = collections["frozen"]
         variables = self._gpt_vars(gpt_params, collections)
@@ -334,16 +367,27 @@ class ARTask(Task):
         encode = jax.jit(self.encode_text)
         decode = jax.jit(self.decode_images)
         images, codes = [], []
-        for i in range(0, len(captions), bs):
-            chunk = list(captions[i:i + bs])
-            n = len(chunk)
-            chunk += [chunk[-1]] * (bs - n)  # one compiled shape
-            states = encode(frozen, jnp.asarray(self.text_tokenizer.encode(chunk)))
+        for i, idx, n in fixed_size_chunks(len(captions), bs):
+            states = encode(frozen, jnp.asarray(self.text_tokenizer.encode([captions[j] for j in idx])))
             c = sample_images(self.model, variables, states, num_tokens=self.model_cfg.block_size,
                               strategy=strategy, key=jax.random.fold_in(key, i), guidance=guidance)
             images.append(np.asarray(decode(frozen, c))[:n])
             codes.append(np.asarray(c)[:n])
         return np.concatenate(images), np.concatenate(codes)
+
+    def match_scores(self, images, captions, *, batch_size: int = 0) -> np.ndarray:
+        """[N] the frozen SigLIP's logit that image i shows caption i (``SigLIP.pair_logits``)."""
+        if self.scorer is None:
+            raise ValueError("no scorer: set sample.best_of > 1 with a SigLIP text encoder")
+        model, variables = self.scorer
+        score = jax.jit(lambda v, x, t: model.apply(v, x, t, method=siglip_lib.SigLIP.pair_logits))
+        bs = batch_size or int(self.config.data.get("eval_batch_size", 64))
+        out = []
+        for _, idx, n in fixed_size_chunks(len(captions), bs):
+            tokens = self.text_tokenizer.encode([captions[j] for j in idx])
+            x = np.asarray(images, np.float32)[idx]
+            out.append(np.asarray(score(variables, jnp.asarray(x), jnp.asarray(tokens)))[:n])
+        return np.concatenate(out)
 
     def _eval_batches(self, split):
         _, data = cache.in_order_batches(self.config.data, split, int(self.config.data.get("eval_batch_size", 64)))
@@ -406,9 +450,14 @@ class ARTask(Task):
                         if ln.strip()]
         k = int(self.config.eval.get("num_samples", 0)) or len(captions)
         captions = captions[:k]
-        images, _ = self.sample(gpt_params, colls, captions, key=jax.random.key(int(self.config.sample.seed)))
+        candidates, _, ranked = self.sample_candidates(gpt_params, colls, captions,
+                                                       key=jax.random.key(int(self.config.sample.seed)))
+        images = ranked.best(candidates)
         report = shapes_geneval.evaluate(images, captions)
         out.update(t2i_report.geneval_metrics(report))
+        if ranked.n > 1:  # the same sampler without reranking: each caption's first draw
+            out.update(t2i_report.geneval_metrics(shapes_geneval.evaluate(ranked.first(candidates), captions),
+                                                  "plain"))
         if workdir is not None and jax.process_index() == 0:
             t2i_report.write_samples(workdir, split, step, images, captions, report,
                                      int(self.config.eval.get("grid_per_category", 16)))

@@ -69,7 +69,7 @@ from jaxunified.train import frozen as frozen_parts
 from jaxunified.train import planning
 from jaxunified.train.optim import FROZEN
 from jaxunified.train.runs import load_run
-from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
+from jaxunified.train.task import Task, eval_params, fill_boxes, fixed_size_chunks, kwargs
 from jaxunified.train.vision_input import VisionInput
 
 TRAINED = ("stacked", "adapter", "head")
@@ -522,14 +522,11 @@ class STARTask(Task):
         decode, encode = jax.jit(self.decode_images), jax.jit(self.codes)
         understand = jax.jit(self.understanding_embeds)
         images, codes = [], []
-        for i in range(0, len(prompts), bs):
-            chunk = [list(p) for p in prompts[i:i + bs]]
-            n = len(chunk)
-            chunk += [chunk[-1]] * (bs - n)  # one compiled shape
+        for i, idx, n in fixed_size_chunks(len(prompts), bs):
+            chunk = [list(prompts[j]) for j in idx]
             source = {}
             if source_images is not None:
-                src = np.asarray(source_images[i:i + bs])
-                src = np.concatenate([src, np.repeat(src[-1:], bs - n, axis=0)])
+                src = np.stack([np.asarray(source_images[j]) for j in idx])
                 source = {"source_codes": encode(frozen, jnp.asarray(src)), "source_id": shapes_chat.IMAGE_PAD,
                           "source_embeds": understand(frozen, jnp.asarray(src)),
                           "uncond_keep": shapes_chat.IMAGE_BLOCK, "shared_positions": self.edit_source_id is not None}
@@ -669,11 +666,9 @@ class STARTask(Task):
 
         hits, changes = [], []
         with jax.set_mesh(self.mesh):
-            for i in range(0, len(prompts), bs):
-                n = len(prompts[i:i + bs])
-                take = lambda xs: np.stack(list(xs[i:i + bs]) + [xs[i + n - 1]] * (bs - n))  # noqa: E731
-                rows = [left_padded_prompt(ids, self.prompt_len) for ids in prompts[i:i + bs]]
-                rows += [rows[-1]] * (bs - n)
+            for _, idx, n in fixed_size_chunks(len(prompts), bs):
+                take = lambda xs: np.stack([xs[j] for j in idx])  # noqa: E731
+                rows = [left_padded_prompt(prompts[j], self.prompt_len) for j in idx]
                 batch = to_global({"image": take(sources), "target_image": take(targets),
                                    "prompt": np.stack([r[0] for r in rows]),
                                    "prompt_valid": np.stack([r[1] for r in rows])}, self.mesh)
