@@ -10,15 +10,14 @@ Presets (the argument after the colon):
       python train.py --config configs/ar.py:shapes     --workdir runs/ar_shapes
       python eval.py  --config configs/ar.py:shapes     --workdir runs/ar_shapes
   Target: ≤ 20 minutes on 2 CPU cores; shapes-GenEval single object ≥ 0.90, colours ≥ 0.80, overall ≥ 0.50.
-  Measured: 19 min 50 s to 27 min 24 s for the train command on 2 cores (1900 steps at 1.8 to
-  1.1 steps/s, the machine's speed on four days, after about a minute building the cache of
-  simplified codes and caption states; final eval included), 60–80 s for eval. eval_test.json (1000
-  test captions, CFG 2, top-k 3): val loss 0.84–0.88, token accuracy 72–73%, GenEval overall 0.40–0.41 —
-  single object 0.78–0.80, two objects 0.20–0.22, counting 0.42–0.50, colours 0.84–0.88, position
-  0.04–0.05, colour attribution 0.07–0.10 (the single-object and overall targets are not met;
-  ``ceiling_*``, the decoded training targets, score 0.89 overall, 0.95 single object). Its
-  likelihood prefers the true caption to one with a changed colour 0.97–0.98, shape 0.95, count
-  0.90–0.92, relation 0.61–0.69, and to the two objects' shapes swapped 0.50.
+  Measured: 19 min 50 s to 27 min 2 s for the train command on 2 cores (1900 steps at 1.8 to
+  1.1 steps/s, the machine's speed on five days, after about a minute building the cache of
+  simplified codes and caption states; final eval included), 2 min 50 s for eval. eval_test.json
+  (1000 test captions, CFG 2, top-k 3, the best of 8 draws per caption by the SigLIP's score): GenEval
+  overall 0.54–0.56 — single object 0.95–0.97, two objects 0.34–0.35, counting 0.68–0.69, colours
+  0.96–0.98, position 0.11, colour attribution 0.23–0.24; the first draws alone (``plain_*``, what
+  ``--config.sample.best_of=1`` gives) 0.40–0.41 overall, single object 0.73–0.80, colours 0.82–0.88.
+  Val loss 0.84–0.88, token accuracy 72–73%.
 * ``xl`` — LlamaGen's t2i GPT-XL (775M) over VQ-16's 16×16 codes at 256 px, conditioned on a SigLIP2
   So400m/16 text tower's 64 caption states (where LlamaGen reads Flan-T5-XL's 120); bf16, remat, for
   planning a pod run:
@@ -28,7 +27,7 @@ Presets (the argument after the colon):
 * ``tiny`` (also ``runlocal``) — a seconds-long smoke run with an untrained tokenizer and text tower (tests).
 
 Sampling for eval (``sample.*``): CFG scale, temperature, top-k, top-p, LlamaGen's
-``cfg_interval``; ``eval.prompts_file`` (one caption per line) replaces the split's captions.
+``cfg_interval``, ``best_of`` (draws per caption, the SigLIP's pick); ``eval.prompts_file`` (one caption per line) replaces the split's captions.
 Any field can be overridden: ``--config.sample.cfg_scale=3``; an unknown key is an error, except in
 an ``overrides`` block, which takes any field of its model's dataclass (``--config.model.overrides.dtype=bfloat16``).
 """

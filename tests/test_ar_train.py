@@ -147,8 +147,17 @@ def test_best_of_n_keeps_the_siglip_favourite_among_independent_draws():
     np.testing.assert_array_equal(best_codes, codes[want])
     np.testing.assert_array_equal(best_images, images[want])
 
+    # Each caption's first draw is what the plain sampler draws, image for image; it scores nothing.
+    plain = A.ARTask(tiny_config(), t.mesh)
+    assert plain.scorer is None
+    plain_images, plain_codes = plain.sample(params["gpt"], colls, captions, key=key, batch_size=4)
+    np.testing.assert_array_equal(plain_codes, ranked.first(codes))
+    np.testing.assert_array_equal(plain_images, ranked.first(images))
+
     with pytest.raises(ValueError, match="best_of must be >= 1"):
         A.ARTask(tiny_config(**{"sample.best_of": 0}), None)
+    with pytest.raises(ValueError, match="deterministic strategy"):
+        A.ARTask(tiny_config(**{"sample.best_of": 2, "sample.temperature": 0.0}), None)
     with pytest.raises(ValueError, match="no image tower"):
         A.ARTask(lm_text_config(**{"sample.best_of": 2}), None)
 

@@ -343,9 +343,9 @@ class SigLIP(nn.Module):
         return l2_normalize(z) if normalize else z
 
     def pair_logits(self, images: jax.Array, tokens: jax.Array) -> jax.Array:
-        """[B]: the sigmoid-loss logit of each (image i, text i) pair — ``logits_per_image``'s diagonal
-        without the B×B matrix. Images of another size than the tower's are resized (bilinear, with
-        antialiasing), as a preprocessor would."""
+        """[B]: ``exp(t)·cos(image i, text i) + b`` for each pair — ``logits_per_image``'s diagonal
+        without the B×B matrix. Images of another size than the tower's are resized to it first
+        (bilinear, antialiased when shrinking; HF's processor resizes with PIL bicubic)."""
         size = self.cfg.vision.image_size
         if images.shape[1:3] != (size, size):
             images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")

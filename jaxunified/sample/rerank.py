@@ -3,9 +3,9 @@ highest — DALL·E's CLIP reranking (Ramesh et al. 2021), with whatever scorer 
 ``ar`` task: its frozen SigLIP).
 
 Candidates are laid out prompt-major: prompt i's are rows ``i·n … i·n + n − 1`` of the expanded
-batch (``repeat``). The sampler gives every row its own key, so the n draws of a prompt are
-independent; the first of them is an ordinary single draw (what the sampler gives without
-reranking, reported beside the reranked figures).
+batch (``repeat``), each drawn with a key of its own. A task draws the first candidate of every
+prompt with the keys it uses without reranking, so ``Reranked.first`` is exactly the plain
+sampler's output, reported beside the reranked figures.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Reranked:
         return np.asarray(candidates)[self.chosen]
 
     def first(self, candidates: np.ndarray) -> np.ndarray:
-        """[K, …] every prompt's first draw: the sampler's output without reranking."""
+        """[K, …] every prompt's first draw (the plain sampler's output, drawn as above)."""
         return np.asarray(candidates)[::self.n]
 
 

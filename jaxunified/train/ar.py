@@ -37,8 +37,8 @@ Evaluation: teacher-forced loss and token accuracy over the split, then CFG samp
 split's captions (or ``eval.prompts_file``) scored by shapes-GenEval per category, with a PNG
 grid of samples per category. With ``sample.best_of`` n > 1 every caption gets n independent draws
 and the frozen SigLIP (the text encoder's image and text towers) keeps the one whose image–caption
-logit is highest (``sample.rerank``, DALL·E's CLIP reranking); ``plain_*`` then scores each caption's
-first draw, the same sampler without the choice. ``eval.negative_kinds`` adds, per kind of one-word hard negative
+logit is highest (``jaxunified.sample.rerank``, DALL·E's CLIP reranking); ``plain_*`` then scores each
+caption's first draw — the very images ``best_of`` 1 samples — so the two figures are paired. ``eval.negative_kinds`` adds, per kind of one-word hard negative
 (a changed colour, shape, count or relation, or the two objects' shapes swapped), how often the
 GPT's likelihood of the target codes prefers the true caption: whether the condition carries
 that distinction at all (0.5: it does not), apart from how well the sampler draws it.
@@ -67,8 +67,9 @@ from jaxunified.models import vqgan as vqgan_lib
 from jaxunified.quant import simplify
 from jaxunified.sample import rerank as rerank_lib
 from jaxunified.sample.llamagen import sample_images
-from jaxunified.sample.strategies import guidance_from, strategy_from
+from jaxunified.sample.strategies import Greedy, guidance_from, strategy_from
 from jaxunified.train import frozen as frozen_parts
+from jaxunified.train.planning import is_shapes_only
 from jaxunified.train.task import Task, eval_params, fill_boxes, fixed_size_chunks, kwargs
 
 CACHE_FIELDS = ("codes", "caption_states")
@@ -93,7 +94,7 @@ class ARTask(Task):
             siglip, sv = frozen_parts.load_siglip(config.text_encoder)
             if siglip.cfg.text is None:
                 raise ValueError("text_encoder has no text tower")
-            if self.best_of > 1:
+            if self.best_of > 1 and not is_shapes_only():  # a plan never samples
                 self.scorer = (siglip, nn.meta.unbox(sv))
             self.text_cfg = siglip.cfg.text
             self.text_model = siglip_lib.TextTower(self.text_cfg)
@@ -218,9 +219,13 @@ class ARTask(Task):
 
     @property
     def best_of(self) -> int:
-        n = int(self.config.sample.get("best_of", 1))
+        sc = self.config.sample
+        n = int(sc.get("best_of", 1))
         if n < 1:
             raise ValueError(f"sample.best_of must be >= 1 (1: one draw per caption), got {n}")
+        if n > 1 and (isinstance(strategy_from(sc), Greedy) or int(sc.top_k) == 1):
+            raise ValueError(f"sample.best_of={n} with a deterministic strategy (temperature {sc.temperature}, "
+                             f"top_k {sc.top_k}) draws the same image {n} times; sample with temperature > 0")
         return n
 
     @property
@@ -349,12 +354,17 @@ class ARTask(Task):
         return ranked.best(images), ranked.best(codes)
 
     def sample_candidates(self, gpt_params, collections, captions, *, key, batch_size: int = 0):
-        """``sample.best_of`` draws per caption, prompt-major (``sample.rerank``): images [N·n, H, W, 3],
-        codes [N·n, h·w] and the ``Reranked`` choice by the frozen SigLIP's image–caption logit
-        (n = 1: one draw each, nothing scored)."""
-        n = self.best_of
-        rows = rerank_lib.repeat(list(captions), n)
-        images, codes = self._draw(gpt_params, collections, rows, key=key, batch_size=batch_size)
+        """``sample.best_of`` draws per caption, prompt-major (the ``jaxunified.sample.rerank`` layout):
+        images [N·n, H, W, 3], codes [N·n, h·w] and the ``Reranked`` choice by the frozen SigLIP's
+        image–caption logit. Each caption's first draw is exactly what ``best_of`` 1 samples (same
+        keys); the others come from keys of their own (n = 1: nothing is scored)."""
+        n, captions = self.best_of, list(captions)
+        extra = jax.random.split(key)[1]
+        rounds = [self._draw(gpt_params, collections, captions, key=key if r == 0 else jax.random.fold_in(extra, r),
+                             batch_size=batch_size) for r in range(n)]
+        prompt_major = lambda xs: np.stack(xs, axis=1).reshape(-1, *xs[0].shape[1:])  # noqa: E731
+        images, codes = prompt_major([im for im, _ in rounds]), prompt_major([c for _, c in rounds])
+        rows = rerank_lib.repeat(captions, n)
         scores = self.match_scores(images, rows, batch_size=batch_size) if n > 1 else np.zeros(len(rows))
         return images, codes, rerank_lib.rerank(scores, n)
 
@@ -379,13 +389,13 @@ class ARTask(Task):
         """[N] the frozen SigLIP's logit that image i shows caption i (``SigLIP.pair_logits``)."""
         if self.scorer is None:
             raise ValueError("no scorer: set sample.best_of > 1 with a SigLIP text encoder")
-        model, variables = self.scorer
+        model, variables = self.scorer[0], jax.device_put(self.scorer[1])  # once, not per chunk
         score = jax.jit(lambda v, x, t: model.apply(v, x, t, method=siglip_lib.SigLIP.pair_logits))
         bs = batch_size or int(self.config.data.get("eval_batch_size", 64))
         out = []
         for _, idx, n in fixed_size_chunks(len(captions), bs):
             tokens = self.text_tokenizer.encode([captions[j] for j in idx])
-            x = np.asarray(images, np.float32)[idx]
+            x = np.asarray(images[idx], np.float32)
             out.append(np.asarray(score(variables, jnp.asarray(x), jnp.asarray(tokens)))[:n])
         return np.concatenate(out)
 
