@@ -27,7 +27,8 @@ Presets (the argument after the colon):
 * ``tiny`` (also ``runlocal``) — a seconds-long smoke run with an untrained tokenizer and text tower (tests).
 
 Sampling for eval (``sample.*``): CFG scale, temperature, top-k, top-p, LlamaGen's
-``cfg_interval``, ``best_of`` (draws per caption, the SigLIP's pick); ``eval.prompts_file`` (one caption per line) replaces the split's captions.
+``cfg_interval``, ``best_of`` (draws per caption, the SigLIP's pick); ``eval.prompts_file`` (one
+caption per line) replaces the split's captions.
 Any field can be overridden: ``--config.sample.cfg_scale=3``; an unknown key is an error, except in
 an ``overrides`` block, which takes any field of its model's dataclass (``--config.model.overrides.dtype=bfloat16``).
 """

@@ -38,10 +38,11 @@ split's captions (or ``eval.prompts_file``) scored by shapes-GenEval per categor
 grid of samples per category. With ``sample.best_of`` n > 1 every caption gets n independent draws
 and the frozen SigLIP (the text encoder's image and text towers) keeps the one whose image–caption
 logit is highest (``jaxunified.sample.rerank``, DALL·E's CLIP reranking); ``plain_*`` then scores each
-caption's first draw — the very images ``best_of`` 1 samples — so the two figures are paired. ``eval.negative_kinds`` adds, per kind of one-word hard negative
-(a changed colour, shape, count or relation, or the two objects' shapes swapped), how often the
-GPT's likelihood of the target codes prefers the true caption: whether the condition carries
-that distinction at all (0.5: it does not), apart from how well the sampler draws it.
+caption's first draw — the very images ``best_of`` 1 samples — so the two figures are paired.
+``eval.negative_kinds`` adds, per kind of one-word hard negative (a changed colour, shape, count or
+relation, or the two objects' shapes swapped), how often the GPT's likelihood of the target codes
+prefers the true caption: whether the condition carries that distinction at all (0.5: it does not),
+apart from how well the sampler draws it.
 """
 
 from __future__ import annotations
