@@ -37,7 +37,7 @@ def test_rerank_rejects_scores_that_do_not_split_into_groups():
 
 
 def test_fixed_size_chunks_cover_every_index_once_and_pad_the_last_chunk():
-    from jaxunified.train.task import fixed_size_chunks
+    from jaxunified.data.pipeline import fixed_size_chunks
 
     chunks = list(fixed_size_chunks(7, 3))
     assert [(s, n) for s, _, n in chunks] == [(0, 3), (3, 3), (6, 1)]

@@ -226,6 +226,15 @@ def to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     return out
 
 
+def fixed_size_chunks(total: int, size: int):
+    """``(start, index [size], n)`` over ``range(total)`` in order: each chunk's indices, the last
+    chunk padded by repeating its final index, so every chunk runs through one compiled shape;
+    ``n`` of them are real."""
+    for start in range(0, total, size):
+        n = min(size, total - start)
+        yield start, np.concatenate([np.arange(start, start + n), np.full(size - n, start + n - 1)]), n
+
+
 def _leading_rows(batch: Mapping[str, Any]) -> int:
     value = next(iter(batch.values()))
     return _leading_rows(value) if isinstance(value, Mapping) else len(value)

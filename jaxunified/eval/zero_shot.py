@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxunified.data.pipeline import fixed_size_chunks
 from jaxunified.eval.retrieval import hit_rate
 from jaxunified.quant.vq import l2_normalize
 
@@ -42,10 +43,8 @@ def prompt_embeddings(
     flat = [p for prompts in prompts_per_class for p in prompts]
     owner = np.repeat(np.arange(len(prompts_per_class)), [len(p) for p in prompts_per_class])
     parts = []
-    for start in range(0, len(flat), batch_size):
-        batch = flat[start : start + batch_size]
-        n = len(batch)
-        out = jnp.asarray(encode_text(batch + [batch[-1]] * (batch_size - n)))
+    for _, idx, n in fixed_size_chunks(len(flat), batch_size):
+        out = jnp.asarray(encode_text([flat[j] for j in idx]))
         if out.ndim != 2 or out.shape[0] != batch_size:
             raise ValueError(f"encode_text must return [{batch_size}, D] for {batch_size} prompts, got {out.shape}")
         parts.append(l2_normalize(out[:n].astype(jnp.float32)))

@@ -56,7 +56,7 @@ import numpy as np
 import optax
 
 from jaxunified.data import cache, shapes
-from jaxunified.data.pipeline import as_float_images, to_global
+from jaxunified.data.pipeline import as_float_images, fixed_size_chunks, to_global
 from jaxunified.data.shapes_text import HardNegativeCaptions
 from jaxunified.eval import shapes_geneval
 from jaxunified.eval import t2i_report
@@ -71,7 +71,7 @@ from jaxunified.sample.llamagen import sample_images
 from jaxunified.sample.strategies import Greedy, guidance_from, strategy_from
 from jaxunified.train import frozen as frozen_parts
 from jaxunified.train.planning import is_shapes_only
-from jaxunified.train.task import Task, eval_params, fill_boxes, fixed_size_chunks, kwargs
+from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 
 CACHE_FIELDS = ("codes", "caption_states")
 # The text encoder: a SigLIP text tower, or a decoder LM (an mllm/LM run, HF Qwen2) read as one.

@@ -53,7 +53,7 @@ import numpy as np
 import optax
 
 from jaxunified.data import cache, shapes, shapes_chat, shapes_edit
-from jaxunified.data.pipeline import as_float_images, to_global
+from jaxunified.data.pipeline import as_float_images, fixed_size_chunks, to_global
 from jaxunified.eval import shapes_geneval, t2i_report
 from jaxunified.eval.chat import text_answers
 from jaxunified.eval.images import image_grid, save_png
@@ -69,7 +69,7 @@ from jaxunified.train import frozen as frozen_parts
 from jaxunified.train import planning
 from jaxunified.train.optim import FROZEN
 from jaxunified.train.runs import load_run
-from jaxunified.train.task import Task, eval_params, fill_boxes, fixed_size_chunks, kwargs
+from jaxunified.train.task import Task, eval_params, fill_boxes, kwargs
 from jaxunified.train.vision_input import VisionInput
 
 TRAINED = ("stacked", "adapter", "head")

@@ -172,15 +172,6 @@ def kwargs(node) -> dict:
     return out
 
 
-def fixed_size_chunks(total: int, size: int):
-    """``(start, index [size], n)`` over ``range(total)`` in order: each chunk's indices, the last
-    chunk padded by repeating its final index, so every chunk runs through one compiled shape;
-    ``n`` of them are real."""
-    for start in range(0, total, size):
-        n = min(size, total - start)
-        yield start, np.concatenate([np.arange(start, start + n), np.full(size - n, start + n - 1)]), n
-
-
 def eval_params(state):
     """The weights evaluation uses: the EMA copy when the run keeps one."""
     return state.ema_params if state.ema_params else state.params
