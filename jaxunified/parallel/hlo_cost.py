@@ -390,23 +390,28 @@ def program_cost(text: str) -> HloCost:
     unknown: list[str] = []
 
     @functools.lru_cache(maxsize=None)
-    def fused_collectives(name: str) -> frozenset:
-        """The collectives of a fused computation and the fusions inside it, as ``_collective_key``s."""
-        keys = set()
-        for ins in comps.get(name, []):
+    def fused(name: str) -> tuple[float, frozenset]:
+        """Matmul FLOPs and collectives (``_collective_key``s) of a fused computation and the fusions inside it."""
+        instrs = comps.get(name, [])
+        shapes = {i.name: i.shape for i in instrs}
+        flops, keys = 0.0, set()
+        for ins in instrs:
+            flops += _flops(ins, shapes)
             key = _collective_key(ins, name)
             if key:
                 keys.add(key)
             callee = dict(_CALLEE_RE.findall(ins.attrs)).get("calls")
             if callee:
-                keys |= called_collectives(callee)
-        return frozenset(keys)
+                inner_flops, inner_keys = called(callee)
+                flops += inner_flops
+                keys |= inner_keys
+        return flops, frozenset(keys)
 
-    def called_collectives(callee: str) -> frozenset:
-        inner = fused_collectives(callee)
+    def called(callee: str) -> tuple[float, frozenset]:
+        flops, keys = fused(callee)
         if "reduce-scatter" in callee:  # the TPU's reduce-scatter: an all-reduce and a slice, fused
-            inner = frozenset({("reduce-scatter", min((k for _, k in inner), default=callee))})
-        return inner
+            keys = frozenset({("reduce-scatter", min((k for _, k in keys), default=callee))})
+        return flops, keys
 
     @functools.lru_cache(maxsize=None)
     def cost(name: str) -> _Cost:
@@ -440,19 +445,13 @@ def program_cost(text: str) -> HloCost:
                 total = total + cost(callees.get("calls") or callees["to_apply"])
             elif "calls" in callees and not ins.opcode.endswith(("-done", "-update")):
                 # a fusion or async wrapper: matmul work and collectives inside, no HBM bytes of its own
-                total = total + _Cost(fused_flops(callees["calls"]))
-                keys |= called_collectives(callees["calls"])
+                inner_flops, inner_keys = called(callees["calls"])
+                total = total + _Cost(inner_flops)
+                keys |= inner_keys
         counts: dict[str, int] = {}
         for kind, _ in keys:
             counts[kind] = counts.get(kind, 0) + 1
         return total + _Cost(collectives=tuple(sorted(counts.items())))
-
-    @functools.lru_cache(maxsize=None)
-    def fused_flops(name: str) -> float:
-        instrs = comps.get(name, [])
-        shapes = {i.name: i.shape for i in instrs}
-        return sum(_flops(i, shapes) + (fused_flops(dict(_CALLEE_RE.findall(i.attrs))["calls"])
-                                        if "calls=" in i.attrs else 0.0) for i in instrs)
 
     c = cost(entry)
     return HloCost(c.flops, c.nbytes, unknown, {k: v for k, v in c.collectives if v})
