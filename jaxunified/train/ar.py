@@ -47,6 +47,7 @@ apart from how well the sampler draws it.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import flax.linen as nn
@@ -369,14 +370,18 @@ class ARTask(Task):
         scores = self.match_scores(images, rows, batch_size=batch_size) if n > 1 else np.zeros(len(rows))
         return images, codes, rerank_lib.rerank(scores, n)
 
+    @functools.cached_property
+    def _sampling_fns(self):
+        """The text encoder and the VQ decoder, compiled once for every round of ``best_of`` draws."""
+        return jax.jit(self.encode_text), jax.jit(self.decode_images)
+
     def _draw(self, gpt_params, collections, captions, *, key, batch_size: int = 0):
         sc = self.config.sample
         frozen = collections["frozen"]
         variables = self._gpt_vars(gpt_params, collections)
         strategy, guidance = strategy_from(sc), guidance_from(sc)
         bs = batch_size or int(self.config.data.get("eval_batch_size", 64))
-        encode = jax.jit(self.encode_text)
-        decode = jax.jit(self.decode_images)
+        encode, decode = self._sampling_fns
         images, codes = [], []
         for i, idx, n in fixed_size_chunks(len(captions), bs):
             states = encode(frozen, jnp.asarray(self.text_tokenizer.encode([captions[j] for j in idx])))
